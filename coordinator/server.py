@@ -1,0 +1,205 @@
+"""The coordinator's round loop, framework-free (the Flower ``ServerApp`` only supplies a Transport).
+
+Each round: sample clients -> send the global adapter -> collect updates (a faulty client is
+dropped and recorded) -> aggregate -> server optimiser step -> evaluate -> checkpoint -> append
+metrics. Resumes from the latest checkpoint of the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.trainer import evaluate
+from coordinator.aggregate import weighted_mean
+from coordinator.checkpoint import latest_checkpoint, save_checkpoint
+from coordinator.server_opt import ServerOptConfig, server_step
+from coordinator.transport import Content, Reply, Transport
+from fedpeft.config import RunConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.federation_data import federated_split
+from fedpeft.tokenize import Encoded, encode
+from fedpeft.wire import decode, encode as encode_tensors
+from peft_methods import get_adapted
+from peft_methods.base import AdaptedModel
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class RunSummary:
+    rounds_completed: int = 0
+    start_round: int = 0
+    stopped_reason: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def select_clients(nodes: list[int], k: int, seed: int, server_round: int) -> list[int]:
+    """Sample ``k`` of ``nodes`` uniformly without replacement (all if ``k`` is 0 or too big)."""
+    ordered = sorted(nodes)
+    if k <= 0 or k >= len(ordered):
+        return ordered
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(x) for x in rng.choice(ordered, size=k, replace=False))
+
+
+class Coordinator:
+    """Runs the federation over any :class:`Transport`."""
+
+    def __init__(self, run: RunConfig, transport: Transport, run_dir: Path | None = None) -> None:
+        self.run = run
+        self.transport = transport
+        self.run_dir = Path(run_dir or run.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fed = run.federation
+        self.opt_cfg = ServerOptConfig(kind=fed.aggregation, lr=fed.server_lr,
+                                       momentum=fed.server_momentum, beta1=fed.beta1,
+                                       beta2=fed.beta2, tau=fed.tau)
+        self._eval: Encoded | None = None
+
+    @property
+    def model(self) -> AdaptedModel:
+        return get_adapted(self.run.model, self.run.adapter, self.run.seed)
+
+    def eval_data(self, num_partitions: int) -> Encoded:
+        if self._eval is None:
+            split = federated_split(self.run.data, num_partitions, self.run.seed)
+            self._eval = encode(split.eval, self.model.base_info.tokenizer,
+                                self.run.model.max_length)
+        return self._eval
+
+    def _meta(self) -> dict[str, Any]:
+        return {"fingerprint": self.run.fingerprint(), "run_config": self.run.as_flat()}
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def run_federation(self) -> RunSummary:
+        fed = self.run.federation
+        model = self.model
+        spec = model.spec()
+        params = model.adapter_state()
+        opt_state: dict[str, torch.Tensor] = {}
+        start = 0
+        if self.run.resume:
+            ckpt = latest_checkpoint(self.run_dir, self.run.fingerprint())
+            if ckpt is not None:
+                model.load_adapter_state(ckpt.params)
+                params, opt_state, start = model.adapter_state(), ckpt.opt_state, ckpt.round
+                log.info("resuming from %s (round %d)", ckpt.path, start)
+        (self.run_dir / "run_config.json").write_text(json.dumps(self._meta(), indent=2,
+                                                                 sort_keys=True))
+        summary = RunSummary(start_round=start, rounds_completed=start)
+        nodes = self.transport.node_ids()
+        num_partitions = len(nodes)
+        if start == 0:
+            metrics = evaluate(model, self.eval_data(num_partitions))
+            row0 = {"round": 0, "eval": metrics, "time": time.time()}
+            self._append_metrics(row0)
+            summary.history.append(row0)
+        rounds = range(start + 1, fed.num_rounds + 1)
+        bar = _round_bar(len(rounds), start, self.run.progress)
+        for server_round in rounds:
+            t0 = time.perf_counter()
+            nodes = self.transport.node_ids()
+            if len(nodes) < fed.min_clients:
+                summary.stopped_reason = (f"round {server_round}: only {len(nodes)} clients "
+                                          f"connected, min-clients is {fed.min_clients}")
+                break
+            chosen = select_clients(nodes, fed.clients_per_round, self.run.seed, server_round)
+            payload = encode_tensors(params)
+            message: Content = {"round": server_round, "fingerprint": self.run.fingerprint(),
+                                "adapter": payload}
+            replies = self.transport.exchange("train", {n: dict(message) for n in chosen},
+                                              fed.round_timeout)
+            updates, weights, faults, client_rows = self._collect(chosen, replies, spec)
+            row: dict[str, Any] = {
+                "round": server_round, "selected": len(chosen), "ok": len(updates),
+                "faults": faults, "bytes_down": len(payload) * len(chosen),
+                "bytes_up": sum(r.get("update-bytes", 0) for r in client_rows),
+                "train_loss": (statistics.fmean(r["train-loss"] for r in client_rows)
+                               if client_rows else None),
+                "clients": [{k: v for k, v in r.items() if k != "update"} for r in client_rows],
+            }
+            if len(updates) < fed.min_clients:
+                row["skipped"] = (f"{len(updates)} usable updates < min-clients "
+                                  f"{fed.min_clients}; global adapter unchanged")
+                log.warning("round %d skipped: %s", server_round, row["skipped"])
+            else:
+                w = weights if fed.weighting == "examples" else [1.0] * len(updates)
+                delta = weighted_mean(updates, w)
+                params, opt_state = server_step(params, delta, opt_state, self.opt_cfg)
+                model.load_adapter_state(params)
+            row["eval"] = evaluate(model, self.eval_data(num_partitions))
+            save_checkpoint(self.run_dir, server_round, model, params, opt_state, self._meta())
+            row["seconds"] = time.perf_counter() - t0
+            row["time"] = time.time()
+            self._append_metrics(row)
+            summary.history.append(row)
+            summary.rounds_completed = server_round
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in row["eval"].items()}, refresh=False)
+        if bar is not None:
+            bar.close()
+        if summary.stopped_reason:
+            log.error("run stopped: %s", summary.stopped_reason)
+        return summary
+
+    def _collect(self, chosen: list[int], replies: dict[int, Reply], spec: Any
+                 ) -> tuple[list[dict[str, torch.Tensor]], list[float], list[dict[str, str]],
+                            list[dict[str, Any]]]:
+        updates: list[dict[str, torch.Tensor]] = []
+        weights: list[float] = []
+        faults: list[dict[str, str]] = []
+        rows: list[dict[str, Any]] = []
+        for node in chosen:
+            reply = replies.get(node)
+            if reply is None:
+                faults.append({"node": str(node), "reason": "no reply before the round timeout"})
+                continue
+            if not reply.ok or reply.content is None:
+                faults.append({"node": str(node), "reason": reply.error or "empty reply"})
+                continue
+            content = reply.content
+            client = str(content.get("client-id", node))
+            if content.get("status") != "ok":
+                faults.append({"node": str(node), "client": client,
+                               "reason": str(content.get("reason", content.get("status")))})
+                continue
+            try:
+                blob = content.get("update")
+                if not isinstance(blob, bytes):
+                    raise FedPeftError("reply has no 'update' bytes")
+                delta = decode(blob, spec)
+                n = content.get("num-examples")
+                if not isinstance(n, int) or n < 1:
+                    raise FedPeftError(f"reply has num-examples={n!r}; must be a positive int")
+            except FedPeftError as exc:
+                faults.append({"node": str(node), "client": client, "reason": str(exc)})
+                continue
+            updates.append(delta)
+            weights.append(float(n))
+            rows.append(dict(content))
+        return updates, weights, faults, rows
+
+
+def _round_bar(total: int, start: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=0, desc=f"rounds (from {start + 1})", file=sys.stderr,
+                mininterval=0.5)

@@ -1,0 +1,169 @@
+"""The ``fedpeft`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import DEFAULTS, Scalar
+from fedpeft.errors import ConfigError, FedPeftError
+
+# --flag -> run-config key, for the common overrides
+OVERRIDES: dict[str, str] = {
+    "rounds": "num-rounds",
+    "clients_per_round": "clients-per-round",
+    "local_steps": "local-steps",
+    "lr": "lr",
+    "method": "method",
+    "rank": "lora-r",
+    "seed": "seed",
+    "batch_size": "batch-size",
+    "layers": "num-hidden-layers",
+    "examples_per_client": "max-examples-per-client",
+    "aggregation": "aggregation",
+}
+
+
+def _parse_set(items: list[str]) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in DEFAULTS:
+            raise ConfigError(f"--set {key!r} is not a run config key; known: {sorted(DEFAULTS)}")
+        out[key] = raw
+    return out
+
+
+def summary_table(run_dir: Path) -> str:
+    """Per-round table from ``metrics.jsonl``: metric, loss, clients, bytes, time."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return f"(no metrics at {path})"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = f"{'round':>5} {'eval':>22} {'train loss':>10} {'ok/sel':>7} {'MB up':>8} {'MB down':>8} {'sec':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ev = r.get("eval", {})
+        metric = (f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else
+                  f"ppl {ev.get('perplexity', float('nan')):.2f}")
+        tl = r.get("train_loss")
+        lines.append(
+            f"{r['round']:>5} {metric:>22} {tl if tl is None else f'{tl:.4f}'!s:>10} "
+            f"{str(r.get('ok', '-')) + '/' + str(r.get('selected', '-')):>7} "
+            f"{r.get('bytes_up', 0) / 1e6:>8.3f} {r.get('bytes_down', 0) / 1e6:>8.3f} "
+            f"{r.get('seconds', 0):>7.1f}")
+        for f in r.get("faults", []):
+            lines.append(f"      fault: {f}")
+    return "\n".join(lines)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.presets import get_preset
+
+    preset = get_preset(args.preset)
+    config: dict[str, Scalar] = {**preset.config, "preset": preset.name}
+    for attr, key in OVERRIDES.items():
+        value = getattr(args, attr)
+        if value is not None:
+            config[key] = value
+    config.update(_parse_set(args.set or []))
+    if args.no_progress:
+        config["progress"] = False
+    clients = args.clients or preset.clients
+    run_dir = Path(args.run_dir or f"runs/{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"fedpeft: preset {preset.name} ({preset.description}); {clients} clients; "
+          f"run directory {run_dir}", flush=True)
+    if args.in_process:
+        from coordinator.server import Coordinator
+        from fedpeft.config import parse_run_config
+        from simulations.inmemory import InMemoryTransport
+
+        run = parse_run_config({**DEFAULTS, **config, "run-dir": str(run_dir.resolve())})
+        summary = Coordinator(run, InMemoryTransport(run, clients)).run_federation()
+        ok = not summary.stopped_reason
+        status = "finished:completed" if ok else f"stopped: {summary.stopped_reason}"
+    else:
+        from simulations.launcher import simulate
+
+        result = simulate(config, clients, run_dir, stream=not args.quiet)
+        status = result.status
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            doc = json.loads(summary_file.read_text())
+            if doc.get("stopped_reason"):
+                status = f"stopped: {doc['stopped_reason']}"
+        ok = status == "finished:completed"
+    print()
+    print(summary_table(run_dir))
+    print(f"\nrun status: {status}; outputs in {run_dir}")
+    return 0 if ok else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from simulations.presets import PRESETS
+
+    for p in PRESETS.values():
+        print(f"{p.name:<14} {p.clients:>3} clients  {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a simulated federation")
+    sim.add_argument("--preset", default="chat-lora")
+    sim.add_argument("--clients", type=int, help="number of virtual clients")
+    sim.add_argument("--rounds", type=int)
+    sim.add_argument("--clients-per-round", type=int)
+    sim.add_argument("--local-steps", type=int)
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--method", choices=["lora", "ffa-lora", "prompt"])
+    sim.add_argument("--rank", type=int, help="LoRA rank")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--layers", type=int, help="cut the model to its first N layers")
+    sim.add_argument("--examples-per-client", type=int)
+    sim.add_argument("--aggregation", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="any run config key (see pyproject.toml [tool.flwr.app.config])")
+    sim.add_argument("--run-dir")
+    sim.add_argument("--in-process", action="store_true",
+                     help="run coordinator and clients in this process, without Flower/Ray")
+    sim.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
+    sim.add_argument("--no-progress", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+    pre = sub.add_parser("presets", help="list simulation presets")
+    pre.set_defaults(func=cmd_presets)
+    try:
+        from privacy.accounting.cli import add_privacy_parser
+    except ImportError:  # pragma: no cover - privacy CLI not installed
+        pass
+    else:
+        add_privacy_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result: Any = args.func(args)
+        return int(result)
+    except FedPeftError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Errors of :mod:`fedpeft.data` (all derive from :class:`fedpeft.errors.DataError`)."""
+
+from __future__ import annotations
+
+from fedpeft.errors import DataError
+
+
+class MissingDataError(DataError):
+    """A data file is not where it was looked for. The message lists the places searched."""
+
+
+__all__ = ["DataError", "MissingDataError"]

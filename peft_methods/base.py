@@ -1,0 +1,99 @@
+"""The small interface every adapter method implements.
+
+An :class:`AdaptedModel` wraps a frozen base model with a few trainable tensors. Only those
+tensors are ever extracted, sent, aggregated and loaded back; their names, shapes and dtypes
+form the adapter's :func:`spec`, which every received payload is checked against.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedpeft.errors import PayloadError
+from fedpeft.models import BaseModel
+from fedpeft.wire import TensorSpec, spec_of
+
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the classification head of a Hugging Face sequence-classification model."""
+    for name in CLASSIFIER_HEADS:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise PayloadError(f"model {type(model).__name__} has none of the heads {CLASSIFIER_HEADS}")
+
+
+class AdaptedModel(nn.Module, ABC):
+    """A frozen base model plus trainable adapter tensors."""
+
+    method: ClassVar[str]
+
+    def __init__(self, base: BaseModel) -> None:
+        super().__init__()
+        self.base_info = base
+
+    @property
+    def task(self) -> str:
+        return self.base_info.config.task
+
+    @abstractmethod
+    def forward(  # noqa: D102 - same contract as a Hugging Face model's forward
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any: ...
+
+    @abstractmethod
+    def export_peft(self, directory: str | Path) -> Path:
+        """Write the adapter in the Hugging Face PEFT on-disk format and return the directory."""
+
+    @abstractmethod
+    def frozen_module(self) -> nn.Module:
+        """The frozen base model inside (its weights never change)."""
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors, by name (the only tensors that ever travel)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the trainable tensors."""
+        return {n: p.detach().clone() for n, p in self.adapter_parameters().items()}
+
+    def spec(self) -> dict[str, TensorSpec]:
+        """Names, shapes and dtypes of the trainable tensors."""
+        return spec_of(self.adapter_parameters())
+
+    def load_adapter_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the trainable parameters after checking names, shapes, dtypes."""
+        params = self.adapter_parameters()
+        problems = []
+        if set(tensors) != set(params):
+            missing = sorted(set(params) - set(tensors))[:3]
+            extra = sorted(set(tensors) - set(params))[:3]
+            problems.append(f"missing {missing}, unexpected {extra}")
+        for name in set(tensors) & set(params):
+            t, p = tensors[name], params[name]
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
+                problems.append(f"{name}: got {tuple(t.shape)} {t.dtype}, "
+                                f"expected {tuple(p.shape)} {p.dtype}")
+        if problems:
+            raise PayloadError("adapter tensors do not match this model's adapter: "
+                               + "; ".join(problems))
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.adapter_parameters().values())
+
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.parameters())

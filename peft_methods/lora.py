@@ -1,0 +1,122 @@
+"""LoRA through Hugging Face ``peft`` (Hu et al., ICLR 2022).
+
+Low-rank updates ``B @ A`` on chosen linear layers; with classification the head is trained too
+(PEFT's ``modules_to_save``). The option ``freeze_a`` trains only ``B`` (FFA-LoRA, Sun et al.,
+ICLR 2024), which keeps the aggregate of client updates an exact update of the product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from fedpeft.errors import ConfigError, ModelError
+from fedpeft.models import BaseModel, load_fresh
+from peft_methods.base import AdaptedModel
+
+# Sensible defaults per architecture: attention query and value projections.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "roberta": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters. ``target_modules=None`` picks the architecture default."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    freeze_a: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora rank r={self.r} must be a positive integer (try 4, 8 or 16)")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora alpha={self.alpha} must be positive (commonly 2 * r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout={self.dropout} must be in [0, 1)")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("lora target_modules is empty: name at least one linear layer "
+                              "or leave it unset for the architecture default")
+
+
+def _linear_suffixes(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear)})
+
+
+class LoraModel(AdaptedModel):
+    """A base model with LoRA adapters injected by ``peft``."""
+
+    method: ClassVar[str] = "lora"
+
+    def __init__(self, base: BaseModel, settings: LoraSettings) -> None:
+        super().__init__(base)
+        self.settings = settings
+        arch = base.architecture
+        targets = settings.target_modules or DEFAULT_TARGETS.get(arch)
+        if targets is None:
+            raise ConfigError(f"no default LoRA target modules for architecture {arch!r}; set "
+                              f"target_modules to some of {_linear_suffixes(base.model)}")
+        suffixes = set(_linear_suffixes(base.model))
+        absent = [t for t in targets if t not in suffixes]
+        if absent:
+            raise ModelError(f"LoRA target modules {absent} are not linear layers of "
+                             f"{base.config.name!r} ({arch}); available: {sorted(suffixes)}")
+        task_type = "CAUSAL_LM" if base.config.task == "causal_lm" else "SEQ_CLS"
+        config = PeftLoraConfig(
+            task_type=task_type,
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(targets),
+        )
+        self.peft_model: PeftModel = get_peft_model(base.model, config)
+        if settings.freeze_a:
+            for name, p in self.peft_model.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels is not None:
+            kwargs["labels"] = labels
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.peft_model(**kwargs)
+
+    def frozen_module(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def export_peft(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        self.peft_model.save_pretrained(str(path))
+        return path
+
+
+def build_lora(base_config: Any, settings: LoraSettings, seed: int = 0) -> LoraModel:
+    """Build a LoRA model on a fresh copy of the base (LoRA rewrites the module tree)."""
+    base = load_fresh(base_config, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LoraModel(base, settings)

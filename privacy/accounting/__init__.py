@@ -1,0 +1,53 @@
+"""Framework-free differential privacy accounting for fedpeft clients.
+
+Events (:mod:`.events`), accountants (:mod:`.accountant`, PRV default and RDP), noise
+calibration (:mod:`.calibrate`), the crash-safe hash-chained ledger (:mod:`.ledger`), budgets
+(:mod:`.budget`) and reports (:mod:`.report`). Importing this package does not import torch or
+Opacus; accountants import Opacus lazily. See docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+from privacy.accounting.accountant import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    EpsilonResult,
+    compute_epsilon,
+    epsilon,
+    epsilon_side_by_side,
+    group_events,
+)
+from privacy.accounting.budget import (
+    BUDGET_EXHAUSTED_STATUS,
+    Budget,
+    BudgetDecision,
+    check_round,
+    require_round,
+)
+from privacy.accounting.calibrate import PrivacyPlan, calibrate_noise_multiplier, plan
+from privacy.accounting.errors import (
+    AccountingError,
+    BudgetExhaustedError,
+    CalibrationError,
+    EventValidationError,
+    LedgerCorruptedError,
+    LedgerError,
+    LedgerLockedError,
+)
+from privacy.accounting.events import (
+    EventMetadata,
+    PoissonSampledGaussianEvent,
+    new_event_id,
+    sample_rate_from,
+)
+from privacy.accounting.ledger import Ledger, LedgerEntry, LedgerSnapshot, read_ledger
+
+__all__ = [
+    "ACCOUNTANTS", "BUDGET_EXHAUSTED_STATUS", "DEFAULT_ACCOUNTANT", "AccountingError",
+    "Budget", "BudgetDecision", "BudgetExhaustedError", "CalibrationError", "EpsilonResult",
+    "EventMetadata", "EventValidationError", "Ledger", "LedgerCorruptedError", "LedgerEntry",
+    "LedgerError", "LedgerLockedError", "LedgerSnapshot", "PoissonSampledGaussianEvent",
+    "PrivacyPlan", "calibrate_noise_multiplier", "check_round", "compute_epsilon", "epsilon",
+    "epsilon_side_by_side", "group_events", "new_event_id", "plan", "read_ledger",
+    "require_round", "sample_rate_from",
+]

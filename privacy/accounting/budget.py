@@ -1,0 +1,104 @@
+"""Privacy budgets: refuse a round *before* training if it would exceed the budget.
+
+Pure: the decision is computed from the events already spent (pending reservations count as
+spent) plus the proposed event, with the chosen accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from privacy.accounting.accountant import (
+    DEFAULT_ACCOUNTANT,
+    AccountantName,
+    compute_epsilon,
+    validate_accountant,
+)
+from privacy.accounting.errors import BudgetExhaustedError
+from privacy.accounting.events import (
+    PoissonSampledGaussianEvent,
+    validate_delta,
+    validate_epsilon,
+)
+
+#: Status string a client replies with when it refuses a round for lack of budget.
+BUDGET_EXHAUSTED_STATUS = "privacy_budget_exhausted"
+BUDGET_OK_STATUS = "ok"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A client's total (epsilon_max, delta) budget over all rounds it joins."""
+
+    epsilon_max: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon_max",
+                           validate_epsilon(self.epsilon_max, name="epsilon_max"))
+        object.__setattr__(self, "delta", validate_delta(self.delta))
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Outcome of :func:`check_round`.
+
+    ``remaining`` is the budget left after the round if it is allowed, otherwise the budget
+    left now (never negative). ``status`` is ``"ok"`` or :data:`BUDGET_EXHAUSTED_STATUS`.
+    """
+
+    allowed: bool
+    epsilon_before: float
+    epsilon_after: float
+    remaining: float
+    epsilon_max: float
+    delta: float
+    accountant: AccountantName
+
+    @property
+    def status(self) -> str:
+        """Status value a client can reply with."""
+        return BUDGET_OK_STATUS if self.allowed else BUDGET_EXHAUSTED_STATUS
+
+    def message(self) -> str:
+        """Human-readable explanation of the decision."""
+        verdict = "allowed" if self.allowed else "refused: it would exceed the privacy budget"
+        return (
+            f"round {verdict} (epsilon {self.epsilon_before:.4g} -> {self.epsilon_after:.4g} "
+            f"of epsilon_max={self.epsilon_max:.4g} at delta={self.delta:.3g}, "
+            f"accountant={self.accountant}; remaining {self.remaining:.4g})"
+        )
+
+
+def check_round(ledger_events: Sequence[PoissonSampledGaussianEvent],
+                proposed_event: PoissonSampledGaussianEvent, budget: Budget,
+                accountant: str = DEFAULT_ACCOUNTANT) -> BudgetDecision:
+    """Would ``proposed_event`` on top of ``ledger_events`` stay within ``budget``?"""
+    name = validate_accountant(accountant)
+    before = compute_epsilon(tuple(ledger_events), budget.delta, name).epsilon
+    after = compute_epsilon(tuple(ledger_events) + (proposed_event,), budget.delta,
+                            name).epsilon
+    allowed = math.isfinite(after) and after <= budget.epsilon_max
+    left_from = after if allowed else before
+    remaining = max(0.0, budget.epsilon_max - left_from) if math.isfinite(left_from) else 0.0
+    return BudgetDecision(allowed, before, after, remaining, budget.epsilon_max,
+                          budget.delta, name)
+
+
+def require_round(ledger_events: Sequence[PoissonSampledGaussianEvent],
+                  proposed_event: PoissonSampledGaussianEvent, budget: Budget,
+                  accountant: str = DEFAULT_ACCOUNTANT) -> BudgetDecision:
+    """Like :func:`check_round` but raise :class:`BudgetExhaustedError` when refused."""
+    decision = check_round(ledger_events, proposed_event, budget, accountant)
+    if not decision.allowed:
+        raise BudgetExhaustedError(
+            f"proposed_event={proposed_event!r} {decision.message()}. The client must skip "
+            f"this round and reply with status {BUDGET_EXHAUSTED_STATUS!r}; raise the budget "
+            "only with the data owner's consent.",
+            epsilon_before=decision.epsilon_before,
+            epsilon_after=decision.epsilon_after,
+            epsilon_max=decision.epsilon_max,
+        )
+    return decision

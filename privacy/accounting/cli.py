@@ -1,0 +1,88 @@
+"""``fedpeft privacy plan`` and ``fedpeft privacy report`` (wired into fedpeft/cli.py).
+
+Errors derive from :class:`fedpeft.errors.FedPeftError`; the top-level CLI prints them and
+exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from privacy.accounting.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+
+
+def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``privacy plan`` and ``privacy report`` on an argparse subparsers object.
+
+    Each leaf parser sets ``func`` to :func:`cmd_plan` or :func:`cmd_report`.
+    """
+    privacy: argparse.ArgumentParser = subparsers.add_parser("privacy", help="differential privacy planning and reports")
+    sub = privacy.add_subparsers(dest="privacy_command", required=True)
+
+    p = sub.add_parser("plan", help="calibrate the noise multiplier for a target epsilon")
+    p.add_argument("--target-epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--sample-rate", type=float, required=True,
+                   help="expected batch size / local dataset size")
+    p.add_argument("--local-steps", type=int, required=True, help="DP-SGD steps per round")
+    p.add_argument("--accountant", choices=list(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("report", help="privacy report from ledger files")
+    r.add_argument("path", help="a *.ledger.jsonl file or a directory searched recursively")
+    r.add_argument("--json-out", default=None, help="write the report as JSON here")
+    r.add_argument("--png-out", default=None, help="write an epsilon-over-rounds plot here")
+    r.set_defaults(func=cmd_report)
+    return privacy
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print sigma and the cumulative epsilon after each round; return the exit code."""
+    from privacy.accounting.calibrate import plan
+
+    result = plan(args.target_epsilon, args.delta, args.rounds, args.sample_rate,
+                  args.local_steps, args.accountant)
+    if args.json:
+        print(json.dumps({
+            "noise_multiplier": result.noise_multiplier,
+            "target_epsilon": result.target_epsilon, "delta": result.delta,
+            "rounds": result.rounds, "sample_rate": result.sample_rate,
+            "local_steps": result.local_steps, "total_steps": result.total_steps,
+            "accountant": result.accountant,
+            "epsilon_per_round": list(result.epsilon_per_round),
+        }, indent=2))
+        return 0
+    print(f"noise multiplier: {result.noise_multiplier:.6g}  (accountant {result.accountant}, "
+          f"target epsilon {result.target_epsilon:g} at delta {result.delta:g}, "
+          f"{result.total_steps} steps = {result.rounds} rounds x {result.local_steps}, "
+          f"q={result.sample_rate:g})")
+    print("round  cumulative epsilon")
+    for i, eps in enumerate(result.epsilon_per_round, start=1):
+        print(f"{i:>5}  {eps:.4f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the privacy table for a ledger or directory; optionally write JSON/PNG."""
+    from privacy.accounting.report import (
+        plot_epsilon,
+        render_table,
+        reports_from_path,
+        write_report_json,
+    )
+
+    reports = reports_from_path(args.path)
+    if not reports:
+        print(f"no ledger files (*.ledger.jsonl) found under {args.path}", file=sys.stderr)
+        return 1
+    print(render_table(reports))
+    if args.json_out:
+        print(f"wrote {write_report_json(reports, args.json_out)}")
+    if args.png_out:
+        print(f"wrote {plot_epsilon(reports, args.png_out)}")
+    return 0

@@ -1,0 +1,48 @@
+"""An in-process federation: the coordinator talks to client runtimes by direct calls.
+
+Used by tests and benchmarks to exercise the whole round pipeline without Flower or Ray; the
+Flower simulation (``simulations.launcher``) runs the same coordinator and client code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from client.runtime import ClientIdentity, ClientRuntime
+from coordinator.transport import Content, Reply
+from fedpeft.config import RunConfig
+
+
+class InMemoryTransport:
+    """Node ``i`` is a :class:`ClientRuntime` for partition ``i`` of ``num_clients``."""
+
+    def __init__(self, run: RunConfig, num_clients: int, state_dir: str = "",
+                 fault: Callable[[int, int], Exception | None] | None = None) -> None:
+        self.runtimes = {
+            i: ClientRuntime(run, ClientIdentity(client_id=f"client-{i}", partition_id=i,
+                                                 num_partitions=num_clients, state_dir=state_dir))
+            for i in range(num_clients)
+        }
+        self.fault = fault
+        self.calls = 0
+        self.received: list[tuple[str, int, Content]] = []
+
+    def node_ids(self) -> list[int]:
+        return list(self.runtimes)
+
+    def exchange(self, kind: str, messages: Mapping[int, Content], timeout: float) -> dict[int, Reply]:
+        replies: dict[int, Reply] = {}
+        for node, content in messages.items():
+            self.calls += 1
+            if self.fault is not None:
+                exc = self.fault(node, int(content.get("round", 0)))
+                if exc is not None:
+                    replies[node] = Reply(node, error=f"{type(exc).__name__}: {exc}")
+                    continue
+            if kind != "train":
+                replies[node] = Reply(node, error=f"unknown message kind {kind!r}")
+                continue
+            reply = self.runtimes[node].handle_train(content)
+            self.received.append((kind, node, reply))
+            replies[node] = Reply(node, content=reply)
+        return replies

@@ -1,0 +1,62 @@
+"""Named simulation presets: run-config overrides plus the federation size.
+
+A preset is a bundle of ``[tool.flwr.app.config]`` values; command-line overrides go on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedpeft.config import Scalar
+from fedpeft.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    clients: int
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "chat-lora",
+            "SmolLM2-135M + LoRA r=8 on q/v, chitchat with one client per participant",
+            clients=5,
+            config={"model": "smollm2-135m", "task": "causal_lm", "method": "lora",
+                    "lora-r": 8, "lora-alpha": 16, "dataset": "chitchat",
+                    "partitioner": "natural", "num-rounds": 3, "local-steps": 4,
+                    "batch-size": 8, "lr": 0.001, "max-length": 64,
+                    "max-examples-per-client": 64, "eval-examples": 64},
+        ),
+        Preset(
+            "chat-prompt",
+            "SmolLM2-135M + 16-token soft prompt, chitchat with one client per participant",
+            clients=5,
+            config={"model": "smollm2-135m", "task": "causal_lm", "method": "prompt",
+                    "prompt-tokens": 16, "dataset": "chitchat", "partitioner": "natural",
+                    "num-rounds": 3, "local-steps": 4, "batch-size": 8, "lr": 0.01,
+                    "max-length": 64, "max-examples-per-client": 64, "eval-examples": 64},
+        ),
+        Preset(
+            "sst2-lora",
+            "MiniLM-L6 + LoRA r=8 on query/value + head, SST-2 (../shared/data), Dirichlet 0.5",
+            clients=10,
+            config={"model": "minilm-l6", "task": "classification", "num-labels": 2,
+                    "method": "lora", "lora-r": 8, "lora-alpha": 16, "dataset": "sst2",
+                    "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "num-rounds": 5,
+                    "local-steps": 10, "batch-size": 16, "lr": 0.005, "max-length": 64,
+                    "max-examples-per-client": 512, "eval-examples": 500},
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None

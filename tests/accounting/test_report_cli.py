@@ -1,0 +1,127 @@
+"""Reports and CLI tests (from ledger files alone)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from privacy.accounting.accountant import epsilon
+from privacy.accounting.budget import Budget
+from privacy.accounting.cli import add_privacy_parser
+from privacy.accounting.errors import LedgerCorruptedError
+from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent as E
+from privacy.accounting.ledger import Ledger
+from privacy.accounting.report import (
+    TABLE_COLUMNS,
+    plot_epsilon,
+    render_table,
+    reports_from_path,
+    summarize,
+    write_report_json,
+)
+
+DELTA = 1e-5
+
+
+def _make_run(root: Path) -> dict[str, list[E]]:
+    spec = {
+        "alice": [E(0.02, 1.0, 20), E(0.02, 1.0, 20), E(0.04, 1.2, 10)],
+        "bob": [E(0.05, 1.5, 30)],
+        "carol": [E(0.02, 1.0, 200)] * 4,
+    }
+    for cid, events in spec.items():
+        budget = Budget(3.0, DELTA)
+        with Ledger(root / cid / f"{cid}.ledger.jsonl", client_id=cid, budget=budget) as led:
+            for r, ev in enumerate(events):
+                m = EventMetadata(round_number=r + 1, dataset_size=2000, delta=DELTA,
+                                  clip_norm=1.0, run_id="run-7")
+                led.reserve(ev, m)
+                if not (cid == "bob"):
+                    led.commit(m.event_id)
+    return spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft")
+    add_privacy_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_reports_from_directory(tmp_path: Path) -> None:
+    spec = _make_run(tmp_path)
+    reports = reports_from_path(tmp_path)
+    assert [r.client_id for r in reports] == ["alice", "bob", "carol"]
+    alice, bob, carol = reports
+    assert alice.rounds_joined == 3 and alice.total_steps == 50
+    assert alice.sample_rates == (0.02, 0.04) and alice.noise_multipliers == (1.0, 1.2)
+    assert alice.epsilon_prv == epsilon(spec["alice"], DELTA, "prv")
+    assert alice.epsilon_rdp == epsilon(spec["alice"], DELTA, "rdp")
+    assert alice.budget_left == pytest.approx(3.0 - alice.epsilon_prv)
+    assert [rn for rn, _ in alice.epsilon_curve] == [1, 2, 3]
+    assert alice.epsilon_curve[-1][1] == alice.epsilon_prv
+    assert bob.pending_events == 1 and bob.epsilon_prv > 0  # pending counts as spent
+    assert carol.exhausted and not alice.exhausted
+    s = summarize(reports)
+    assert s.clients == 3 and s.exhausted == 1
+    assert s.epsilon_min <= s.epsilon_median <= s.epsilon_max
+    assert s.epsilon_max == max(r.epsilon_prv for r in reports)
+
+    table = render_table(reports)
+    header = table.splitlines()[0]
+    for col in TABLE_COLUMNS:
+        assert col in header
+    assert "alice" in table and "(exhausted)" in table
+
+    out = write_report_json(reports, tmp_path / "out" / "report.json")
+    data = json.loads(out.read_text())
+    assert data["summary"]["clients"] == 3
+    assert data["clients"][0]["epsilon_prv"] == alice.epsilon_prv
+
+    png = plot_epsilon(reports, tmp_path / "out" / "eps.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_fails_closed_on_corrupted_ledger(tmp_path: Path) -> None:
+    _make_run(tmp_path)
+    bad = tmp_path / "bob" / "bob.ledger.jsonl"
+    bad.write_bytes(bad.read_bytes().replace(b'"steps":30', b'"steps":3'))
+    with pytest.raises(LedgerCorruptedError, match="bob.ledger.jsonl"):
+        reports_from_path(tmp_path)
+
+
+def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _make_run(tmp_path)
+    args = _parser().parse_args(["privacy", "report", str(tmp_path), "--json-out",
+                                 str(tmp_path / "r.json"), "--png-out", str(tmp_path / "p.png")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "epsilon PRV" in out and "carol" in out
+    assert (tmp_path / "r.json").exists() and (tmp_path / "p.png").exists()
+    single = _parser().parse_args(["privacy", "report",
+                                   str(tmp_path / "bob" / "bob.ledger.jsonl")])
+    assert single.func(single) == 0
+    assert "alice" not in capsys.readouterr().out
+
+
+def test_cli_report_empty_dir(tmp_path: Path) -> None:
+    args = _parser().parse_args(["privacy", "report", str(tmp_path)])
+    assert args.func(args) == 1
+
+
+def test_cli_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["privacy", "plan", "--target-epsilon", "5", "--delta", "1e-5",
+                                 "--rounds", "4", "--sample-rate", "0.02", "--local-steps",
+                                 "30", "--accountant", "rdp", "--json"])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["epsilon_per_round"]) == 4
+    assert data["epsilon_per_round"][-1] <= 5.0
+    assert data["total_steps"] == 120
+    text = _parser().parse_args(["privacy", "plan", "--target-epsilon", "5", "--delta",
+                                 "1e-5", "--rounds", "2", "--sample-rate", "0.02",
+                                 "--local-steps", "30", "--accountant", "rdp"])
+    assert text.func(text) == 0
+    assert "noise multiplier" in capsys.readouterr().out

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from fedpeft.config import DEFAULTS, parse_run_config
+from fedpeft.errors import ConfigError, UnknownNameError
+from fedpeft.models import ModelConfig, resolve_source
+from peft_methods import AdapterConfig, LoraSettings, PromptSettings
+from simulations.presets import PRESETS, get_preset
+
+
+def test_defaults_parse_and_pyproject_matches() -> None:
+    import tomllib
+    from pathlib import Path
+
+    run = parse_run_config({})
+    assert run.model.name == "smollm2-135m" and run.adapter.method == "lora"
+    doc = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert doc["tool"]["flwr"]["app"]["config"] == DEFAULTS
+
+
+def test_every_preset_parses() -> None:
+    for preset in PRESETS.values():
+        run = parse_run_config({**preset.config, "preset": preset.name})
+        assert run.preset == preset.name
+
+
+@pytest.mark.parametrize("flat, err, needle", [
+    ({"lora-r": 0}, ConfigError, "rank r=0"),
+    ({"lora-r": -2}, ConfigError, "rank r=-2"),
+    ({"method": "bitfit"}, UnknownNameError, "unknown adapter method 'bitfit'"),
+    ({"no-such-key": 1}, ConfigError, "unknown run config keys ['no-such-key']"),
+    ({"num-rounds": "many"}, ConfigError, "num-rounds='many'"),
+    ({"lr": 0}, ConfigError, "lr=0.0"),
+    ({"dataset": "imagenet"}, UnknownNameError, "unknown dataset 'imagenet'"),
+    ({"partitioner": "zipf"}, UnknownNameError, "unknown partitioner 'zipf'"),
+    ({"aggregation": "krum"}, UnknownNameError, "unknown aggregation 'krum'"),
+    ({"prompt-tokens": 0, "method": "prompt"}, ConfigError, "num_virtual_tokens=0"),
+    ({"clients-per-round": 1, "min-clients": 2}, ConfigError, "below min-clients"),
+    ({"dataset": "file"}, ConfigError, "needs data-path"),
+])
+def test_bad_values_are_named(flat: dict[str, object], err: type[Exception], needle: str) -> None:
+    with pytest.raises(err) as info:
+        parse_run_config(flat)
+    assert needle in str(info.value)
+
+
+def test_ffa_lora_freezes_a() -> None:
+    assert parse_run_config({"method": "ffa-lora"}).adapter.settings.freeze_a  # type: ignore[union-attr]
+    assert AdapterConfig("ffa-lora", LoraSettings()).settings.freeze_a  # type: ignore[union-attr]
+
+
+def test_adapter_settings_type_must_match_method() -> None:
+    with pytest.raises(ConfigError, match="takes LoraSettings"):
+        AdapterConfig("lora", PromptSettings())
+
+
+def test_unknown_preset_and_model() -> None:
+    with pytest.raises(UnknownNameError, match="known presets"):
+        get_preset("nope")
+    with pytest.raises(UnknownNameError, match="unknown model 'nope'"):
+        resolve_source("nope")
+    with pytest.raises(ConfigError, match="num_hidden_layers=0"):
+        ModelConfig(num_hidden_layers=0)
+
+
+def test_fingerprint_tracks_model_and_adapter_only() -> None:
+    a = parse_run_config({})
+    assert a.fingerprint() == parse_run_config({"lr": 0.5, "num-rounds": 9}).fingerprint()
+    assert a.fingerprint() != parse_run_config({"lora-r": 4}).fingerprint()
+    assert a.fingerprint() != parse_run_config({"num-hidden-layers": 2}).fingerprint()
