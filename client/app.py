@@ -14,6 +14,7 @@ from client.runtime import ClientIdentity, ClientRuntime
 from fedpeft.config import RunConfig, parse_run_config
 
 RECORD = "fedpeft"
+STATE = "fedpeft-state"
 app = ClientApp()
 _RUNTIMES: dict[tuple[tuple[object, ...], str, int, int], ClientRuntime] = {}
 
@@ -24,8 +25,10 @@ def identity_from_node_config(node_config: dict[str, object]) -> ClientIdentity:
     num_partitions = int(node_config.get("num-partitions", 1))  # type: ignore[call-overload]
     client_id = str(node_config.get("client-id", f"client-{partition_id}"))
     state_dir = str(node_config.get("state-dir", ""))
+    budget = float(node_config.get("epsilon-budget", 0.0))  # type: ignore[arg-type]
     return ClientIdentity(client_id=client_id, partition_id=partition_id,
-                          num_partitions=num_partitions, state_dir=state_dir)
+                          num_partitions=num_partitions, state_dir=state_dir,
+                          epsilon_budget=budget)
 
 
 def runtime_for(context: Context) -> ClientRuntime:
@@ -39,8 +42,23 @@ def runtime_for(context: Context) -> ClientRuntime:
     return rt
 
 
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    content = dict(msg.content[RECORD])
+    # Per-node state (secure-aggregation secrets between stages) lives in context.state, which
+    # Flower keeps with the node (SuperNode / simulation backend), never sent to the server.
+    stored = context.state.config_records.get(STATE)
+    state: dict[str, bytes] = ({k: v for k, v in stored.items() if isinstance(v, bytes)}
+                               if stored is not None else {})
+    reply = runtime_for(context).handle(kind, content, state)  # type: ignore[arg-type]
+    context.state.config_records[STATE] = ConfigRecord(state)  # type: ignore[arg-type]
+    return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)  # type: ignore[arg-type]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    content = dict(msg.content[RECORD])
-    reply = runtime_for(context).handle_train(content)  # type: ignore[arg-type]
-    return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)  # type: ignore[arg-type]
+    return _handle("train", msg, context)
+
+
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    return _handle("secagg", msg, context)

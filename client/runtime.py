@@ -9,11 +9,13 @@ runtime holds only its own data and identity.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from client.trainer import Progress, TrainResult, local_train
@@ -21,10 +23,23 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.federation_data import client_corpus
 from fedpeft.tokenize import Encoded, encode
+from fedpeft.vector import flatten
 from fedpeft.wire import decode
 from fedpeft.wire import encode as encode_tensors
 from peft_methods import get_adapted
 from peft_methods.base import AdaptedModel
+from privacy.accounting import (
+    BUDGET_EXHAUSTED_STATUS,
+    Budget,
+    BudgetExhaustedError,
+    EventMetadata,
+    Ledger,
+    PoissonSampledGaussianEvent,
+    compute_epsilon,
+)
+from privacy.dp_sgd import dp_local_train
+from privacy.secagg.client import SecAggClient
+from privacy.secagg.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +48,8 @@ Content = dict[str, Value]
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+SECAGG_STATE = "secagg"
+FINAL_STAGES = (Stage.DONE, Stage.ABORTED)
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ class ClientIdentity:
     partition_id: int
     num_partitions: int
     state_dir: str = ""
+    epsilon_budget: float = 0.0  # > 0: this device's own budget, overriding the run's
+
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -50,6 +69,8 @@ class ClientIdentity:
         if not 0 <= self.partition_id < self.num_partitions:
             raise ConfigError(f"partition-id={self.partition_id} is outside "
                               f"[0, num-partitions={self.num_partitions})")
+        if self.epsilon_budget < 0:
+            raise ConfigError(f"epsilon-budget={self.epsilon_budget} must be >= 0 (0: the run's)")
 
 
 def _require(content: Mapping[str, Value], key: str, kind: type) -> Value:
@@ -69,6 +90,7 @@ class ClientRuntime:
         self.run = run
         self.identity = identity
         self._data: Encoded | None = None
+        self._sigma: float | None = None
 
     @property
     def model(self) -> AdaptedModel:
@@ -81,17 +103,31 @@ class ClientRuntime:
             self._data = encode(corpus, self.model.base_info.tokenizer, self.run.model.max_length)
         return self._data
 
-    # -- the round pipeline ------------------------------------------------------------------
-    def handle_train(self, content: Mapping[str, Value]) -> Content:
-        """Run one round. Errors are returned as a status, never raised to the framework."""
+    # -- messages ----------------------------------------------------------------------------
+    def handle(self, kind: str, content: Mapping[str, Value],
+               state: dict[str, bytes] | None = None) -> Content:
+        """Answer one coordinator message. ``state`` persists per node between messages (Flower's
+        ``context.state``); it holds this client's secure-aggregation secrets and never leaves
+        the device. Errors become an ``error`` status, never an exception to the framework."""
+        state = {} if state is None else state
         try:
-            return self._train_round(content)
+            if kind == "train":
+                return self._train_round(content, state)
+            if kind == "secagg":
+                return self._secagg_step(content, state)
+            raise PayloadError(f"unknown message kind {kind!r}")
         except FedPeftError as exc:
-            log.warning("client %s: round failed: %s", self.identity.client_id, exc)
+            state.pop(SECAGG_STATE, None)
+            log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
             return {"status": STATUS_ERROR, "reason": f"{type(exc).__name__}: {exc}",
                     "client-id": self.identity.client_id}
 
-    def _train_round(self, content: Mapping[str, Value]) -> Content:
+    def handle_train(self, content: Mapping[str, Value]) -> Content:
+        """A round without secure aggregation (kept for callers that hold no state)."""
+        return self.handle("train", content, {})
+
+    # -- the round pipeline: load -> train -> privatize -> mask -> send -------------------------
+    def _train_round(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
         fingerprint = _require(content, "fingerprint", str)
         if fingerprint != self.run.fingerprint():
             raise ConfigError(f"coordinator's model/adapter fingerprint {fingerprint} differs "
@@ -99,48 +135,193 @@ class ClientRuntime:
                               "same model and adapter config")
         server_round = int(_require(content, "round", int))  # type: ignore[arg-type]
         payload = _require(content, "adapter", bytes)
+        wants_secagg = "secagg-setup" in content
+        if self.run.secagg is not None and not wants_secagg:
+            # security: fail closed: a client configured for secure aggregation never sends
+            # its update in the clear
+            raise ConfigError("this client requires secure aggregation (secagg=true) but the "
+                              "coordinator did not start it; refusing to send an update")
+        if wants_secagg and self.run.secagg is None:
+            raise ConfigError("the coordinator runs secure aggregation but this client has "
+                              "secagg=false; use the same run config on both sides")
         model = self.model
         global_state = decode(payload, model.spec())  # type: ignore[arg-type]
         model.load_adapter_state(global_state)
         data = self.data()
-        result = self._train(model, data, server_round)
+        if self.run.dp.enabled:
+            private = self._train_private(model, data, server_round)
+            if isinstance(private, dict):  # the budget refused this round: nothing trained
+                return private
+            result, privacy = private
+        else:
+            result, privacy = self._train(model, data, server_round), {}
         delta = {k: v - global_state[k] for k, v in model.adapter_state().items()}
         delta = self._privatize(delta)
-        update = self._mask(delta)
-        return self._send(update, result, server_round)
+        reply = self._metrics(result, server_round)
+        reply.update(privacy)
+        reply.update(self._mask(delta, content, state))
+        return reply
+
+    def _generator(self, server_round: int) -> torch.Generator:
+        """Batch sampling randomness (utility only; DP noise uses its own generator)."""
+        return torch.Generator().manual_seed(
+            (self.run.seed * 1_000_003 + self.identity.partition_id) * 10_007 + server_round)
+
+    def _progress(self, server_round: int) -> Progress | None:
+        if not self.run.progress:
+            return None
+        return _progress_printer(f"client {self.identity.client_id} round {server_round}")
 
     def _train(self, model: AdaptedModel, data: Encoded, server_round: int) -> TrainResult:
-        generator = torch.Generator().manual_seed(
-            (self.run.seed * 1_000_003 + self.identity.partition_id) * 10_007 + server_round)
-        progress = None
-        if self.run.progress:
-            progress = _progress_printer(f"client {self.identity.client_id} round {server_round}")
-        return local_train(model, data, self.run.train, generator=generator, progress=progress)
+        return local_train(model, data, self.run.train, generator=self._generator(server_round),
+                           progress=self._progress(server_round))
+
+    # -- record-level DP -------------------------------------------------------------------------
+    def ledger_path(self) -> Path:
+        """This client's privacy ledger: ledger-dir, else the node's state-dir, else the run's."""
+        base = (self.run.ledger_dir or self.identity.state_dir
+                or str(Path(self.run.run_dir) / "ledgers"))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.identity.client_id)
+        return Path(base) / f"{safe}.ledger.jsonl"
+
+    def noise_multiplier(self, dataset_size: int) -> float:
+        """Sigma for this client: given, or calibrated over the planned rounds (cached)."""
+        if self._sigma is None:
+            self._sigma = self.run.dp.resolve_noise_multiplier(dataset_size,
+                                                               self.run.train.local_steps)
+        return self._sigma
+
+    def _train_private(self, model: AdaptedModel, data: Encoded, server_round: int
+                       ) -> tuple[TrainResult, Content] | Content:
+        """DP-SGD with the ledger: check budget and reserve -> train -> commit.
+
+        The event is reserved (fsynced) before any noise is drawn, so a crash mid-round counts
+        the round as spent; commit is idempotent, so a restart never counts it twice.
+        """
+        dp = self.run.dp
+        n = len(data)
+        sigma = self.noise_multiplier(n)
+        event = PoissonSampledGaussianEvent(dp.sample_rate(n), sigma, self.run.train.local_steps)
+        meta = EventMetadata(round_number=server_round, dataset_size=n, delta=dp.delta,
+                             clip_norm=dp.max_grad_norm, run_id=self.run.fingerprint())
+        eps_max = self.identity.epsilon_budget or dp.epsilon_max
+        budget = None if eps_max is None else Budget(eps_max, dp.delta)
+        path = self.ledger_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Ledger(path, client_id=self.identity.client_id, budget=budget) as ledger:
+            try:
+                if budget is not None:
+                    ledger.reserve_within_budget(event, meta, budget, dp.accountant)
+                else:
+                    ledger.reserve(event, meta)
+            except BudgetExhaustedError as exc:
+                return {"status": BUDGET_EXHAUSTED_STATUS, "client-id": self.identity.client_id,
+                        "reason": str(exc), "dp-epsilon": exc.epsilon_before,
+                        "dp-budget": float(exc.epsilon_max)}
+            model.train()
+            result = dp_local_train(model, data, self.run.train, dp, noise_multiplier=sigma,
+                                    generator=self._generator(server_round),
+                                    noise_generator=noise_generator(),
+                                    progress=self._progress(server_round))
+            model.eval()
+            ledger.commit(meta.event_id)
+            spent = ledger.spent_events()
+            rounds = len({e.metadata.round_number for e in ledger.entries()})
+        eps = {name: compute_epsilon(spent, dp.delta, name).epsilon for name in ("prv", "rdp")}
+        privacy: Content = {
+            "dp-epsilon": eps["prv"], "dp-epsilon-rdp": eps["rdp"], "dp-delta": dp.delta,
+            "dp-sigma": sigma, "dp-q": event.sample_rate, "dp-steps": event.steps,
+            "dp-rounds-joined": rounds, "dp-clip": dp.max_grad_norm,
+        }
+        if budget is not None:
+            privacy["dp-budget"] = budget.epsilon_max
+            privacy["dp-budget-left"] = max(0.0, budget.epsilon_max - eps["prv"])
+        return result, privacy
 
     def _privatize(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Extension point: record-level DP happens inside training (DP-SGD); off here."""
+        """Record-level DP happens inside training (DP-SGD), so the update is already private."""
         return delta
 
-    def _mask(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Extension point: secure aggregation masks the update; off here."""
-        return delta
+    def _mask(self, delta: dict[str, torch.Tensor], content: Mapping[str, Value],
+              state: dict[str, bytes]) -> Content:
+        """Plain: the update as safetensors. Secure aggregation: only the first protocol reply
+        leaves; the update stays in ``state`` until it is sent masked."""
+        if "secagg-setup" not in content:
+            blob = encode_tensors(delta)
+            return {"update": blob, "update-bytes": len(blob)}
+        cfg = self.run.secagg
+        if cfg is None:  # checked by the caller
+            raise ConfigError("secure aggregation requested without secagg settings")
+        vec = flatten(delta, self.model.spec())
+        clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
+        client = SecAggClient(int(_require(content, "secagg-id", int)),  # type: ignore[arg-type]
+                              bytes(_require(content, "secagg-session", bytes)),  # type: ignore[arg-type]
+                              cfg, expected_vector_length=int(vec.shape[0]))
+        client.set_update(vec)
+        advertise = client.handle(bytes(_require(content, "secagg-setup", bytes)))  # type: ignore[arg-type]
+        state[SECAGG_STATE] = client.export_state()
+        return {"secagg": advertise, "secagg-clipped": clipped}
 
-    def _send(self, update: dict[str, torch.Tensor], result: TrainResult,
-              server_round: int) -> Content:
-        blob = encode_tensors(update)
-        return {
+    def _secagg_step(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
+        if self.run.secagg is None:
+            raise ConfigError("secure aggregation message, but this client has secagg=false")
+        blob = state.get(SECAGG_STATE)
+        if blob is None:
+            raise PayloadError("no secure-aggregation session in this client's state (it "
+                               "restarted or missed the start of the round); it counts as dropped")
+        client = SecAggClient.import_state(blob, self.run.secagg)
+        if client.stage is Stage.COLLECT_MASKED:
+            # security: answer at most one unmask request per session, durably, before the reply
+            # leaves: a replayed request with another survivor set could reveal a peer's update
+            self._mark_unmask_answered(client.session_id)
+        out = client.handle(bytes(_require(content, "message", bytes)))  # type: ignore[arg-type]
+        if client.stage in FINAL_STAGES:
+            state.pop(SECAGG_STATE, None)
+        else:
+            state[SECAGG_STATE] = client.export_state()
+        return {"status": STATUS_OK, "client-id": self.identity.client_id, "message": out}
+
+    def _mark_unmask_answered(self, session_id: bytes) -> None:
+        base = Path(self.run.ledger_dir or self.identity.state_dir
+                    or str(Path(self.run.run_dir) / "ledgers"))
+        marker = base / "secagg-unmasked" / f"{self.identity.client_id}-{session_id.hex()}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            raise PayloadError(f"secure-aggregation session {session_id.hex()[:16]}... already "
+                               "answered an unmask request; refusing a second one") from None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _metrics(self, result: TrainResult, server_round: int) -> Content:
+        out: Content = {
             "status": STATUS_OK,
             "client-id": self.identity.client_id,
             "round": server_round,
             "num-examples": result.examples,
             "steps": result.steps,
-            "train-loss": result.mean_loss,
-            "train-loss-first": result.losses[0],
-            "train-loss-last": result.losses[-1],
             "train-seconds": result.seconds,
-            "update": blob,
-            "update-bytes": len(blob),
         }
+        if not self.run.dp.enabled and result.losses:
+            # Training losses are computed on private data without noise: under DP they stay
+            # on the device (only evaluation metrics and epsilon are reported).
+            out.update({"train-loss": result.mean_loss, "train-loss-first": result.losses[0],
+                        "train-loss-last": result.losses[-1]})
+        return out
+
+
+def noise_generator() -> torch.Generator:
+    """A fresh generator for DP noise, seeded with 64 bits from the OS CSPRNG.
+
+    torch's default generator starts from a fixed seed in every process, so noise drawn from it
+    would be predictable; each round gets its own unpredictable seed instead (see "Randomness"
+    in docs/privacy.md for what this does and does not protect against).
+    """
+    # security: the noise seed comes from os.urandom, never from a run or public seed
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def _progress_printer(desc: str) -> Progress:

@@ -28,9 +28,9 @@ class GridTransport:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
     def exchange(self, kind: str, messages: Mapping[int, Content], timeout: float) -> dict[int, Reply]:
+        message_type = KINDS.get(kind, f"{MessageType.QUERY}.{kind}")
         out = [Message(RecordDict({RECORD: ConfigRecord(dict(c))}), dst_node_id=node,  # type: ignore[arg-type]
-                       message_type=KINDS.get(kind, MessageType.QUERY) if kind in KINDS
-                       else f"{MessageType.QUERY}.{kind}")
+                       message_type=message_type)
                for node, c in messages.items()]
         replies: dict[int, Reply] = {}
         for rep in self.grid.send_and_receive(out, timeout=timeout):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 from client.trainer import evaluate
 from coordinator.aggregate import weighted_mean
 from coordinator.checkpoint import latest_checkpoint, save_checkpoint
+from coordinator.secure_round import secure_round
 from coordinator.server_opt import ServerOptConfig, server_step
 from coordinator.transport import Content, Reply, Transport
 from fedpeft.config import RunConfig
@@ -29,7 +31,9 @@ from fedpeft.errors import FedPeftError
 from fedpeft.federation_data import federated_split
 from fedpeft.tokenize import Encoded, encode
 from fedpeft.wire import decode, encode as encode_tensors
+from privacy.accounting.budget import BUDGET_EXHAUSTED_STATUS
 from peft_methods import get_adapted
+from peft_methods.registry import initial_adapter_state
 from peft_methods.base import AdaptedModel
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ class Coordinator:
                                        momentum=fed.server_momentum, beta1=fed.beta1,
                                        beta2=fed.beta2, tau=fed.tau)
         self._eval: Encoded | None = None
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self.exhausted: set[int] = set()
 
     @property
     def model(self) -> AdaptedModel:
@@ -90,7 +96,8 @@ class Coordinator:
         fed = self.run.federation
         model = self.model
         spec = model.spec()
-        params = model.adapter_state()
+        params = initial_adapter_state(self.run.model, self.run.adapter, self.run.seed)
+        model.load_adapter_state(params)
         opt_state: dict[str, torch.Tensor] = {}
         start = 0
         if self.run.resume:
@@ -113,33 +120,25 @@ class Coordinator:
         bar = _round_bar(len(rounds), start, self.run.progress)
         for server_round in rounds:
             t0 = time.perf_counter()
-            nodes = self.transport.node_ids()
+            nodes = [n for n in self.transport.node_ids() if n not in self.exhausted]
             if len(nodes) < fed.min_clients:
-                summary.stopped_reason = (f"round {server_round}: only {len(nodes)} clients "
-                                          f"connected, min-clients is {fed.min_clients}")
+                why = (f"{len(self.exhausted)} clients have exhausted their privacy budget and "
+                       if self.exhausted else "")
+                summary.stopped_reason = (f"round {server_round}: {why}only {len(nodes)} "
+                                          f"clients are available, min-clients is "
+                                          f"{fed.min_clients}")
                 break
             chosen = select_clients(nodes, fed.clients_per_round, self.run.seed, server_round)
             payload = encode_tensors(params)
             message: Content = {"round": server_round, "fingerprint": self.run.fingerprint(),
                                 "adapter": payload}
-            replies = self.transport.exchange("train", {n: dict(message) for n in chosen},
-                                              fed.round_timeout)
-            updates, weights, faults, client_rows = self._collect(chosen, replies, spec)
-            row: dict[str, Any] = {
-                "round": server_round, "selected": len(chosen), "ok": len(updates),
-                "faults": faults, "bytes_down": len(payload) * len(chosen),
-                "bytes_up": sum(r.get("update-bytes", 0) for r in client_rows),
-                "train_loss": (statistics.fmean(r["train-loss"] for r in client_rows)
-                               if client_rows else None),
-                "clients": [{k: v for k, v in r.items() if k != "update"} for r in client_rows],
-            }
-            if len(updates) < fed.min_clients:
-                row["skipped"] = (f"{len(updates)} usable updates < min-clients "
-                                  f"{fed.min_clients}; global adapter unchanged")
+            row: dict[str, Any] = {"round": server_round, "selected": len(chosen),
+                                   "bytes_down": len(payload) * len(chosen)}
+            delta, reason = self._round_updates(chosen, message, spec, server_round, row)
+            if delta is None:
+                row["skipped"] = reason + "; global adapter unchanged"
                 log.warning("round %d skipped: %s", server_round, row["skipped"])
             else:
-                w = weights if fed.weighting == "examples" else [1.0] * len(updates)
-                delta = weighted_mean(updates, w)
                 params, opt_state = server_step(params, delta, opt_state, self.opt_cfg)
                 model.load_adapter_state(params)
             row["eval"] = evaluate(model, self.eval_data(num_partitions))
@@ -152,11 +151,87 @@ class Coordinator:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in row["eval"].items()}, refresh=False)
+            available = [n for n in self.transport.node_ids() if n not in self.exhausted]
+            if "skipped" in row and self.exhausted and len(available) < fed.min_clients:
+                summary.stopped_reason = (
+                    f"round {server_round}: {len(self.exhausted)} clients have exhausted their "
+                    f"privacy budget; {len(available)} remain, min-clients is {fed.min_clients}")
+                break
         if bar is not None:
             bar.close()
         if summary.stopped_reason:
             log.error("run stopped: %s", summary.stopped_reason)
         return summary
+
+    def _round_updates(self, chosen: list[int], message: Content, spec: Any, server_round: int,
+                       row: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """Collect this round's updates and return their mean (or None and the reason)."""
+        fed = self.run.federation
+        if self.run.secagg is not None:
+            session = os.urandom(16) + server_round.to_bytes(8, "big")  # security: fresh per round
+            sec = secure_round(self.transport, chosen, message, self.run.secagg, spec, session,
+                               fed.round_timeout)
+            client_rows, faults = sec.client_rows, sec.faults
+            row.update({"secagg": {"survivors": len(sec.survivors), "threshold": sec.threshold,
+                                   "degree": sec.degree, "aborted": sec.abort_reason or None}})
+            row["bytes_up"] = sec.bytes_up
+            ok = len(sec.survivors)
+            result, reason = sec.mean_delta, sec.abort_reason
+        else:
+            replies = self.transport.exchange("train", {n: dict(message) for n in chosen},
+                                              fed.round_timeout)
+            updates, weights, faults, client_rows = self._collect(chosen, replies, spec)
+            row["bytes_up"] = sum(int(r.get("update-bytes", 0)) for r in client_rows)
+            ok = len(updates)
+            result, reason = None, ""
+            if ok >= fed.min_clients:
+                w = weights if fed.weighting == "examples" else [1.0] * ok
+                result = weighted_mean(updates, w)
+        row["ok"] = ok
+        row["faults"] = faults
+        losses = [float(r["train-loss"]) for r in client_rows if "train-loss" in r]
+        row["train_loss"] = statistics.fmean(losses) if losses else None
+        eps = sorted(float(r["dp-epsilon"]) for r in client_rows if "dp-epsilon" in r)
+        if eps:
+            row["dp_epsilon"] = {"min": eps[0], "median": statistics.median(eps), "max": eps[-1]}
+        self._privacy_rows(client_rows, faults, row)
+        row["clients"] = [{k: v for k, v in r.items() if not isinstance(v, bytes)}
+                          for r in client_rows]
+        if result is not None and ok < fed.min_clients:
+            result = None
+        if result is None and not reason:
+            reason = f"{ok} usable updates < min-clients {fed.min_clients}"
+        return result, reason
+
+    def _privacy_rows(self, client_rows: list[dict[str, Any]], faults: list[dict[str, str]],
+                      row: dict[str, Any]) -> None:
+        """Keep each client's latest privacy report; count budget-exhausted clients."""
+        for r in client_rows:
+            if "dp-epsilon" in r:
+                self.privacy[str(r.get("client-id"))] = {
+                    k: v for k, v in r.items() if k.startswith("dp-") or k == "round"}
+        for f in faults:
+            if f.get("status") == BUDGET_EXHAUSTED_STATUS:
+                self.exhausted.add(int(f["node"]))
+                prev = self.privacy.setdefault(f.get("client", f["node"]), {})
+                prev["exhausted"] = True
+        if self.run.dp.enabled:
+            row["dp_exhausted"] = len(self.exhausted)
+            self._write_privacy_report()
+
+    def _write_privacy_report(self) -> None:
+        eps = sorted(float(v["dp-epsilon"]) for v in self.privacy.values() if "dp-epsilon" in v)
+        doc = {
+            "accountant": "prv (rdp alongside)", "delta": self.run.dp.delta,
+            "epsilon_budget": self.run.dp.epsilon_max,
+            "clients": dict(sorted(self.privacy.items())),
+            "summary": {"clients": len(self.privacy), "exhausted": len(self.exhausted),
+                        **({"epsilon_min": eps[0], "epsilon_median": statistics.median(eps),
+                            "epsilon_max": eps[-1]} if eps else {})},
+            "note": "Collected from the clients' replies; each client's ledger on its device is "
+                    "the record of truth (fedpeft privacy report <ledger-dir>).",
+        }
+        (self.run_dir / "privacy_report.json").write_text(json.dumps(doc, indent=2))
 
     def _collect(self, chosen: list[int], replies: dict[int, Reply], spec: Any
                  ) -> tuple[list[dict[str, torch.Tensor]], list[float], list[dict[str, str]],
@@ -177,6 +252,7 @@ class Coordinator:
             client = str(content.get("client-id", node))
             if content.get("status") != "ok":
                 faults.append({"node": str(node), "client": client,
+                               "status": str(content.get("status")),
                                "reason": str(content.get("reason", content.get("status")))})
                 continue
             try:

@@ -103,8 +103,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ok = status == "finished:completed"
     print()
     print(summary_table(run_dir))
+    print_privacy_report(run_dir)
     print(f"\nrun status: {status}; outputs in {run_dir}")
     return 0 if ok else 1
+
+
+def print_privacy_report(run_dir: Path) -> None:
+    """Recompute every client's epsilon from its ledger file and print the table (+JSON, PNG)."""
+    ledgers = run_dir / "ledgers"
+    if not ledgers.is_dir() or not any(ledgers.glob("*.ledger.jsonl")):
+        print("\nprivacy: no ledgers in this run (differential privacy was off)")
+        return
+    from privacy.accounting.report import (
+        plot_epsilon,
+        render_table,
+        reports_from_path,
+        write_report_json,
+    )
+
+    reports = reports_from_path(ledgers)
+    print("\nprivacy report (epsilon recomputed from each client's ledger):")
+    print(render_table(reports))
+    write_report_json(reports, run_dir / "privacy_ledgers.json")
+    plot_epsilon(reports, run_dir / "privacy_epsilon.png")
+    print(f"written: {run_dir / 'privacy_ledgers.json'}, {run_dir / 'privacy_epsilon.png'}")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -149,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_privacy_parser(sub)
+    try:
+        from fedpeft.deploy.commands import add_deploy_parsers
+    except ImportError:  # pragma: no cover - deployment commands not installed
+        pass
+    else:
+        add_deploy_parsers(sub)
     return parser
 
 

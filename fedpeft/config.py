@@ -18,6 +18,9 @@ from fedpeft.models import ModelConfig
 from peft_methods.lora import LoraSettings
 from peft_methods.prompt import PromptSettings
 from peft_methods.registry import METHODS, AdapterConfig
+from privacy.dp_config import DPConfig
+from privacy.secagg.config import SecAggConfig
+from privacy.secagg.errors import SecAggError
 
 Scalar = bool | int | float | str
 
@@ -136,6 +139,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    secagg: SecAggConfig | None = None
+    dp: DPConfig = field(default_factory=DPConfig)
+    ledger_dir: str = ""
     seed: int = 0
     run_dir: str = "runs/latest"
     resume: bool = True
@@ -178,7 +184,7 @@ DEFAULTS: dict[str, Scalar] = {
     "clients-per-round": 0,
     "min-clients": 2,
     "aggregation": "fedavg",
-    "weighting": "examples",
+    "weighting": "uniform",
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "beta1": 0.9,
@@ -191,6 +197,24 @@ DEFAULTS: dict[str, Scalar] = {
     "optimizer": "adamw",
     "momentum": 0.0,
     "weight-decay": 0.0,
+    "dp": True,
+    "dp-noise-multiplier": 0.0,
+    "dp-target-epsilon": 8.0,
+    "dp-delta": 1e-05,
+    "dp-clip": 1.0,
+    "dp-physical-batch": 0,
+    "dp-planned-rounds": 0,
+    "dp-epsilon-budget": 0.0,
+    "dp-accountant": "prv",
+    "dp-grad-sample-mode": "hooks",
+    "ledger-dir": "",
+    "secagg": True,
+    "secagg-bits": 32,
+    "secagg-clip": 1.0,
+    "secagg-dropout": 0.1,
+    "secagg-max-abort": 0.01,
+    "secagg-threshold": 0,
+    "secagg-degree": 0,
     "seed": 0,
     "run-dir": "runs/latest",
     "resume": True,
@@ -244,8 +268,42 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
     task = str(v["task"])
     if task not in ("causal_lm", "classification"):
         raise ConfigError(f"task={task!r} must be 'causal_lm' or 'classification'")
+    secagg: SecAggConfig | None = None
+    if bool(v["secagg"]):
+        if str(v["weighting"]) == "examples":
+            raise ConfigError("weighting='examples' needs each client's update in the clear; "
+                              "with secagg=true set weighting='uniform' (the mean over survivors)")
+        try:
+            secagg = SecAggConfig(clip=float(v["secagg-clip"]), bits=int(v["secagg-bits"]),
+                                  expected_dropout=float(v["secagg-dropout"]),
+                                  max_abort_prob=float(v["secagg-max-abort"]),
+                                  threshold=int(v["secagg-threshold"]) or None,
+                                  degree=int(v["secagg-degree"]) or None)
+        except SecAggError as exc:
+            raise ConfigError(f"secure aggregation settings: {exc}") from exc
+    dp = DPConfig()
+    if bool(v["dp"]):
+        sigma = float(v["dp-noise-multiplier"])
+        target = float(v["dp-target-epsilon"])
+        budget = float(v["dp-epsilon-budget"])
+        dp = DPConfig(
+            enabled=True,
+            noise_multiplier=sigma if sigma != 0.0 else None,
+            target_epsilon=None if sigma != 0.0 else target,
+            delta=float(v["dp-delta"]),
+            max_grad_norm=float(v["dp-clip"]),
+            expected_batch_size=int(v["batch-size"]),
+            physical_batch_size=int(v["dp-physical-batch"]) or None,
+            grad_sample_mode=str(v["dp-grad-sample-mode"]),  # type: ignore[arg-type]
+            accountant=str(v["dp-accountant"]),  # type: ignore[arg-type]
+            planned_rounds=int(v["dp-planned-rounds"]) or int(v["num-rounds"]),
+            epsilon_max=budget if budget > 0 else (target if sigma == 0.0 else None),
+        )
     return RunConfig(
         preset=str(v["preset"]),
+        secagg=secagg,
+        dp=dp,
+        ledger_dir=str(v["ledger-dir"]),
         model=ModelConfig(name=str(v["model"]), task=task,  # type: ignore[arg-type]
                           num_hidden_layers=layers or None, num_labels=int(v["num-labels"]),
                           max_length=int(v["max-length"])),

@@ -79,7 +79,7 @@ class PromptModel(AdaptedModel):
         batch = input_ids.shape[0]
         n = self.settings.num_virtual_tokens
         # One lookup per example: Opacus sees a (batch, n) index tensor and per-example grads.
-        prompts = self.prompt(self.prompt_ids.unsqueeze(0).expand(batch, n))
+        prompts = self.prompt(self.prompt_ids.unsqueeze(0).expand(batch, n).contiguous())
         embeds = self.model.get_input_embeddings()(input_ids)
         inputs_embeds = torch.cat((prompts.to(embeds.dtype), embeds), dim=1)
         prefix_mask = torch.ones(batch, n).to(attention_mask.device)

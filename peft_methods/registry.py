@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from fedpeft.errors import ConfigError, UnknownNameError
 from fedpeft.models import ModelConfig
 from peft_methods.base import AdaptedModel
@@ -63,6 +65,7 @@ def build(model: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> AdaptedM
 
 
 _CACHE: dict[tuple[ModelConfig, AdapterConfig, int], AdaptedModel] = {}
+_INITIAL: dict[tuple[ModelConfig, AdapterConfig, int], dict[str, torch.Tensor]] = {}
 _LOCK = threading.Lock()
 
 
@@ -74,9 +77,18 @@ def get_adapted(model: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> Ad
         if adapted is None:
             adapted = build(model, adapter, seed)
             _CACHE[key] = adapted
+            _INITIAL[key] = adapted.adapter_state()
         return adapted
+
+
+def initial_adapter_state(model: ModelConfig, adapter: AdapterConfig,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """The adapter tensors as built from ``seed`` (the shared model's may have moved since)."""
+    get_adapted(model, adapter, seed)
+    return {k: v.clone() for k, v in _INITIAL[(model, adapter, seed)].items()}
 
 
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
+        _INITIAL.clear()

@@ -17,15 +17,17 @@ class InMemoryTransport:
     """Node ``i`` is a :class:`ClientRuntime` for partition ``i`` of ``num_clients``."""
 
     def __init__(self, run: RunConfig, num_clients: int, state_dir: str = "",
-                 fault: Callable[[int, int], Exception | None] | None = None) -> None:
+                 fault: Callable[[int, str, int], Exception | None] | None = None) -> None:
         self.runtimes = {
             i: ClientRuntime(run, ClientIdentity(client_id=f"client-{i}", partition_id=i,
                                                  num_partitions=num_clients, state_dir=state_dir))
             for i in range(num_clients)
         }
         self.fault = fault
+        self.states: dict[int, dict[str, bytes]] = {i: {} for i in self.runtimes}
         self.calls = 0
-        self.received: list[tuple[str, int, Content]] = []
+        self.received: list[tuple[str, int, Content]] = []  # what the coordinator received
+        self.round = 0
 
     def node_ids(self) -> list[int]:
         return list(self.runtimes)
@@ -35,14 +37,11 @@ class InMemoryTransport:
         for node, content in messages.items():
             self.calls += 1
             if self.fault is not None:
-                exc = self.fault(node, int(content.get("round", 0)))
+                exc = self.fault(node, kind, int(content.get("round", 0)))
                 if exc is not None:
                     replies[node] = Reply(node, error=f"{type(exc).__name__}: {exc}")
                     continue
-            if kind != "train":
-                replies[node] = Reply(node, error=f"unknown message kind {kind!r}")
-                continue
-            reply = self.runtimes[node].handle_train(content)
+            reply = self.runtimes[node].handle(kind, content, self.states[node])
             self.received.append((kind, node, reply))
             replies[node] = Reply(node, content=reply)
         return replies

@@ -1,6 +1,7 @@
 """Named simulation presets: run-config overrides plus the federation size.
 
-A preset is a bundle of ``[tool.flwr.app.config]`` values; command-line overrides go on top.
+A preset is a bundle of ``[tool.flwr.app.config]`` values on top of the defaults (which have
+differential privacy and secure aggregation on); command-line overrides go on top of both.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "chat-lora",
-            "SmolLM2-135M + LoRA r=8 on q/v, chitchat with one client per participant",
+            "SmolLM2-135M + LoRA r=8 on q/v, chitchat with one client per participant, "
+            "DP-SGD (epsilon 8 over the run) and secure aggregation",
             clients=5,
             config={"model": "smollm2-135m", "task": "causal_lm", "method": "lora",
                     "lora-r": 8, "lora-alpha": 16, "dataset": "chitchat",
                     "partitioner": "natural", "num-rounds": 3, "local-steps": 4,
                     "batch-size": 8, "lr": 0.001, "max-length": 64,
-                    "max-examples-per-client": 64, "eval-examples": 64},
+                    "max-examples-per-client": 64, "eval-examples": 64,
+                    "dp": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5, "dp-clip": 1.0,
+                    "secagg": True, "weighting": "uniform", "secagg-dropout": 0.1},
         ),
         Preset(
             "chat-prompt",
-            "SmolLM2-135M + 16-token soft prompt, chitchat with one client per participant",
+            "SmolLM2-135M + 16-token soft prompt, chitchat with one client per participant, "
+            "DP-SGD (epsilon 8) and secure aggregation",
             clients=5,
             config={"model": "smollm2-135m", "task": "causal_lm", "method": "prompt",
                     "prompt-tokens": 16, "dataset": "chitchat", "partitioner": "natural",
@@ -43,7 +48,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "sst2-lora",
-            "MiniLM-L6 + LoRA r=8 on query/value + head, SST-2 (../shared/data), Dirichlet 0.5",
+            "MiniLM-L6 + LoRA r=8 on query/value + head, SST-2 (../shared/data), Dirichlet 0.5, "
+            "DP-SGD (epsilon 8) and secure aggregation",
             clients=10,
             config={"model": "minilm-l6", "task": "classification", "num-labels": 2,
                     "method": "lora", "lora-r": 8, "lora-alpha": 16, "dataset": "sst2",

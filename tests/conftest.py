@@ -15,7 +15,7 @@ def tiny_flat(**overrides: object) -> dict[str, object]:
     flat: dict[str, object] = {
         "num-hidden-layers": 2, "num-rounds": 2, "local-steps": 3, "batch-size": 4,
         "max-examples-per-client": 12, "eval-examples": 12, "lr": 0.01, "progress": False,
-        "max-length": 32,
+        "max-length": 32, "dp": False, "secagg": False, "weighting": "examples",
     }
     flat.update(overrides)
     return flat

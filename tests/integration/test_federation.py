@@ -28,7 +28,9 @@ def test_federation_learns_and_keeps_base_frozen(method: str, tmp_path: Path) ->
     adapted = get_adapted(run.model, run.adapter, run.seed)
     base_before = {k: v.clone() for k, v in adapted.frozen_module().state_dict().items()
                    if "lora_" not in k and "modules_to_save" not in k}
-    initial = adapted.adapter_state()
+    from peft_methods.registry import initial_adapter_state
+
+    initial = initial_adapter_state(run.model, run.adapter, run.seed)
     transport = InMemoryTransport(run, 3)
     summary = Coordinator(run, transport, tmp_path).run_federation()
     assert summary.rounds_completed == 2 and not summary.stopped_reason
@@ -54,7 +56,7 @@ def test_federation_learns_and_keeps_base_frozen(method: str, tmp_path: Path) ->
 def test_faulty_client_is_dropped_not_the_run(tmp_path: Path) -> None:
     run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "num-rounds": 1}))
 
-    def fault(node: int, rnd: int) -> Exception | None:
+    def fault(node: int, kind: str, rnd: int) -> Exception | None:
         return ClientFault("device ran out of memory") if node == 1 else None
 
     summary = Coordinator(run, InMemoryTransport(run, 3, fault=fault), tmp_path).run_federation()
@@ -67,13 +69,12 @@ def test_faulty_client_is_dropped_not_the_run(tmp_path: Path) -> None:
 def test_mismatched_client_payload_is_recorded(tmp_path: Path) -> None:
     run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "num-rounds": 1}))
     transport = InMemoryTransport(run, 3)
-    good = transport.runtimes[2]._send
+    good = transport.runtimes[2]._mask
 
-    def bad_send(update, result, rnd):  # type: ignore[no-untyped-def]
-        update = {k + ".evil": v for k, v in update.items()}
-        return good(update, result, rnd)
+    def bad_mask(delta, content, state):  # type: ignore[no-untyped-def]
+        return good({k + ".evil": v for k, v in delta.items()}, content, state)
 
-    transport.runtimes[2]._send = bad_send  # type: ignore[method-assign]
+    transport.runtimes[2]._mask = bad_mask  # type: ignore[method-assign]
     Coordinator(run, transport, tmp_path).run_federation()
     row = _rows(tmp_path)[1]
     assert row["ok"] == 2
@@ -96,7 +97,7 @@ def test_client_with_other_adapter_config_is_refused(tmp_path: Path) -> None:
 def test_too_few_clients_stops_cleanly(tmp_path: Path) -> None:
     run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "min-clients": 3}))
 
-    def fault(node: int, rnd: int) -> Exception | None:
+    def fault(node: int, kind: str, rnd: int) -> Exception | None:
         return ClientFault("offline") if node == 0 else None
 
     summary = Coordinator(run, InMemoryTransport(run, 3, fault=fault), tmp_path).run_federation()
@@ -128,3 +129,19 @@ def test_resume_from_latest_checkpoint(tmp_path: Path) -> None:
     sent = decode(seen[0], get_adapted(run2.model, run2.adapter, run2.seed).spec())
     assert all(torch.equal(sent[k], after_one[k]) for k in after_one)
     assert [r["round"] for r in _rows(tmp_path)] == [0, 1, 2]
+
+
+def test_base_model_is_built_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft_methods.registry as registry
+
+    run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "lora-r": 3}))
+    built: list[object] = []
+    real = registry.build
+
+    def counting_build(*a, **kw):  # type: ignore[no-untyped-def]
+        built.append(a)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(registry, "build", counting_build)
+    Coordinator(run, InMemoryTransport(run, 3), tmp_path).run_federation()
+    assert len(built) == 1  # 3 clients x 2 rounds + the coordinator share one model

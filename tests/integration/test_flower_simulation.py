@@ -13,13 +13,22 @@ from tests.conftest import tiny_flat
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_flower_simulation_completes(tmp_path: Path) -> None:
-    flat = tiny_flat(**{"num-rounds": 1})
-    result = simulate(flat, 2, tmp_path / "run", stream=False)  # type: ignore[arg-type]
-    assert result.status == "finished:completed", (tmp_path / "run" / "flwr-run.log").read_text()[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["round"] == 1 and rows[-1]["ok"] == 2
-    assert (tmp_path / "run" / ".flwr" / "config.toml").is_file()  # FLWR_HOME stays run-local
+def test_flower_simulation_with_dp_and_secagg_completes(tmp_path: Path) -> None:
+    """3 virtual clients, DP-SGD + SecAgg+ through Flower's Message API and Ray."""
+    flat = tiny_flat(**{"num-rounds": 1, "dp": True, "secagg": True, "weighting": "uniform",
+                        "secagg-dropout": 0.02, "batch-size": 4, "local-steps": 2,
+                        "max-examples-per-client": 16})
+    run = tmp_path / "run"
+    result = simulate(flat, 3, run, stream=False)  # type: ignore[arg-type]
+    assert result.status == "finished:completed", (run / "flwr-run.log").read_text()[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["round"] == 1 and last["ok"] == 3, last
+    assert last["secagg"]["survivors"] == 3 and not last["secagg"]["aborted"]
+    assert all("update-bytes" not in c for c in last["clients"])  # nothing sent in the clear
+    assert 0 < last["dp_epsilon"]["max"] <= 8.0
+    assert len(list((run / "ledgers").glob("*.ledger.jsonl"))) == 3
+    assert (run / ".flwr" / "config.toml").is_file()  # FLWR_HOME stays run-local
 
 
 def test_failed_run_is_detected(tmp_path: Path) -> None:

@@ -37,6 +37,11 @@ def test_every_preset_parses() -> None:
     ({"aggregation": "krum"}, UnknownNameError, "unknown aggregation 'krum'"),
     ({"prompt-tokens": 0, "method": "prompt"}, ConfigError, "num_virtual_tokens=0"),
     ({"clients-per-round": 1, "min-clients": 2}, ConfigError, "below min-clients"),
+    ({"dp-delta": 1.5}, ConfigError, "delta=1.5"),
+    ({"dp-clip": 0}, ConfigError, "max_grad_norm=0.0"),
+    ({"dp-noise-multiplier": -1.0}, ConfigError, "noise_multiplier=-1.0"),
+    ({"dp-target-epsilon": 0.0}, ConfigError, "target_epsilon=0.0"),
+    ({"secagg-bits": 7}, ConfigError, "bits=7"),
     ({"dataset": "file"}, ConfigError, "needs data-path"),
 ])
 def test_bad_values_are_named(flat: dict[str, object], err: type[Exception], needle: str) -> None:
@@ -69,3 +74,19 @@ def test_fingerprint_tracks_model_and_adapter_only() -> None:
     assert a.fingerprint() == parse_run_config({"lr": 0.5, "num-rounds": 9}).fingerprint()
     assert a.fingerprint() != parse_run_config({"lora-r": 4}).fingerprint()
     assert a.fingerprint() != parse_run_config({"num-hidden-layers": 2}).fingerprint()
+
+
+def test_secagg_threshold_and_degree_knobs() -> None:
+    run = parse_run_config({"secagg-threshold": 4, "secagg-degree": 6})
+    assert run.secagg is not None and (run.secagg.threshold, run.secagg.degree) == (4, 6)
+    with pytest.raises(ConfigError, match="set both or neither"):
+        parse_run_config({"secagg-threshold": 4})
+    with pytest.raises(ConfigError, match="2\\*threshold > degree"):
+        parse_run_config({"secagg-threshold": 2, "secagg-degree": 6})
+
+
+def test_privacy_and_secagg_are_on_by_default() -> None:
+    run = parse_run_config({})
+    assert run.dp.enabled and run.secagg is not None
+    assert run.dp.target_epsilon == 8.0 and run.dp.epsilon_max == 8.0
+    assert run.dp.planned_rounds == run.federation.num_rounds

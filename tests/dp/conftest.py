@@ -1,0 +1,74 @@
+"""Shared fixtures of the DP-SGD tests: the real models cut to 2 layers, built once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from fedpeft.models import ModelConfig
+from fedpeft.tokenize import Encoded
+from peft_methods.base import AdaptedModel
+from peft_methods.lora import LoraSettings
+from peft_methods.prompt import PromptSettings
+from peft_methods.registry import AdapterConfig, build
+
+MODELS = {
+    "smollm": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),
+    "minilm": ModelConfig("minilm-l6", task="classification", num_hidden_layers=2),
+}
+ADAPTERS = {
+    "lora": AdapterConfig("lora", LoraSettings(r=4)),
+    "prompt": AdapterConfig("prompt", PromptSettings(num_virtual_tokens=4)),
+}
+PAIRS = [(m, a) for m in MODELS for a in ADAPTERS]
+SEQ = 16
+
+_BUILT: dict[tuple[str, str], tuple[AdaptedModel, dict[str, torch.Tensor]]] = {}
+
+
+def get_model(model: str, adapter: str) -> AdaptedModel:
+    """A cached model in train mode with dropout off and its initial adapter state restored."""
+    key = (model, adapter)
+    if key not in _BUILT:
+        m = build(MODELS[model], ADAPTERS[adapter], seed=0)
+        for module in m.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # exactness tests compare against separate forward passes
+        if adapter == "lora":
+            # PEFT initialises LoRA B to zero, which makes the gradient of A zero; perturb B
+            # so every adapter tensor has a non-trivial per-example gradient.
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(3)
+                for name, p in m.adapter_parameters().items():
+                    if ".lora_B." in name:
+                        p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        _BUILT[key] = (m, m.adapter_state())
+    m, state = _BUILT[key]
+    m.load_adapter_state(state)
+    m.train()
+    return m
+
+
+def make_data(model: str, n: int, seed: int = 0, *, pad: bool = True) -> Encoded:
+    """``n`` random rows of length 16; some rows end in padding when ``pad``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 2000, (n, SEQ), generator=gen)
+    mask = torch.ones_like(ids)
+    if pad:
+        for i in range(0, n, 2):
+            mask[i, SEQ - 1 - (i % 5):] = 0
+    if MODELS[model].task == "causal_lm":
+        labels = ids.masked_fill(mask == 0, -100)
+        tti = None
+    else:
+        labels = torch.randint(0, 2, (n,), generator=gen)
+        tti = torch.zeros_like(ids)
+    return Encoded(ids, mask, labels, tti)
+
+
+@pytest.fixture
+def model_factory() -> Callable[[str, str], AdaptedModel]:
+    return get_model

@@ -1,0 +1,124 @@
+"""Secure aggregation in the round pipeline (real 2-layer SmolLM2, in-process transport)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.server import Coordinator
+from fedpeft.config import parse_run_config
+from fedpeft.errors import ClientFault
+from peft_methods import get_adapted
+from simulations.inmemory import InMemoryTransport
+from tests.conftest import tiny_flat
+
+pytestmark = pytest.mark.integration
+
+
+def _flat(tmp: Path, **kw: object) -> dict[str, object]:
+    return tiny_flat(**{"run-dir": str(tmp), "num-rounds": 1, "weighting": "uniform",
+                        "local-steps": 2, "secagg-dropout": 0.02, **kw})
+
+
+def _rows(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Path) -> None:
+    plain = parse_run_config(_flat(tmp_path / "plain"))
+    Coordinator(plain, InMemoryTransport(plain, 4), tmp_path / "plain").run_federation()
+    model = get_adapted(plain.model, plain.adapter, plain.seed)
+    after_plain = model.adapter_state()
+
+    secure = parse_run_config(_flat(tmp_path / "secure", secagg=True))
+    transport = InMemoryTransport(secure, 4)
+    Coordinator(secure, transport, tmp_path / "secure").run_federation()
+    after_secure = model.adapter_state()
+    row = _rows(tmp_path / "secure")[1]
+    assert row["ok"] == 4 and row["secagg"]["survivors"] == 4  # type: ignore[index]
+    worst = max(float((after_plain[k] - after_secure[k]).abs().max()) for k in after_plain)
+    assert worst < 1e-6, worst  # quantisation error bound for clip 1.0, 32 bits, n = 4
+    from peft_methods.registry import initial_adapter_state
+
+    init = initial_adapter_state(plain.model, plain.adapter, plain.seed)
+    assert any(not torch.equal(init[k], after_secure[k]) for k in init), "secure run learned nothing"
+    # what the coordinator received: never an update in the clear
+    assert transport.received, "transport recorded nothing"
+    for kind, _node, reply in transport.received:
+        assert "update" not in reply
+        assert kind in ("train", "secagg")
+
+
+def test_masked_input_looks_nothing_like_the_update(tmp_path: Path) -> None:
+    run = parse_run_config(_flat(tmp_path, secagg=True))
+    transport = InMemoryTransport(run, 3)
+    Coordinator(run, transport, tmp_path).run_federation()
+    # the masked-input replies are the largest secagg messages: uniform 32-bit words
+    sizes = sorted(((len(r["message"]), r["message"]) for k, _, r in transport.received
+                    if k == "secagg" and isinstance(r.get("message"), bytes)), key=lambda t: t[0])
+    blob = sizes[-1][1]
+    words = np.frombuffer(blob[-4 * 4096:], dtype="<u4")
+    # plaintext LoRA deltas quantised near zero would cluster at 0 or 2^32-1; masked words don't
+    assert 0.3 < float(np.mean(words / 2**32)) < 0.7
+
+
+def test_dropout_after_key_sharing_still_aggregates(tmp_path: Path) -> None:
+    run = parse_run_config(_flat(tmp_path, secagg=True, **{"secagg-dropout": 0.1}))
+    calls: dict[int, int] = {}
+
+    def fault(node: int, kind: str, rnd: int) -> Exception | None:
+        if kind != "secagg":
+            return None
+        calls[node] = calls.get(node, 0) + 1
+        # node 4 answers share-keys, then drops before sending its masked input
+        return ClientFault("battery died") if node == 4 and calls[node] >= 2 else None
+
+    Coordinator(run, InMemoryTransport(run, 5, fault=fault), tmp_path).run_federation()
+    row = _rows(tmp_path)[1]
+    assert row["secagg"]["survivors"] == 4 and not row["secagg"]["aborted"]  # type: ignore[index]
+    assert "skipped" not in row
+    assert any(f.get("node") == "4" for f in row["faults"])  # type: ignore[union-attr]
+
+
+def test_too_many_dropouts_abort_the_round_cleanly(tmp_path: Path) -> None:
+    run = parse_run_config(_flat(tmp_path, secagg=True, **{"min-clients": 2}))
+
+    def fault(node: int, kind: str, rnd: int) -> Exception | None:
+        return ClientFault("offline") if kind == "secagg" and node != 0 else None
+
+    summary = Coordinator(run, InMemoryTransport(run, 3, fault=fault), tmp_path).run_federation()
+    row = _rows(tmp_path)[1]
+    assert "global adapter unchanged" in row["skipped"]  # type: ignore[operator]
+    assert summary.rounds_completed == 1
+
+
+def test_secagg_client_refuses_a_plain_round(tmp_path: Path) -> None:
+    plain = parse_run_config(_flat(tmp_path))
+    secure = parse_run_config(_flat(tmp_path, secagg=True))
+    transport = InMemoryTransport(plain, 3)
+    from client.runtime import ClientRuntime
+
+    transport.runtimes[1] = ClientRuntime(secure, transport.runtimes[1].identity)
+    Coordinator(plain, transport, tmp_path).run_federation()
+    row = _rows(tmp_path)[1]
+    assert row["ok"] == 2
+    assert "refusing to send an update" in row["faults"][0]["reason"]  # type: ignore[index]
+    assert all("update" not in r for k, n, r in transport.received if n == 1)
+
+
+def test_examples_weighting_is_rejected_with_secagg() -> None:
+    from fedpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weighting='uniform'"):
+        parse_run_config({"secagg": True, "weighting": "examples"})
+
+
+def test_infeasible_plan_skips_the_round_with_the_reason(tmp_path: Path) -> None:
+    run = parse_run_config(_flat(tmp_path, secagg=True, **{"secagg-dropout": 0.2}))
+    Coordinator(run, InMemoryTransport(run, 3), tmp_path).run_federation()
+    row = _rows(tmp_path)[1]
+    assert "InfeasiblePlanError" in row["skipped"] and "use more clients" in row["skipped"]  # type: ignore[operator]
