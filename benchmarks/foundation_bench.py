@@ -3,7 +3,8 @@
 1. Bytes uploaded per client per round: adapter payload vs full fine-tuning of the same model.
 2. Wall time of one round with 10 clients for each preset (in-process transport: the same
    client and coordinator code as the Flower simulation, without Ray's scheduling).
-3. Peak RSS of one process simulating 1, 10 and 100 virtual clients (one subprocess each).
+3. Resident memory of one process simulating 1, 10 and 100 virtual clients (one subprocess
+   each; RSS sampled every 20 ms during the round, after the model and data are loaded).
 
 Results: ``benchmarks/results/foundation.json``; summary in ``docs/benchmarks.md``.
 Usage: ``.venv/bin/python benchmarks/foundation_bench.py [--quick]``.
@@ -52,7 +53,8 @@ def bytes_table() -> list[dict[str, object]]:
     return rows
 
 
-def round_time(preset: str, clients: int, flat_extra: dict[str, object]) -> dict[str, object]:
+def round_time(preset: str, clients: int, flat_extra: dict[str, object],
+               label: str = "") -> dict[str, object]:
     from coordinator.server import Coordinator
     from fedpeft.config import DEFAULTS, parse_run_config
     from simulations.inmemory import InMemoryTransport
@@ -73,31 +75,65 @@ def round_time(preset: str, clients: int, flat_extra: dict[str, object]) -> dict
         rows = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     r1 = rows[-1]
     train = sum(c["train-seconds"] for c in r1["clients"])
-    return {"preset": preset, "clients": clients, "round_seconds": r1["seconds"],
+    return {"preset": label or preset, "clients": clients, "round_seconds": r1["seconds"],
+            "dp": run.dp.enabled, "secagg": run.secagg is not None,
             "client_train_seconds_total": train, "with_initial_eval_seconds": total,
             "local_steps": run.train.local_steps, "batch_size": run.train.batch_size,
             "max_length": run.model.max_length, "layers": run.model.num_hidden_layers or "all"}
 
 
 RSS_CHILD = r"""
-import json, resource, sys, tempfile
+import json, sys, tempfile, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from coordinator.server import Coordinator
 from fedpeft.config import DEFAULTS, parse_run_config
 from simulations.inmemory import InMemoryTransport
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
 n = int(sys.argv[1])
 d = tempfile.mkdtemp()
 run = parse_run_config({**DEFAULTS, "num-hidden-layers": 2, "num-rounds": 1, "local-steps": 1,
     "batch-size": 4, "max-length": 32, "max-examples-per-client": 8, "eval-examples": 8,
-    "progress": False, "run-dir": d, "min-clients": 1})
+    "progress": False, "run-dir": d, "min-clients": 1, "dp": False, "secagg": False})
 coord = Coordinator(run, InMemoryTransport(run, n), Path(d))
 coord.model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+coord.eval_data(n)
+base = rss_mb()
+peak = [base]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.02)
+t = threading.Thread(target=sample, daemon=True)
+t.start()
 coord.run_federation()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"clients": n, "rss_after_model_mb": base / 1024, "peak_rss_mb": peak / 1024}))
+stop.set(); t.join()
+after = rss_mb()
+print(json.dumps({"clients": n, "rss_before_round_mb": base, "peak_rss_round_mb": peak[0],
+                  "rss_after_round_mb": after, "growth_mb": after - base}))
 """
+
+
+LOAD_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from fedpeft.models import EMBEDDED, ModelConfig, dequantised_dir, load_fresh
+t = time.perf_counter(); dequantised_dir(EMBEDDED["smollm2-135m"]); first = time.perf_counter() - t
+t = time.perf_counter(); load_fresh(ModelConfig("smollm2-135m")); load = time.perf_counter() - t
+print(json.dumps({"cache_check_seconds": first, "load_from_cache_seconds": load}))
+"""
+
+
+def load_time() -> dict[str, float]:
+    """Second load of the embedded LLM (the dequantised cache exists), in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(ROOT)], capture_output=True,
+                          text=True, check=True)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def rss_scaling(counts: list[int]) -> list[dict[str, object]]:
@@ -113,13 +149,26 @@ def rss_scaling(counts: list[int]) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="2-layer models, fewer clients")
+    parser.add_argument("--only-rss", action="store_true", help="rerun only the memory part")
     args = parser.parse_args()
+    if args.only_rss:
+        results = json.loads(RESULTS.read_text())
+        results["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
+        results["smollm2_load"] = load_time()
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["rss"], indent=2))
+        return
     results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                   "quick": args.quick}
     results["bytes"] = bytes_table()
+    results["smollm2_load"] = load_time()
     extra: dict[str, object] = {"num-hidden-layers": 2} if args.quick else {}
-    results["round_time"] = [round_time(p, 10, extra) for p in ("chat-lora", "chat-prompt", "sst2-lora")
-                             if p != "sst2-lora" or _has_sst2()]
+    plain = {"dp": False, "secagg": False}
+    runs = [("chat-lora", {}, ""), ("chat-lora", plain, "chat-lora (no DP, no SecAgg)"),
+            ("chat-prompt", {}, ""), ("chat-prompt", plain, "chat-prompt (no DP, no SecAgg)")]
+    if _has_sst2():
+        runs += [("sst2-lora", {}, ""), ("sst2-lora", plain, "sst2-lora (no DP, no SecAgg)")]
+    results["round_time"] = [round_time(p, 10, {**extra, **kw}, label) for p, kw, label in runs]
     results["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

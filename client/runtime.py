@@ -14,8 +14,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from client.trainer import Progress, TrainResult, local_train
@@ -128,12 +130,12 @@ class ClientRuntime:
 
     # -- the round pipeline: load -> train -> privatize -> mask -> send -------------------------
     def _train_round(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
-        fingerprint = _require(content, "fingerprint", str)
+        fingerprint = str(_require(content, "fingerprint", str))
         if fingerprint != self.run.fingerprint():
             raise ConfigError(f"coordinator's model/adapter fingerprint {fingerprint} differs "
                               f"from this client's {self.run.fingerprint()}: both must run the "
                               "same model and adapter config")
-        server_round = int(_require(content, "round", int))  # type: ignore[arg-type]
+        server_round = int(_require(content, "round", int))
         payload = _require(content, "adapter", bytes)
         wants_secagg = "secagg-setup" in content
         if self.run.secagg is not None and not wants_secagg:
@@ -254,10 +256,10 @@ class ClientRuntime:
             raise ConfigError("secure aggregation requested without secagg settings")
         vec = flatten(delta, self.model.spec())
         clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
-        client = SecAggClient(int(_require(content, "secagg-id", int)),  # type: ignore[arg-type]
+        client = SecAggClient(int(_require(content, "secagg-id", int)),
                               bytes(_require(content, "secagg-session", bytes)),  # type: ignore[arg-type]
                               cfg, expected_vector_length=int(vec.shape[0]))
-        client.set_update(vec)
+        client.set_update(cast("npt.NDArray[np.floating[npt.NBitBase]]", vec))
         advertise = client.handle(bytes(_require(content, "secagg-setup", bytes)))  # type: ignore[arg-type]
         state[SECAGG_STATE] = client.export_state()
         return {"secagg": advertise, "secagg-clipped": clipped}

@@ -96,7 +96,7 @@ def local_train(
         if not math.isfinite(loss.item()):
             raise ClientFault(f"training loss became {loss.item()} at step {step}; lower lr "
                               f"(now {cfg.lr})")
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         result.steps += 1
         result.losses.append(loss.item())

@@ -29,7 +29,7 @@ class GridTransport:
 
     def exchange(self, kind: str, messages: Mapping[int, Content], timeout: float) -> dict[int, Reply]:
         message_type = KINDS.get(kind, f"{MessageType.QUERY}.{kind}")
-        out = [Message(RecordDict({RECORD: ConfigRecord(dict(c))}), dst_node_id=node,  # type: ignore[arg-type]
+        out = [Message(RecordDict({RECORD: ConfigRecord(dict(c))}), dst_node_id=node,
                        message_type=message_type)
                for node, c in messages.items()]
         replies: dict[int, Reply] = {}

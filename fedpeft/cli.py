@@ -137,6 +137,14 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpeft.report import write_report
+
+    out = write_report(Path(args.run_dir))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -165,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     pre = sub.add_parser("presets", help="list simulation presets")
     pre.set_defaults(func=cmd_presets)
+    rep = sub.add_parser("report", help="Markdown report + plots of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
     try:
         from privacy.accounting.cli import add_privacy_parser
     except ImportError:  # pragma: no cover - privacy CLI not installed

@@ -167,7 +167,7 @@ def dequantised_dir(entry: EmbeddedModel) -> Path:
         # The dequantised weights are plain float32: drop the GGUF quantiser so they serialise.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as non-optional upstream
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "fedpeft-cache.json").write_text(
@@ -228,7 +228,7 @@ def _load(config: ModelConfig) -> BaseModel:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
+    model.train(False)
     for param in model.parameters():
         param.requires_grad_(False)
     return BaseModel(config=config, model=model, tokenizer=tokenizer, source=source)

@@ -105,7 +105,11 @@ def decode(payload: bytes, expected: Spec) -> dict[str, torch.Tensor]:
         if not isinstance(entry, dict):
             problems.append(f"{name}: malformed header entry")
             continue
-        shape = tuple(entry.get("shape", ()))  # type: ignore[arg-type]
+        raw_shape = entry.get("shape")
+        if not isinstance(raw_shape, list) or not all(isinstance(d, int) for d in raw_shape):
+            problems.append(f"{name}: malformed shape {raw_shape!r}")
+            continue
+        shape: tuple[int, ...] = tuple(raw_shape)
         dtype = _DTYPES.get(str(entry.get("dtype")))
         if shape != want.shape:
             problems.append(f"{name}: shape {shape} != expected {want.shape}")

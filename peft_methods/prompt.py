@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from peft import PromptTuningConfig
@@ -54,14 +54,15 @@ class PromptModel(AdaptedModel):
         super().__init__(base)
         self.settings = settings
         self.model = base.model
-        embeddings = self.model.get_input_embeddings()
-        hidden = int(embeddings.weight.shape[1])
+        vocab = cast(torch.Tensor, self.model.get_input_embeddings().weight)
+        hidden = int(vocab.shape[1])
         n = settings.num_virtual_tokens
         self.prompt = nn.Embedding(n, hidden)
         with torch.no_grad():
             if settings.init == "vocab":
-                ids = torch.randint(0, int(embeddings.weight.shape[0]), (n,))
-                self.prompt.weight.copy_(embeddings.weight[ids])
+                ids = torch.randint(0, int(vocab.shape[0]), (n,))
+                self.prompt.weight.copy_(vocab[ids])
+        self.prompt_ids: torch.Tensor
         self.register_buffer("prompt_ids", torch.arange(n), persistent=False)
         self.head: str | None = None
         if base.config.task == "classification":
@@ -80,7 +81,8 @@ class PromptModel(AdaptedModel):
         n = self.settings.num_virtual_tokens
         # One lookup per example: Opacus sees a (batch, n) index tensor and per-example grads.
         prompts = self.prompt(self.prompt_ids.unsqueeze(0).expand(batch, n).contiguous())
-        embeds = self.model.get_input_embeddings()(input_ids)
+        embed: nn.Module = self.model.get_input_embeddings()
+        embeds = embed(input_ids)
         inputs_embeds = torch.cat((prompts.to(embeds.dtype), embeds), dim=1)
         prefix_mask = torch.ones(batch, n).to(attention_mask.device)
         kwargs: dict[str, Any] = {
