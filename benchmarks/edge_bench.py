@@ -115,7 +115,7 @@ def run_one(name: str, overrides: dict[str, Any], steps: int, timeout: float) ->
     line = next((x for x in out.stdout.splitlines() if x.startswith("EDGE ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"{name}: child failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    res = json.loads(line[len("EDGE "):])
+    res: dict[str, Any] = json.loads(line[len("EDGE "):])
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["config"] = {k: v for k, v in flat.items() if k not in COMMON or COMMON[k] != v}
     target = TARGETS_MB.get(name)

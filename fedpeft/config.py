@@ -202,7 +202,7 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-target-epsilon": 8.0,
     "dp-delta": 1e-05,
     "dp-clip": 1.0,
-    "dp-physical-batch": 0,
+    "dp-physical-batch": 2,
     "dp-planned-rounds": 0,
     "dp-epsilon-budget": 0.0,
     "dp-accountant": "prv",

@@ -17,9 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +26,7 @@ from pathlib import Path
 
 from fedpeft.config import DEFAULTS, Scalar, parse_run_config
 from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.flower_process import flwr_bin, flwr_env, free_port, stop_process, toml_table
 
 CONNECTION = "fedpeft-sim"
 
@@ -54,40 +52,9 @@ def project_root() -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _toml_value(v: Scalar) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def _bin(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return str(exe)
-    found = shutil.which(name)
-    if found is None:
-        raise SimulationError(f"`{name}` not found next to {sys.executable} or on PATH; "
-                              "install flwr[simulation]")
-    return found
-
-
 def _env(flwr_home: Path) -> dict[str, str]:
-    env = os.environ.copy()
-    env["FLWR_HOME"] = str(flwr_home)
-    # SuperLink spawns flower-superexec / flwr-simulation by name: put this venv first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env = flwr_env(flwr_home)
     env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
@@ -107,23 +74,9 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_file: Path, time
     raise SimulationError(f"flower-superlink did not become healthy in {timeout:.0f}s; see {log_file}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
 def run_status(flwr_home: Path, run_id: str) -> str:
     """Final status of a run as the SuperLink reports it (e.g. ``finished:completed``)."""
-    out = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+    out = subprocess.run([flwr_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
                          env=_env(flwr_home), capture_output=True, text=True, timeout=120,
                          check=False)
     try:
@@ -152,24 +105,24 @@ def simulate(config: dict[str, Scalar], num_clients: int, run_dir: Path, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     run_config_file = run_dir / "run_config.toml"
-    run_config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in flat.items()))
+    run_config_file.write_text(toml_table(flat))
     log_file = run_dir / "superlink.log"
     env = _env(flwr_home)
     with open(log_file, "ab") as log:
         superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation",
+            [flwr_bin("flower-superlink"), "--insecure", "--simulation",
              "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
              "--port", str(port), "--database", ":flwr-in-memory:"],
             cwd=str(project_root()), env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         _wait_healthy(port, superlink, log_file, timeout=90)
-        cmd = [_bin("flwr"), "run", str(project_root()), CONNECTION, "--stream",
+        cmd = [flwr_bin("flwr"), "run", str(project_root()), CONNECTION, "--stream",
                "--run-config", str(run_config_file),
                "--federation-config",
                f"num_supernodes={num_clients} client_resources_num_cpus={num_cpus_per_client}"]
@@ -198,7 +151,7 @@ def simulate(config: dict[str, Scalar], num_clients: int, run_dir: Path, *,
         return SimulationResult(run_id=run_id, status=status, run_dir=run_dir,
                                 returncode=0 if status == "finished:completed" else 1)
     finally:
-        _stop(superlink)
+        stop_process(superlink)
 
 
 def _final_status(flwr_home: Path, run_id: str, wait: float = 60) -> str:

@@ -33,6 +33,7 @@ PRESETS: dict[str, Preset] = {
                     "partitioner": "natural", "num-rounds": 3, "local-steps": 4,
                     "batch-size": 8, "lr": 0.001, "max-length": 64,
                     "max-examples-per-client": 64, "eval-examples": 64,
+                    "dp-physical-batch": 2,  # keeps a SmolLM2 DP client near 1.6 GB RSS
                     "dp": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5, "dp-clip": 1.0,
                     "secagg": True, "weighting": "uniform", "secagg-dropout": 0.1},
         ),
@@ -55,7 +56,8 @@ PRESETS: dict[str, Preset] = {
                     "method": "lora", "lora-r": 8, "lora-alpha": 16, "dataset": "sst2",
                     "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "num-rounds": 5,
                     "local-steps": 10, "batch-size": 16, "lr": 0.005, "max-length": 64,
-                    "max-examples-per-client": 512, "eval-examples": 500},
+                    "max-examples-per-client": 512, "eval-examples": 500,
+                    "dp-physical-batch": 0},
         ),
     )
 }

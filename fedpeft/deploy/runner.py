@@ -13,11 +13,7 @@ register``). Plain HTTP only with ``insecure=True``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +33,14 @@ from fedpeft.deploy.certs import (
 )
 from fedpeft.deploy.errors import CertificateError, DeployError
 from fedpeft.errors import ConfigError
+from fedpeft.flower_process import (  # noqa: F401 - re-exported for callers of this module
+    flwr_bin,
+    flwr_env,
+    free_port,
+    stop_process,
+    toml_table,
+    toml_value,
+)
 
 CONNECTION = "fedpeft-deploy"
 DEFAULT_PORT = 9092
@@ -47,62 +51,6 @@ INSECURE_WARNING = (
 
 
 # -- small helpers -----------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def flwr_bin(name: str) -> str:
-    """A Flower executable from this environment (next to the interpreter first)."""
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return str(exe)
-    found = shutil.which(name)
-    if found is None:
-        raise DeployError(f"`{name}` not found next to {sys.executable} or on PATH; install "
-                          "flwr into this environment")
-    return found
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: FLWR_HOME run-local, this venv first, no telemetry."""
-    env = os.environ.copy()
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 20.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with a new session), then SIGKILL."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
-def toml_value(v: Scalar) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    return repr(v)
-
-
-def toml_table(values: Mapping[str, Scalar]) -> str:
-    return "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
-
-
 def parse_overrides(items: Sequence[str]) -> dict[str, Scalar]:
     """``KEY=VALUE`` strings (``--set``) -> run config overrides, keys checked."""
     out: dict[str, Scalar] = {}

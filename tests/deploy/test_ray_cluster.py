@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +36,12 @@ from tests.conftest import tiny_flat
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RAY = str(Path(sys.executable).parent / "ray")
+# Ray on Linux replaces --node-ip-address 127.0.0.1 by the host's routable IP
+# (ray._private.services.resolve_ip_for_localhost) and listens there. Ray's single-node mode
+# (meant for macOS/Windows) keeps every address on the loopback IP instead; no other node can
+# join such a cluster, which is what a loopback test wants. Set for ray start, the driver
+# (through RAY_ADDRESS's environment) and the queries alike.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 QUERY = """
 import json, os, sys
@@ -58,30 +66,29 @@ class RayCluster:
     temp_dir: Path
     log: Path
 
-    def descendants(self) -> set[int]:
-        """Pids of every process below the ``ray start --block`` process."""
+    def descendants(self) -> dict[int, str]:
+        """Every process below the ``ray start --block`` process: pid -> start time (so that
+        a pid reused by another process is never mistaken for one of ours)."""
         children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-        out: set[int] = set()
+            fields = _stat(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+        out: dict[int, str] = {}
         todo = [self.proc.pid]
         while todo:
             for child in children.get(todo.pop(), []):
-                if child not in out:
-                    out.add(child)
+                fields = _stat(child)
+                if child not in out and fields is not None:
+                    out[child] = fields[19]
                     todo.append(child)
         return out
 
-    def stop(self) -> None:
+    def stop(self) -> dict[int, str]:
         """SIGTERM the cluster's process group (``--block`` shuts its processes down), then
-        SIGKILL whatever it left, by pid."""
+        SIGKILL whatever it left, by pid. Returns the pids the cluster had."""
         started = self.descendants()
         if self.proc.poll() is None:
             try:
@@ -97,19 +104,26 @@ class RayCluster:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + 15
-        for pid in sorted(started):
-            while _alive(pid) and time.monotonic() < deadline:
+        for pid, start in sorted(started.items()):
+            while _alive(pid, start) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _alive(pid):
+            if _alive(pid, start):
                 os.kill(pid, signal.SIGKILL)
+        return started
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, ..., starttime at 19]."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int, start: str) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[19] == start and fields[0] != "Z"
 
 
 def _ray_env() -> dict[str, str]:
@@ -119,6 +133,7 @@ def _ray_env() -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(LOOPBACK_ONLY)
     return env
 
 
@@ -135,6 +150,7 @@ def cluster() -> Iterator[RayCluster]:
         proc = subprocess.Popen(cmd, env=_ray_env(), stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     ray = RayCluster(proc=proc, address=f"127.0.0.1:{port}", temp_dir=temp_dir, log=log)
+    started: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -148,17 +164,21 @@ def cluster() -> Iterator[RayCluster]:
             time.sleep(1)
         yield ray
     finally:
-        ray.stop()
+        started = ray.stop()
     assert proc.poll() is not None
-    assert not any(_alive(p) for p in ray.descendants())
+    assert started, "the cluster had no processes (gcs_server, raylet, ...)"
+    time.sleep(1)
+    assert not any(_alive(p, t) for p, t in started.items())
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _query(address: str) -> dict[str, object]:
+def _query(address: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", QUERY, address], env=_ray_env(),
                          capture_output=True, text=True, timeout=120, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("QUERY")), None)
     assert out.returncode == 0 and line is not None, (out.stdout[-2000:], out.stderr[-2000:])
-    return dict(json.loads(line[len("QUERY"):]))
+    doc: dict[str, Any] = json.loads(line[len("QUERY"):])
+    return doc
 
 
 def test_simulation_runs_on_an_existing_ray_cluster(cluster: RayCluster, tmp_path: Path,
@@ -166,6 +186,8 @@ def test_simulation_runs_on_an_existing_ray_cluster(cluster: RayCluster, tmp_pat
     before = _query(cluster.address)
     assert before["actors"] == []
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    for key, value in LOOPBACK_ONLY.items():
+        monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     result = simulate(tiny_flat(**{"num-rounds": 1}), 2, run_dir,  # type: ignore[arg-type]
                       stream=False, timeout=400)
@@ -179,8 +201,8 @@ def test_simulation_runs_on_an_existing_ray_cluster(cluster: RayCluster, tmp_pat
     # the virtual clients ran as ClientAppActor actors of that job
     after = _query(cluster.address)
     assert after["nodes"] == ["127.0.0.1"]
-    jobs = [j for j in after["jobs"] if j["JobID"] not in (before["me"], after["me"])]  # type: ignore[union-attr,index]
-    actors = [a for a in after["actors"] if a["ActorClassName"] == "ClientAppActor"]  # type: ignore[union-attr,index]
+    jobs = [j for j in after["jobs"] if j["JobID"] not in (before["me"], after["me"])]
+    actors = [a for a in after["actors"] if a["ActorClassName"] == "ClientAppActor"]
     assert len(jobs) == 1 and jobs[0]["IsDead"], jobs  # the simulation's driver, finished
     assert actors and {a["JobID"] for a in actors} == {jobs[0]["JobID"]}, actors
     assert all(a["State"] == "DEAD" for a in actors)

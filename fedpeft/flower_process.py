@@ -1,0 +1,81 @@
+"""Helpers for running Flower's own executables (SuperLink, SuperNode, flwr) as processes.
+
+Shared by the simulation launcher and the deployment runner; no Flower import, only
+subprocess handling: a free loopback port, the executables of this environment, a run-local
+``FLWR_HOME`` with telemetry off, TOML values for run configs, and stopping by process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedpeft.config import Scalar
+from fedpeft.errors import FedPeftError
+
+
+class FlowerProcessError(FedPeftError):
+    """A Flower executable is missing or misbehaved."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flwr_bin(name: str) -> str:
+    """A Flower executable from this environment (next to the interpreter first)."""
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if found is None:
+        raise FlowerProcessError(f"`{name}` not found next to {sys.executable} or on PATH; install "
+                          "flwr into this environment")
+    return found
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: FLWR_HOME run-local, this venv first, no telemetry."""
+    env = os.environ.copy()
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 20.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with a new session), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def toml_value(v: Scalar) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    return repr(v)
+
+
+def toml_table(values: Mapping[str, Scalar]) -> str:
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
