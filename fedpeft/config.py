@@ -206,7 +206,7 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-planned-rounds": 0,
     "dp-epsilon-budget": 0.0,
     "dp-accountant": "prv",
-    "dp-grad-sample-mode": "hooks",
+    "dp-grad-sample-mode": "ew",
     "ledger-dir": "",
     "secagg": True,
     "secagg-bits": 32,

@@ -63,7 +63,8 @@ class DPConfig:
         expected_batch_size: logical (expected) batch size B; Poisson rate q = B / n.
         physical_batch_size: largest batch actually run through the model (virtual steps
             split a larger logical batch); ``None`` means no splitting.
-        grad_sample_mode: Opacus per-example gradient engine: ``"hooks"`` (default, exact),
+        grad_sample_mode: Opacus per-example gradient engine: ``"hooks"`` (default here, exact;
+            the run config defaults to ``"ew"``, the fastest in docs/benchmarks.md),
             ``"functorch"``, ``"ew"`` (PyTorch expanded weights) or ``"ghost"`` (ghost
             clipping: per-example norms only, no per-example gradients materialised).
         accountant: ``"prv"`` (default) or ``"rdp"``, used for calibration.
