@@ -82,6 +82,17 @@ def round_time(preset: str, clients: int, flat_extra: dict[str, object],
             "max_length": run.model.max_length, "layers": run.model.num_hidden_layers or "all"}
 
 
+def round_times(quick: bool) -> list[dict[str, object]]:
+    """Each preset with privacy on (its default) and off, side by side in one run."""
+    extra: dict[str, object] = {"num-hidden-layers": 2} if quick else {}
+    plain = {"dp": False, "secagg": False}
+    runs = [("chat-lora", {}, ""), ("chat-lora", plain, "chat-lora (no DP, no SecAgg)"),
+            ("chat-prompt", {}, ""), ("chat-prompt", plain, "chat-prompt (no DP, no SecAgg)")]
+    if _has_sst2():
+        runs += [("sst2-lora", {}, ""), ("sst2-lora", plain, "sst2-lora (no DP, no SecAgg)")]
+    return [round_time(p, 10, {**extra, **kw}, label) for p, kw, label in runs]
+
+
 RSS_CHILD = r"""
 import json, sys, tempfile, threading, time
 from pathlib import Path
@@ -150,7 +161,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="2-layer models, fewer clients")
     parser.add_argument("--only-rss", action="store_true", help="rerun only the memory part")
+    parser.add_argument("--only-rounds", action="store_true", help="rerun only the round times")
     args = parser.parse_args()
+    if args.only_rounds:
+        results = json.loads(RESULTS.read_text())
+        results["round_time"] = round_times(args.quick)
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["round_time"], indent=2))
+        return
     if args.only_rss:
         results = json.loads(RESULTS.read_text())
         results["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
@@ -162,13 +180,7 @@ def main() -> None:
                                   "quick": args.quick}
     results["bytes"] = bytes_table()
     results["smollm2_load"] = load_time()
-    extra: dict[str, object] = {"num-hidden-layers": 2} if args.quick else {}
-    plain = {"dp": False, "secagg": False}
-    runs = [("chat-lora", {}, ""), ("chat-lora", plain, "chat-lora (no DP, no SecAgg)"),
-            ("chat-prompt", {}, ""), ("chat-prompt", plain, "chat-prompt (no DP, no SecAgg)")]
-    if _has_sst2():
-        runs += [("sst2-lora", {}, ""), ("sst2-lora", plain, "sst2-lora (no DP, no SecAgg)")]
-    results["round_time"] = [round_time(p, 10, {**extra, **kw}, label) for p, kw, label in runs]
+    results["round_time"] = round_times(args.quick)
     results["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
