@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from fedpeft.errors import ConfigError, UnknownNameError
 from fedpeft.models import ModelConfig
@@ -330,9 +330,3 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         flat=tuple(sorted(v.items())),
     )
 
-
-def field_names(cls: type[Any]) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
-TrainMode = Literal["train", "evaluate"]

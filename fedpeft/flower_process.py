@@ -12,8 +12,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,3 +82,22 @@ def toml_value(v: Scalar) -> str:
 
 def toml_table(values: Mapping[str, Scalar]) -> str:
     return "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log_file: Path, timeout: float, *,
+                 context: ssl.SSLContext | None = None,
+                 error: type[FedPeftError] = FlowerProcessError) -> None:
+    """Poll a SuperLink's ``/health`` URL until it answers 200; raise ``error`` if it exits or
+    does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise error(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise error(f"flower-superlink did not answer {url} within {timeout:.0f}s; see {log_file}")

@@ -20,13 +20,19 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.config import DEFAULTS, Scalar, parse_run_config
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.flower_process import flwr_bin, flwr_env, free_port, stop_process, toml_table
+from fedpeft.flower_process import (
+    flwr_bin,
+    flwr_env,
+    free_port,
+    stop_process,
+    toml_table,
+    wait_healthy,
+)
 
 CONNECTION = "fedpeft-sim"
 
@@ -56,22 +62,6 @@ def _env(flwr_home: Path) -> dict[str, str]:
     env = flwr_env(flwr_home)
     env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     return env
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see "
-                                  f"{log_file}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise SimulationError(f"flower-superlink did not become healthy in {timeout:.0f}s; see {log_file}")
 
 
 def run_status(flwr_home: Path, run_id: str) -> str:
@@ -121,7 +111,8 @@ def simulate(config: dict[str, Scalar], num_clients: int, run_dir: Path, *,
             cwd=str(project_root()), env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
-        _wait_healthy(port, superlink, log_file, timeout=90)
+        wait_healthy(superlink, f"http://127.0.0.1:{port}/health", log_file, 90,
+                     error=SimulationError)
         cmd = [flwr_bin("flwr"), "run", str(project_root()), CONNECTION, "--stream",
                "--run-config", str(run_config_file),
                "--federation-config",

@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from fedpeft.flower_process import (  # noqa: F401 - re-exported for callers of 
     stop_process,
     toml_table,
     toml_value,
+    wait_healthy,
 )
 
 CONNECTION = "fedpeft-deploy"
@@ -222,20 +222,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, ca: Path | None, log_
     if ctx is not None and not verify:  # only for the deliberately expired test certificate
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"flower-superlink exited with code {proc.returncode}; see "
-                              f"{log_file}")
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise DeployError(f"flower-superlink did not answer {url} within {timeout:.0f}s; see "
-                      f"{log_file}")
+    wait_healthy(proc, url, log_file, timeout, context=ctx, error=DeployError)
 
 
 def start_superlink(certs: Path | None, run_dir: Path, *, host: str = "127.0.0.1",
