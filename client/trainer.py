@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ClientFault, DataError
 from fedpeft.tokenize import Encoded
-from peft_methods.base import AdaptedModel
+from peft_methods.base import CLASSIFIER_HEADS, AdaptedModel
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -36,17 +37,22 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> t
     return tok.sum(dim=1) / counts
 
 
-def forward_loss(model: nn.Module, batch: Encoded, task: str) -> torch.Tensor:
-    """Mean over the batch of the per-example losses."""
-    out = model(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
-    return per_example_loss(out.logits, batch.labels, task).mean()
+def is_head_parameter(name: str) -> bool:
+    """Whether an adapter tensor belongs to the classification head (``classifier``/``score``)."""
+    return any(part in CLASSIFIER_HEADS for part in name.split("."))
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(named: Mapping[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser; the classification head gets ``cfg.head_lr`` when that is set."""
+    head = [p for n, p in named.items() if is_head_parameter(n)]
+    rest = [p for n, p in named.items() if not is_head_parameter(n)]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": cfg.lr}] if rest else []
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -57,6 +63,31 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             yield perm[start : start + batch_size]
+
+
+#: Rows per forward/backward pass inside one (logical) batch.
+MICRO_BATCH = 16
+
+
+def length_sorted_chunks(indices: Sequence[int], lengths: Sequence[int],
+                         size: int | None) -> list[list[int]]:
+    """Split a batch into near-equal chunks of at most ``size`` rows, shortest rows first.
+
+    Each chunk is then cut to its own longest row (:meth:`Encoded.rows`), so a batch of short
+    sentences with one long one pays for the long one once. The chunks partition the batch,
+    so any sum over examples is unchanged (``size=None``: one chunk).
+    """
+    idx = sorted(indices, key=lambda i: (lengths[i], i))
+    if not idx or size is None or len(idx) <= size:
+        return [idx]
+    parts = math.ceil(len(idx) / size)
+    step, extra = divmod(len(idx), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + step + (1 if i < extra else 0)
+        out.append(idx[start:end])
+        start = end
+    return out
 
 
 @dataclass
@@ -83,25 +114,33 @@ def local_train(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Plain (non-private) local training for ``cfg.local_steps`` steps."""
-    params = list(model.adapter_parameters().values())
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(model.adapter_parameters(), cfg)
     model.train()
     start = time.perf_counter()
     result = TrainResult(steps=0, examples=len(data))
     batches = shuffled_batches(len(data), cfg.batch_size, generator)
+    lengths = data.lengths()
     for step in range(cfg.local_steps):
-        batch = data.rows(next(batches))
+        index = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(model, batch, model.task)
-        if not math.isfinite(loss.item()):
-            raise ClientFault(f"training loss became {loss.item()} at step {step}; lower lr "
+        total = 0.0
+        # The batch mean is accumulated over length-sorted micro-batches: the same gradient,
+        # far less padding on short-sentence data, bounded memory on large batches.
+        for chunk in length_sorted_chunks(index.tolist(), lengths, MICRO_BATCH):
+            batch = data.rows(torch.tensor(chunk, dtype=torch.long))
+            out = model(batch.input_ids, batch.attention_mask,
+                        token_type_ids=batch.token_type_ids)
+            part = per_example_loss(out.logits, batch.labels, model.task).sum() / len(index)
+            part.backward()  # type: ignore[no-untyped-call]
+            total += float(part.detach())
+        if not math.isfinite(total):
+            raise ClientFault(f"training loss became {total} at step {step}; lower lr "
                               f"(now {cfg.lr})")
-        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         result.steps += 1
-        result.losses.append(loss.item())
+        result.losses.append(total)
         if progress is not None:
-            progress(step + 1, cfg.local_steps, loss.item())
+            progress(step + 1, cfg.local_steps, total)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
@@ -113,8 +152,9 @@ def evaluate(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> dict[s
     model.eval()
     total_loss = 0.0
     correct = 0
+    order = torch.argsort(torch.tensor(data.lengths()), stable=True)  # less padding per batch
     for start in range(0, len(data), batch_size):
-        batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
+        batch = data.rows(order[start : start + batch_size])
         out = model(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
         losses = per_example_loss(out.logits, batch.labels, model.task)
         total_loss += float(losses.sum())

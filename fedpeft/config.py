@@ -66,6 +66,7 @@ class TrainConfig:
     local_steps: int = 4
     batch_size: int = 8
     lr: float = 1e-3
+    head_lr: float = 0.0  # classification head's own learning rate; 0 = lr
     optimizer: str = "adamw"
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"batch-size={self.batch_size} must be >= 1")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if not self.head_lr >= 0:
+            raise ConfigError(f"head-lr={self.head_lr} must be >= 0 (0 means the same as lr)")
         if self.optimizer not in OPTIMIZERS:
             raise UnknownNameError(f"unknown optimizer {self.optimizer!r}; known: {OPTIMIZERS}")
         if not 0 <= self.momentum < 1:
@@ -166,6 +169,7 @@ DEFAULTS: dict[str, Scalar] = {
     "num-hidden-layers": 0,
     "max-length": 64,
     "num-labels": 2,
+    "pooling": "mean-norm",
     "method": "lora",
     "lora-r": 8,
     "lora-alpha": 16,
@@ -194,6 +198,7 @@ DEFAULTS: dict[str, Scalar] = {
     "local-steps": 4,
     "batch-size": 8,
     "lr": 0.001,
+    "head-lr": 0.0,
     "optimizer": "adamw",
     "momentum": 0.0,
     "weight-decay": 0.0,
@@ -306,7 +311,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         ledger_dir=str(v["ledger-dir"]),
         model=ModelConfig(name=str(v["model"]), task=task,  # type: ignore[arg-type]
                           num_hidden_layers=layers or None, num_labels=int(v["num-labels"]),
-                          max_length=int(v["max-length"])),
+                          max_length=int(v["max-length"]),
+                          pooling=str(v["pooling"])),  # type: ignore[arg-type]
         adapter=AdapterConfig(method=method, settings=settings),
         data=DataConfig(dataset=str(v["dataset"]), path=str(v["data-path"]),
                         eval_path=str(v["eval-path"]), partitioner=str(v["partitioner"]),
@@ -314,7 +320,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
                         max_examples_per_client=int(v["max-examples-per-client"]),
                         eval_examples=int(v["eval-examples"])),
         train=TrainConfig(local_steps=int(v["local-steps"]), batch_size=int(v["batch-size"]),
-                          lr=float(v["lr"]), optimizer=str(v["optimizer"]),
+                          lr=float(v["lr"]), head_lr=float(v["head-lr"]),
+                          optimizer=str(v["optimizer"]),
                           momentum=float(v["momentum"]), weight_decay=float(v["weight-decay"])),
         federation=FederationConfig(
             num_rounds=int(v["num-rounds"]), clients_per_round=int(v["clients-per-round"]),

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -36,9 +37,12 @@ from transformers import (
 )
 
 from fedpeft.errors import ConfigError, ModelError, UnknownNameError
+from fedpeft.heads import MeanPoolingClassifier
 
 Task = Literal["causal_lm", "classification"]
 TASKS: tuple[Task, ...] = ("causal_lm", "classification")
+Pooling = Literal["mean", "mean-norm", "model"]
+POOLINGS: tuple[Pooling, ...] = ("mean", "mean-norm", "model")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,11 @@ class ModelConfig:
 
     ``name`` is an embedded name (see :data:`EMBEDDED`), a local directory, or a Hugging Face id
     (needs a network or a warm HF cache). ``num_hidden_layers`` cuts the model to its first
-    layers (tests, tiny runs). ``num_labels`` is used for classification only.
+    layers (tests, tiny runs). ``num_labels`` and ``pooling`` are used for classification only:
+    ``pooling="mean"`` puts the head on the masked mean of the last hidden states
+    (:class:`fedpeft.heads.MeanPoolingClassifier`, what sentence encoders are trained for;
+    ``"mean-norm"`` L2-normalises it first, as sentence-transformers does),
+    ``"model"`` uses the architecture's own head (``AutoModelForSequenceClassification``).
     """
 
     name: str = "smollm2-135m"
@@ -85,6 +93,7 @@ class ModelConfig:
     num_hidden_layers: int | None = None
     num_labels: int = 2
     max_length: int = 64
+    pooling: Pooling = "mean-norm"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -98,6 +107,10 @@ class ModelConfig:
             raise ConfigError(f"num_labels={self.num_labels} must be >= 2")
         if self.max_length < 4:
             raise ConfigError(f"max_length={self.max_length} must be >= 4")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS} ('mean': head "
+                              "on the masked mean of the last hidden states; 'mean-norm': the "
+                              "same, L2-normalised; 'model': the architecture's own head)")
 
 
 @dataclass
@@ -218,6 +231,11 @@ def _load(config: ModelConfig) -> BaseModel:
         model: PreTrainedModel
         if config.task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(source, config=hf_config)
+        elif config.pooling in ("mean", "mean-norm"):
+            hf_config.num_labels = config.num_labels
+            encoder = AutoModel.from_pretrained(source, config=hf_config)
+            model = MeanPoolingClassifier(hf_config, encoder,
+                                          normalize=config.pooling == "mean-norm")
         else:
             hf_config.num_labels = config.num_labels
             model = AutoModelForSequenceClassification.from_pretrained(source, config=hf_config)

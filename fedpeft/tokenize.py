@@ -23,9 +23,27 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def lengths(self) -> list[int]:
+        """Number of real (non-padding) tokens of each row."""
+        return [int(x) for x in self.attention_mask.sum(dim=1).tolist()]
+
     def rows(self, index: torch.Tensor) -> Encoded:
-        return Encoded(self.input_ids[index], self.attention_mask[index], self.labels[index],
-                       None if self.token_type_ids is None else self.token_type_ids[index])
+        """The rows ``index``, cut to the longest sequence among them.
+
+        Padding is on the right, so the dropped columns are padding in every selected row
+        (attention mask 0, causal-LM label -100): the result is the same computation on fewer
+        positions. Short-sentence data sets (SST-2) train several times faster this way.
+        """
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()) if len(mask) else 1, 1)
+        if self.labels.dim() == 2:  # causal LM: keep label columns aligned with the input
+            width = max(width, int((self.labels[index] != -100).sum(dim=1).max())
+                        if len(mask) else 1)
+        tti = None if self.token_type_ids is None else self.token_type_ids[index][:, :width]
+        labels = self.labels[index]
+        if labels.dim() == 2:
+            labels = labels[:, :width]
+        return Encoded(self.input_ids[index][:, :width], mask[:, :width], labels, tti)
 
 
 def encode(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
@@ -36,7 +54,7 @@ def encode(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, max_length: int) 
     """
     if len(corpus) == 0:
         raise DataError(f"corpus {corpus.name!r} has zero examples; a client needs at least one")
-    batch = tokenizer(list(corpus.texts), padding="max_length", truncation=True,
+    batch = tokenizer(list(corpus.texts), padding="max_length", padding_side="right", truncation=True,
                       max_length=max_length, return_tensors="pt")
     ids = batch["input_ids"]
     mask = batch["attention_mask"]

@@ -72,7 +72,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # type: 
 from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 from torch import nn
 
-from client.trainer import Progress, TrainResult, make_optimizer, per_example_loss
+from client.trainer import (
+    Progress,
+    TrainResult,
+    length_sorted_chunks,
+    make_optimizer,
+    per_example_loss,
+)
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ClientFault, DataError
 from fedpeft.tokenize import Encoded
@@ -203,21 +209,6 @@ def _forward_losses(module: nn.Module, batch: Encoded, task: str) -> torch.Tenso
     return per_example_loss(out.logits, batch.labels, task)
 
 
-def _chunks(indices: Sequence[int], physical: int | None) -> list[list[int]]:
-    """Split one logical batch like Opacus' ``BatchSplittingSampler`` (near-equal chunks)."""
-    idx = list(indices)
-    if not idx or physical is None or len(idx) <= physical:
-        return [idx]
-    parts = math.ceil(len(idx) / physical)
-    size, extra = divmod(len(idx), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(idx[start:end])
-        start = end
-    return out
-
-
 def _logical_batches(n: int, q: float, steps: int,
                      generator: torch.Generator) -> Iterator[list[int]]:
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator,
@@ -272,11 +263,12 @@ def dp_local_train(
         clip_norm=float(dp_cfg.max_grad_norm), expected_batch_size=dp_cfg.expected_batch_size,
         batch_sizes=[])
     start = time.perf_counter()
+    lengths = data.lengths()
     for p in params:
         p.grad = None
     wrapped = wrap_for_dp(model, dp_cfg)
     try:
-        base_opt = make_optimizer(params, train_cfg)
+        base_opt = make_optimizer(model.adapter_parameters(), train_cfg)
         opt_type = DPOptimizerFastGradientClipping if ghost else DPOptimizer
         optimizer = opt_type(base_opt, noise_multiplier=sigma,
                              max_grad_norm=float(dp_cfg.max_grad_norm),
@@ -285,7 +277,10 @@ def dp_local_train(
                              secure_mode=False)
         optimizer.zero_grad(set_to_none=True)
         for step, logical in enumerate(_logical_batches(n, q, steps, generator)):
-            chunks = _chunks(logical, physical)
+            # Near-equal physical chunks like Opacus' BatchSplittingSampler, shortest rows
+            # first so each chunk is cut to its own longest row; noise is added once per
+            # logical step, so the chunking never changes the mechanism.
+            chunks = length_sorted_chunks(logical, lengths, physical)
             loss_sum = 0.0
             for i, chunk in enumerate(chunks):
                 optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)

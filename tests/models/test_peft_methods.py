@@ -13,6 +13,8 @@ from peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
 MODELS = {
     "smollm2": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),
     "minilm": ModelConfig("minilm-l6", task="classification", num_hidden_layers=2),
+    "minilm-cls-pooler": ModelConfig("minilm-l6", task="classification", num_hidden_layers=2,
+                                     pooling="model"),
 }
 ADAPTERS = {
     "lora": AdapterConfig("lora", LoraSettings(r=4)),

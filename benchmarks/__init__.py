@@ -1,0 +1,1 @@
+"""Benchmarks (scripts and the utility sweep package)."""

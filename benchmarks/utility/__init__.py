@@ -1,0 +1,1 @@
+"""The utility sweep (docs/results.md): see ``__main__`` for usage."""

@@ -1,0 +1,210 @@
+"""The cells of the utility sweep (pure: no I/O, no training).
+
+A cell is one federated (or centralised) run: a preset, run-config overrides, a client count and
+a seed. :func:`grid` lists every cell of a sweep size; the runner executes them and the table
+groups them by ``group`` and ``label`` (seeds are averaged).
+
+Sizes
+-----
+``smoke``
+    CI: both models cut to 2 layers, a few hundred examples, 2 rounds. Checks the harness end to
+    end; its numbers mean nothing.
+``small``
+    What ``docs/results.md`` reports, sized for a 2-core machine (see ``SIZES``).
+``full``
+    The whole SST-2 training file (60,614 sentences over 10 clients) and more rounds: hours on
+    two cores, minutes on a workstation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from fedpeft.config import Scalar
+from fedpeft.errors import ConfigError
+
+#: The published anchors quoted beside our numbers (accuracy in %, SST-2 GLUE dev set).
+ANCHORS: tuple[dict[str, str], ...] = (
+    {"source": "Yu et al., ICLR 2022 (DP-LoRA, RoBERTa-base, centralised)",
+     "private": "92.2 at epsilon 6.7", "non_private": "about 94.8"},
+    {"source": "Sun et al., ICLR 2024 (FFA-LoRA, RoBERTa-large, 9 clients)",
+     "private": "92.3 at epsilon 8", "non_private": "-"},
+)
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big each SST-2 / chitchat cell is."""
+
+    name: str
+    sst2_clients: int
+    sst2_examples_per_client: int
+    sst2_rounds: int
+    sst2_local_steps: int
+    sst2_batch: int
+    sst2_eval: int
+    chat_clients: int
+    chat_examples_per_client: int
+    chat_rounds: int
+    chat_local_steps: int
+    chat_batch: int
+    chat_eval: int
+    seeds: int
+    layers: int = 0  # 0 = the whole model
+    main_only: bool = False  # skip the technique comparisons (CI)
+    epsilons: tuple[float | None, ...] = (8.0, None, 3.0, 1.0)  # None = no DP
+    alphas: tuple[float, ...] = (0.5, 100.0)
+    secagg_max_abort: float = 0.01  # 3 clients cannot reach 1% at 10% dropout
+    #: rows repeated for seeds 1.. (the spread); None = every row of the SST-2 and chat tables
+    spread_rows: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for k, v in self.__dict__.items():
+            if isinstance(v, int) and not isinstance(v, bool) and k != "layers" and v < 1:
+                raise ConfigError(f"size {self.name!r}: {k}={v} must be >= 1")
+        if self.sst2_clients < 3 or self.chat_clients < 3:
+            raise ConfigError(f"size {self.name!r}: secure aggregation needs >= 3 clients")
+
+
+SIZES: dict[str, Size] = {
+    "smoke": Size("smoke", sst2_clients=3, sst2_examples_per_client=64, sst2_rounds=2,
+                  sst2_local_steps=2, sst2_batch=16, sst2_eval=64, chat_clients=3,
+                  chat_examples_per_client=8, chat_rounds=1, chat_local_steps=1, chat_batch=4,
+                  chat_eval=8, seeds=1, layers=2, main_only=True, epsilons=(8.0, None),
+                  alphas=(0.5,), secagg_max_abort=0.05),
+    "small": Size("small", sst2_clients=10, sst2_examples_per_client=6100, sst2_rounds=10,
+                  sst2_local_steps=6, sst2_batch=48, sst2_eval=1500, chat_clients=6,
+                  chat_examples_per_client=32, chat_rounds=3, chat_local_steps=4,
+                  chat_batch=8, chat_eval=128, seeds=3,
+                  spread_rows=("alpha 0.5, epsilon 8", "alpha 0.5, no DP",
+                               "alpha 100, epsilon 8", "alpha 100, no DP")),
+    "full": Size("full", sst2_clients=10, sst2_examples_per_client=6100, sst2_rounds=20,
+                 sst2_local_steps=10, sst2_batch=256, sst2_eval=6735, chat_clients=20,
+                 chat_examples_per_client=64, chat_rounds=5, chat_local_steps=8, chat_batch=8,
+                 chat_eval=256, seeds=3),
+}
+
+#: The DP settings every private SST-2 cell uses unless a technique row changes one of them.
+#: Chosen by the search recorded in docs/results.md; the sst2-lora preset uses the same values.
+SST2_DP: dict[str, Scalar] = {"dp-clip": 1.0, "lr": 0.002, "head-lr": 0.05,
+                               "optimizer": "adamw", "pooling": "mean-norm"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the sweep."""
+
+    group: str  # table: "sst2-main", "sst2-technique", "chat"
+    label: str  # row label within the group
+    preset: str
+    clients: int
+    seed: int
+    overrides: dict[str, Scalar] = field(default_factory=dict)
+    epsilon: float | None = None  # target; None = no DP
+
+    @property
+    def key(self) -> str:
+        """Stable identity of what the cell computes (results are reused when it matches)."""
+        doc = {"preset": self.preset, "clients": self.clients, "seed": self.seed,
+               "overrides": self.overrides}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dp(epsilon: float | None) -> dict[str, Scalar]:
+    if epsilon is None:
+        return {"dp": False}
+    return {"dp": True, "dp-target-epsilon": epsilon, "dp-epsilon-budget": epsilon}
+
+
+def _sst2_base(size: Size) -> dict[str, Scalar]:
+    return {"num-rounds": size.sst2_rounds, "local-steps": size.sst2_local_steps,
+            "batch-size": size.sst2_batch, "max-examples-per-client": size.sst2_examples_per_client,
+            "eval-examples": size.sst2_eval, "num-hidden-layers": size.layers,
+            "dp-physical-batch": 16, "secagg": True, "weighting": "uniform",
+            "secagg-max-abort": size.secagg_max_abort, **SST2_DP}
+
+
+def sst2_cells(size: Size, seed: int) -> list[Cell]:
+    """The SST-2 table: federated at two skews x four privacy levels, plus the references."""
+    base = _sst2_base(size)
+    cells: list[Cell] = []
+    for alpha in size.alphas:
+        for eps in size.epsilons:
+            label = f"alpha {alpha:g}, " + (f"epsilon {eps:g}" if eps else "no DP")
+            cells.append(Cell("sst2-main", label, "sst2-lora", size.sst2_clients, seed,
+                              {**base, "dirichlet-alpha": alpha, **_dp(eps)}, eps))
+    # Centralised, non-private: one client holds the union of the clients' data and takes as
+    # many steps per round as all clients together (same data, same examples processed).
+    central = {**base, **_dp(None), "secagg": False, "partitioner": "iid",
+               "max-examples-per-client": size.sst2_examples_per_client * size.sst2_clients,
+               "local-steps": size.sst2_local_steps * size.sst2_clients, "min-clients": 1}
+    cells.append(Cell("sst2-main", "centralised, no DP", "sst2-lora", 1, seed, central, None))
+    return cells
+
+
+def technique_cells(size: Size, seed: int) -> list[Cell]:
+    """Each technique against the tuned default, at epsilon 8 and alpha 0.5."""
+    base = {**_sst2_base(size), "dirichlet-alpha": 0.5, **_dp(8.0)}
+    variants: list[tuple[str, dict[str, Scalar]]] = [
+        ("default: LoRA q/v r=8, normalised mean pooling, DP-Adam lr 0.002, head-lr 0.05, "
+         f"clip 1.0, batch {size.sst2_batch}", {}),
+        ("FFA-LoRA (A frozen, B trained)", {"method": "ffa-lora"}),
+        ("mean pooling without normalisation", {"pooling": "mean"}),
+        ("CLS pooler head (pooling=model)", {"pooling": "model"}),
+        ("head-lr = lr (0.002): no separate head learning rate", {"head-lr": 0.0}),
+        ("DP-SGD, momentum 0.9, lr 0.5, head-lr 5 instead of DP-Adam",
+         {"optimizer": "sgd", "momentum": 0.9, "lr": 0.5, "head-lr": 5.0}),
+        ("clip 0.1 instead of 1.0", {"dp-clip": 0.1}),
+        ("logical batch 16, no virtual steps (a third of the examples per step)",
+         {"batch-size": 16}),
+    ]
+    return [Cell("sst2-technique", label, "sst2-lora", size.sst2_clients, seed,
+                 {**base, **extra}, 8.0) for label, extra in variants]
+
+
+def chat_cells(size: Size, seed: int) -> list[Cell]:
+    """chitchat: one client per participant, perplexity on held-out participants."""
+    cells = []
+    for method, preset in (("LoRA", "chat-lora"), ("soft prompt", "chat-prompt")):
+        for eps in (8.0, None):
+            if eps not in size.epsilons:
+                continue
+            over: dict[str, Scalar] = {
+                "num-rounds": size.chat_rounds, "local-steps": size.chat_local_steps,
+                "batch-size": size.chat_batch,
+                "max-examples-per-client": size.chat_examples_per_client,
+                "eval-examples": size.chat_eval, "num-hidden-layers": size.layers,
+                "dp-physical-batch": 2, "secagg": True, "weighting": "uniform",
+                "secagg-max-abort": size.secagg_max_abort, **_dp(eps)}
+            label = f"{method}, " + (f"epsilon {eps:g}" if eps else "no DP")
+            cells.append(Cell("chat", label, preset, size.chat_clients, seed, over, eps))
+    return cells
+
+
+def grid(size_name: str, only: tuple[str, ...] = ("sst2", "technique", "chat"),
+         seeds: int | None = None) -> list[Cell]:
+    """Every cell of a sweep, seed-major so that a partial run covers every row once first."""
+    if size_name not in SIZES:
+        raise ConfigError(f"unknown sweep size {size_name!r}; known: {sorted(SIZES)}")
+    unknown = sorted(set(only) - {"sst2", "technique", "chat"})
+    if unknown:
+        raise ConfigError(f"unknown sweep part(s) {unknown}; known: sst2, technique, chat")
+    size = SIZES[size_name]
+    n_seeds = size.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise ConfigError(f"seeds={n_seeds} must be >= 1")
+    cells: list[Cell] = []
+    for seed in range(n_seeds):
+        row: list[Cell] = []
+        if "sst2" in only:
+            row += sst2_cells(size, seed)
+        if "technique" in only and not size.main_only and seed == 0:
+            row += technique_cells(size, seed)
+        if "chat" in only:
+            row += chat_cells(size, seed)
+        if seed > 0 and size.spread_rows is not None:
+            row = [c for c in row if c.label in size.spread_rows]
+        cells += row
+    return cells

@@ -1,0 +1,79 @@
+"""Results rows -> Markdown tables (pure: rows in, text out)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from benchmarks.utility.grid import ANCHORS
+
+
+def _mean_sd(values: Sequence[float], scale: float, digits: int) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = statistics.stdev(values) * scale
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def group_rows(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """Rows by (group, label), in first-seen order."""
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((str(r["group"]), str(r["label"])), []).append(r)
+    return out
+
+
+def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group: str,
+               label: str) -> float | None:
+    """The non-private federated mean with the same skew (the gap the target is about)."""
+    if group != "sst2-main" or "alpha" not in label:
+        return None
+    ref = grouped.get((group, label.split(",")[0] + ", no DP"))
+    return statistics.fmean(float(r["final"]) for r in ref) if ref else None
+
+
+def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
+    """One table per group: final metric (mean ± sd over seeds), gap, epsilon, bytes, time."""
+    grouped = group_rows(rows)
+    titles = {"sst2-main": "SST-2, MiniLM-L6 + LoRA, secure aggregation on (accuracy %)",
+              "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against the "
+                                "tuned default (accuracy %)",
+              "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants"}
+    lines: list[str] = []
+    for group in ("sst2-main", "sst2-technique", "chat"):
+        keys = [k for k in grouped if k[0] == group]
+        if not keys:
+            continue
+        cls = group.startswith("sst2")
+        scale, digits = (100.0, 1) if cls else (1.0, 2)
+        lines += [f"### {titles[group]}", "",
+                  "| run | seeds | start | final | gap to no-DP | epsilon reached | sigma "
+                  "| upload / client / round | s / round |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key in keys:
+            rs = grouped[key]
+            finals = [float(r["final"]) for r in rs]
+            ref = _reference(grouped, group, key[1])
+            gap = "-"
+            if ref is not None and rs[0].get("target_epsilon") is not None:
+                gap = f"{(statistics.fmean(finals) - ref) * scale:+.{digits}f}"
+            eps = [float(r["epsilon"]) for r in rs if r.get("epsilon") is not None]
+            sig = sorted({round(s, 3) for r in rs for s in r.get("sigma", [])})
+            sig_txt = "-" if not sig else (f"{sig[0]:g}" if len(sig) == 1
+                                           else f"{sig[0]:g}-{sig[-1]:g}")
+            up = statistics.fmean(float(r["upload_bytes_per_client_round"]) for r in rs)
+            secs = statistics.fmean(float(r["round_seconds"]) for r in rs)
+            lines.append(
+                f"| {key[1]} | {len(rs)} | {_mean_sd([float(r['initial']) for r in rs], scale, digits)}"
+                f" | {_mean_sd(finals, scale, digits)} | {gap} "
+                f"| {f'{max(eps):.2f}' if eps else '-'} | {sig_txt} | {up / 1e3:.0f} KB "
+                f"| {secs:.0f} |")
+        lines.append("")
+    lines += ["### Published anchors (larger models, GLUE SST-2 dev set)", "",
+              "| source | private | non-private |", "|---|---|---|"]
+    lines += [f"| {a['source']} | {a['private']} | {a['non_private']} |" for a in ANCHORS]
+    return "\n".join(lines) + "\n"

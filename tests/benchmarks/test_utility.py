@@ -1,0 +1,137 @@
+"""The utility sweep (benchmarks/utility): its grid, its table, and a smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.utility.cell import summarise_run
+from benchmarks.utility.grid import SIZES, Cell, grid
+from benchmarks.utility.table import markdown
+from fedpeft.config import DEFAULTS, parse_run_config
+from fedpeft.data.paths import data_available
+from fedpeft.errors import ConfigError
+from simulations.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_cell_is_a_valid_run_config(size: str) -> None:
+    cells = grid(size)
+    for group in {c.group for c in cells}:  # within a table no two rows are the same run
+        keys = [c.key for c in cells if c.group == group]
+        assert len(set(keys)) == len(keys)
+    for c in cells:
+        run = parse_run_config({**DEFAULTS, **get_preset(c.preset).config, **c.overrides,
+                                "seed": c.seed})
+        assert run.dp.enabled == (c.epsilon is not None)
+        if c.epsilon is not None:
+            assert run.dp.target_epsilon == c.epsilon and run.dp.epsilon_max == c.epsilon
+        if c.clients > 1:
+            assert run.secagg is not None  # every federated cell is securely aggregated
+
+
+def test_small_sweep_covers_the_issue_grid() -> None:
+    cells = grid("small")
+    main = {(c.label, c.seed) for c in cells if c.group == "sst2-main"}
+    for alpha in ("0.5", "100"):
+        for eps in ("epsilon 1", "epsilon 3", "epsilon 8", "no DP"):
+            assert (f"alpha {alpha}, {eps}", 0) in main
+    assert ("centralised, no DP", 0) in main
+    assert SIZES["small"].sst2_clients >= 10
+    central = next(c for c in cells if c.label == "centralised, no DP")
+    fed = next(c for c in cells if c.label == "alpha 0.5, no DP")
+    # the centralised reference processes as many examples as the federation
+    assert (int(central.overrides["local-steps"]) * central.clients
+            == int(fed.overrides["local-steps"]) * fed.clients)
+    techniques = {c.label for c in cells if c.group == "sst2-technique"}
+    assert any("FFA-LoRA" in t for t in techniques) and len(techniques) >= 5
+    chat = {c.label for c in cells if c.group == "chat"}
+    assert chat == {"LoRA, epsilon 8", "LoRA, no DP", "soft prompt, epsilon 8",
+                    "soft prompt, no DP"}
+    assert max(c.seed for c in cells) >= 2  # at least three seeds somewhere
+
+
+def test_bad_grid_requests_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown sweep size 'huge'"):
+        grid("huge")
+    with pytest.raises(ConfigError, match="unknown sweep part"):
+        grid("smoke", ("sst2", "imagenet"))
+    with pytest.raises(ConfigError, match="seeds=0"):
+        grid("smoke", seeds=0)
+
+
+def test_cell_key_changes_with_what_it_computes() -> None:
+    a = Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.1})
+    assert a.key == Cell("g", "renamed", "sst2-lora", 10, 0, {"lr": 0.1}).key
+    assert a.key != Cell("g", "x", "sst2-lora", 10, 1, {"lr": 0.1}).key
+    assert a.key != Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.2}).key
+
+
+def _row(label: str, final: float, seed: int, eps: float | None) -> dict[str, object]:
+    return {"group": "sst2-main", "label": label, "seed": seed, "initial": 0.5, "final": final,
+            "target_epsilon": eps, "epsilon": eps, "sigma": [1.25] if eps else [],
+            "upload_bytes_per_client_round": 300_000.0, "round_seconds": 10.0}
+
+
+def test_table_known_answer() -> None:
+    rows = [_row("alpha 0.5, epsilon 8", 0.80, 0, 8.0), _row("alpha 0.5, epsilon 8", 0.82, 1, 8.0),
+            _row("alpha 0.5, no DP", 0.85, 0, None), _row("alpha 0.5, no DP", 0.87, 1, None)]
+    text = markdown(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| alpha 0.5, epsilon 8"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "2"  # seeds
+    assert cells[3] == "81.0 ± 1.4"  # mean ± sample sd in %
+    assert cells[4] == "-5.0"  # gap to the non-private federated run, same alpha
+    assert cells[5] == "8.00" and cells[6] == "1.25" and cells[7] == "300 KB"
+    assert "Yu et al., ICLR 2022" in text and "92.3 at epsilon 8" in text
+
+
+def test_summarise_run_reads_metrics(tmp_path: Path) -> None:
+    rows = [{"round": 0, "eval": {"accuracy": 0.5}},
+            {"round": 1, "eval": {"accuracy": 0.6}, "ok": 2, "bytes_up": 2000, "seconds": 3.0,
+             "dp_epsilon": {"min": 1.0, "median": 1.5, "max": 2.0},
+             "clients": [{"dp-sigma": 1.1}, {"dp-sigma": 1.1}]},
+            {"round": 2, "eval": {"accuracy": 0.7}, "ok": 1, "bytes_up": 1000, "seconds": 5.0,
+             "skipped": "x", "dp_epsilon": {"min": 2.0, "median": 2.5, "max": 3.0}}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = summarise_run(tmp_path)
+    assert s["metric"] == "accuracy" and s["initial"] == 0.5 and s["final"] == 0.7
+    assert s["curve"] == [0.5, 0.6, 0.7] and s["rounds"] == 2 and s["skipped"] == 1
+    assert s["epsilon"] == 3.0 and s["sigma"] == [1.1]
+    assert s["upload_bytes_per_client_round"] == 1000.0 and s["round_seconds"] == 4.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path: Path) -> None:
+    """The CI version of the sweep: every part runs, DP cells stay within their epsilon."""
+    results = tmp_path / "utility-smoke.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.utility", "--size", "smoke",
+                           "--results", str(results)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(results.read_text())
+    rows = list(doc["cells"].values())
+    expected = grid("smoke", ("sst2", "chat") if data_available("sst2_train.tsv")
+                    and data_available("sst2_dev.tsv") else ("chat",))
+    assert {r["key"] for r in rows} == {c.key for c in expected}
+    for r in rows:
+        assert r["rounds"] >= 1 and r["skipped"] == 0
+        if r["target_epsilon"] is not None:
+            assert 0 < r["epsilon"] <= r["target_epsilon"] and r["sigma"]
+        else:
+            assert r["epsilon"] is None
+        if r["clients"] > 1:
+            assert r["upload_bytes_per_client_round"] > 0  # masked updates travelled
+    assert "| run |" in results.with_suffix(".md").read_text()
+    # a second invocation reuses every finished cell
+    again = subprocess.run([sys.executable, "-m", "benchmarks.utility", "--size", "smoke",
+                            "--results", str(results)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and f"{len(rows)} already done, 0 to run" in again.stdout
