@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="", help="results JSON (default "
                     "benchmarks/results/utility-SIZE.json)")
     ap.add_argument("--rerun", action="store_true", help="recompute finished cells")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: write the tables of the cells already finished")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs={args.jobs} must be >= 1")
@@ -143,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid(args.size, only, args.seeds)
     results = Path(args.results) if args.results else RESULTS_DIR / f"utility-{args.size}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fedpeft-utility-") as work:
-        doc = run_sweep(cells, results, args.jobs, args.rerun, Path(work))
-    doc["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                      "python": platform.python_version()}
-    doc["size"] = args.size
-    _save(results, doc)
+    if args.table_only:
+        doc = _load(results)
+        doc.setdefault("cells", {})
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedpeft-utility-") as work:
+            doc = run_sweep(cells, results, args.jobs, args.rerun, Path(work))
+    if not args.table_only:
+        doc["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()}
+        doc["size"] = args.size
+        _save(results, doc)
     table = markdown({**doc["cells"][c.key], "group": c.group, "label": c.label}
                      for c in cells if c.key in doc["cells"])
     results.with_suffix(".md").write_text(table)

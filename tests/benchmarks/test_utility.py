@@ -90,6 +90,10 @@ def test_table_known_answer() -> None:
     assert cells[4] == "-5.0"  # gap to the non-private federated run, same alpha
     assert cells[5] == "8.00" and cells[6] == "1.25" and cells[7] == "300 KB"
     assert "Yu et al., ICLR 2022" in text and "92.3 at epsilon 8" in text
+    tech = [dict(r, group="sst2-technique", label=lab, final=f) for r, lab, f in
+            ((rows[0], "default", 0.80), (rows[0], "variant", 0.83))]
+    line = next(x for x in markdown(tech).splitlines() if x.startswith("| variant"))
+    assert [c.strip() for c in line.strip("|").split("|")][4] == "+3.0"  # against the default
 
 
 def test_summarise_run_reads_metrics(tmp_path: Path) -> None:
@@ -135,3 +139,8 @@ def test_smoke_sweep_end_to_end(tmp_path: Path) -> None:
                             "--results", str(results)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and f"{len(rows)} already done, 0 to run" in again.stdout
+    # the tables alone, from what is stored, run nothing
+    table = subprocess.run([sys.executable, "-m", "benchmarks.utility", "--size", "smoke",
+                            "--results", str(results), "--table-only"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "to run" not in table.stdout and "| run |" in table.stdout
