@@ -30,9 +30,9 @@ def group_rows(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[
 def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group: str,
                label: str) -> float | None:
     """What a row's gap is measured against: the non-private federated run with the same
-    skew (SST-2 table), or the table's first row, the default (technique table)."""
+    skew (SST-2) or method (chat), or the table's first row, the default (technique table)."""
     ref: list[Mapping[str, Any]] | None = None
-    if group == "sst2-main" and "alpha" in label:
+    if (group == "sst2-main" and "alpha" in label) or group == "chat":
         ref = grouped.get((group, label.split(",")[0] + ", no DP"))
     elif group == "sst2-technique":
         first = next((k for k in grouped if k[0] == group), None)
@@ -47,7 +47,8 @@ def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
                            "to the non-private federated run with the same alpha)",
               "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against the "
                                 "default (accuracy %; gap: to the default, first row)",
-              "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants"}
+              "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants (gap: to "
+                      "the same method without DP)"}
     lines: list[str] = []
     for group in ("sst2-main", "sst2-technique", "chat"):
         keys = [k for k in grouped if k[0] == group]
