@@ -1,4 +1,8 @@
-"""Turn a corpus into fixed-length tensors (fixed length keeps DP-SGD memory predictable)."""
+"""Turn a corpus into right-padded tensors of at most ``max_length`` tokens.
+
+Batches are cut to their longest row (:meth:`Encoded.rows`), so memory is bounded by
+``max_length`` and short-sentence batches compute on fewer positions.
+"""
 
 from __future__ import annotations
 
@@ -32,17 +36,16 @@ class Encoded:
 
         Padding is on the right, so the dropped columns are padding in every selected row
         (attention mask 0, causal-LM label -100): the result is the same computation on fewer
-        positions. Short-sentence data sets (SST-2) train several times faster this way.
+        positions.
         """
         mask = self.attention_mask[index]
-        width = max(int(mask.sum(dim=1).max()) if len(mask) else 1, 1)
-        if self.labels.dim() == 2:  # causal LM: keep label columns aligned with the input
-            width = max(width, int((self.labels[index] != -100).sum(dim=1).max())
-                        if len(mask) else 1)
-        tti = None if self.token_type_ids is None else self.token_type_ids[index][:, :width]
         labels = self.labels[index]
-        if labels.dim() == 2:
+        width = max(int(mask.sum(dim=1).max()) if len(mask) else 1, 1)
+        if labels.dim() == 2:  # causal LM: never drop a column that still carries a label
+            if len(labels):
+                width = max(width, int((labels != -100).sum(dim=1).max()))
             labels = labels[:, :width]
+        tti = None if self.token_type_ids is None else self.token_type_ids[index][:, :width]
         return Encoded(self.input_ids[index][:, :width], mask[:, :width], labels, tti)
 
 
