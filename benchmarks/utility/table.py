@@ -30,7 +30,7 @@ def group_rows(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[
 def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group: str,
                label: str) -> float | None:
     """What a row's gap is measured against: the non-private federated run with the same
-    skew (SST-2) or method (chat), or the table's first row, the default (technique table)."""
+    skew (SST-2) or method (chat), or the table's first row, DP-Adam (technique table)."""
     ref: list[Mapping[str, Any]] | None = None
     if (group == "sst2-main" and "alpha" in label) or group == "chat":
         ref = grouped.get((group, label.split(",")[0] + ", no DP"))
@@ -43,10 +43,11 @@ def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group
 def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
     """One table per group: final metric (mean ± sd over seeds), gap, epsilon, bytes, time."""
     grouped = group_rows(rows)
-    titles = {"sst2-main": "SST-2, MiniLM-L6 + LoRA, secure aggregation on (accuracy %; gap: "
-                           "to the non-private federated run with the same alpha)",
-              "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against the "
-                                "default (accuracy %; gap: to the default, first row)",
+    titles = {"sst2-main": "SST-2, MiniLM-L6, secure aggregation on; with DP: FFA-LoRA + "
+                           "DP-SGD with momentum, without: LoRA + AdamW (accuracy %; gap: to "
+                           "the non-private federated run with the same alpha)",
+              "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against "
+                                "DP-Adam (accuracy %; gap: to the first row)",
               "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants (gap: to "
                       "the same method without DP)"}
     lines: list[str] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.utility.cell import summarise_run
-from benchmarks.utility.grid import SIZES, Cell, grid
+from benchmarks.utility.grid import SIZES, SST2_DP, Cell, grid
 from benchmarks.utility.table import markdown
 from fedpeft.config import DEFAULTS, parse_run_config
 from fedpeft.data.paths import data_available
@@ -52,9 +52,15 @@ def test_small_sweep_covers_the_issue_grid() -> None:
     techniques = {c.label for c in cells if c.group == "sst2-technique"}
     assert any("FFA-LoRA" in t for t in techniques) and len(techniques) >= 5
     chat = {c.label for c in cells if c.group == "chat"}
-    assert chat == {"LoRA, epsilon 8", "LoRA, no DP", "soft prompt, epsilon 8",
-                    "soft prompt, no DP"}
+    assert chat == {"LoRA, epsilon 8", "LoRA, no DP", "FFA-LoRA, epsilon 8", "FFA-LoRA, no DP",
+                    "soft prompt, epsilon 8", "soft prompt, no DP"}
     assert max(c.seed for c in cells) >= 2  # at least three seeds somewhere
+
+
+def test_private_cells_use_the_preset_defaults() -> None:
+    """The main table's private rows measure what the sst2-lora preset ships."""
+    preset = get_preset("sst2-lora").config
+    assert {k: preset.get(k, DEFAULTS[k]) for k in SST2_DP} == SST2_DP
 
 
 def test_bad_grid_requests_are_named() -> None:
@@ -71,6 +77,21 @@ def test_cell_key_changes_with_what_it_computes() -> None:
     assert a.key == Cell("g", "renamed", "sst2-lora", 10, 0, {"lr": 0.1}).key
     assert a.key != Cell("g", "x", "sst2-lora", 10, 1, {"lr": 0.1}).key
     assert a.key != Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.2}).key
+    assert a.key != Cell("g", "x", "chat-lora", 10, 0, {"lr": 0.1}).key
+
+
+def test_cell_key_is_the_resolved_run_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spelling out a preset's or a default's value is the same run; retuning the preset
+    behind a cell retires its stored result."""
+    preset = get_preset("sst2-lora")
+    a = Cell("g", "x", "sst2-lora", 10, 0, {})
+    assert a.key == Cell("g", "x", "sst2-lora", 10, 0,
+                         {"lr": preset.config["lr"], "weight-decay": DEFAULTS["weight-decay"]}).key
+    pinned = Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.3})
+    before = a.key, pinned.key
+    monkeypatch.setitem(preset.config, "lr", 0.123)
+    assert a.key != before[0]  # the preset change reaches the unpinned cell
+    assert pinned.key == before[1]  # and not the one that overrides it
 
 
 def _row(label: str, final: float, seed: int, eps: float | None) -> dict[str, object]:
