@@ -165,3 +165,11 @@ def test_smoke_sweep_end_to_end(tmp_path: Path) -> None:
                             "--results", str(results), "--table-only"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "to run" not in table.stdout and "| run |" in table.stdout
+
+
+def test_results_page_shows_the_stored_tables() -> None:
+    """docs/results.md quotes the sweep's own table file, unedited."""
+    page = (ROOT / "docs" / "results.md").read_text()
+    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
+    quoted = page[page.index(start) + len(start):page.index(end)].strip()
+    assert quoted == (ROOT / "benchmarks" / "results" / "utility-small.md").read_text().strip()
