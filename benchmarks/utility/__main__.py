@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="fedpeft-utility-") as work:
             doc = run_sweep(cells, results, args.jobs, args.rerun, Path(work))
-    if not args.table_only:
         doc["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
         doc["size"] = args.size
