@@ -20,8 +20,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from client.trainer import Progress, TrainResult, local_train
-from fedpeft.config import RunConfig
+from client.trainer import Progress, TrainResult, for_round, local_train
+from fedpeft.config import RunConfig, TrainConfig
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.federation_data import client_corpus
 from fedpeft.tokenize import Encoded, encode
@@ -174,8 +174,13 @@ class ClientRuntime:
             return None
         return _progress_printer(f"client {self.identity.client_id} round {server_round}")
 
+    def _train_config(self, server_round: int) -> TrainConfig:
+        """Local training settings of this round (the lr schedule applied)."""
+        return for_round(self.run.train, server_round, self.run.federation.num_rounds)
+
     def _train(self, model: AdaptedModel, data: Encoded, server_round: int) -> TrainResult:
-        return local_train(model, data, self.run.train, generator=self._generator(server_round),
+        return local_train(model, data, self._train_config(server_round),
+                           generator=self._generator(server_round),
                            progress=self._progress(server_round))
 
     # -- record-level DP -------------------------------------------------------------------------
@@ -221,7 +226,8 @@ class ClientRuntime:
                         "reason": str(exc), "dp-epsilon": exc.epsilon_before,
                         "dp-budget": float(exc.epsilon_max)}
             model.train()
-            result = dp_local_train(model, data, self.run.train, dp, noise_multiplier=sigma,
+            result = dp_local_train(model, data, self._train_config(server_round), dp,
+                                    noise_multiplier=sigma,
                                     generator=self._generator(server_round),
                                     noise_generator=noise_generator(),
                                     progress=self._progress(server_round))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,32 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> t
                           reduction="none")
     counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
     return tok.sum(dim=1) / counts
+
+
+def round_lr_scale(server_round: int, num_rounds: int, final_fraction: float) -> float:
+    """Learning-rate factor of a round: cosine decay from 1 (round 1) to ``final_fraction``.
+
+    Cosine annealing without restarts (Loshchilov & Hutter, ICLR 2017) stepped once per round;
+    rounds after ``num_rounds`` (a resumed, extended run) keep ``final_fraction``. Under DP the
+    decay is post-processing of noised gradients: it changes no privacy guarantee, only how far
+    the last rounds' noise moves the adapter.
+    """
+    if server_round < 1 or num_rounds < 1:
+        raise ValueError(f"server_round={server_round} and num_rounds={num_rounds} must be >= 1")
+    if not 0 < final_fraction <= 1:
+        raise ValueError(f"final_fraction={final_fraction} must be in (0, 1]")
+    if num_rounds == 1 or final_fraction == 1:
+        return 1.0
+    progress = min(server_round - 1, num_rounds - 1) / (num_rounds - 1)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def for_round(cfg: TrainConfig, server_round: int, num_rounds: int) -> TrainConfig:
+    """``cfg`` with lr and head-lr scaled by :func:`round_lr_scale` for ``server_round``."""
+    scale = round_lr_scale(server_round, num_rounds, cfg.lr_final_fraction)
+    if scale == 1.0:
+        return cfg
+    return replace(cfg, lr=cfg.lr * scale, head_lr=cfg.head_lr * scale)
 
 
 def is_head_parameter(name: str) -> bool:

@@ -70,6 +70,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    #: lr (and head-lr) in the last round, as a fraction of round 1's; 1 = constant, < 1 =
+    #: cosine decay across rounds (``client.trainer.round_lr_scale``)
+    lr_final_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -86,6 +89,9 @@ class TrainConfig:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay={self.weight_decay} must be >= 0")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ConfigError(f"lr-final-fraction={self.lr_final_fraction} must be in (0, 1] "
+                              "(1 keeps lr constant; 0.1 decays it to a tenth by the last round)")
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,7 @@ DEFAULTS: dict[str, Scalar] = {
     "optimizer": "adamw",
     "momentum": 0.0,
     "weight-decay": 0.0,
+    "lr-final-fraction": 1.0,
     "dp": True,
     "dp-noise-multiplier": 0.0,
     "dp-target-epsilon": 8.0,
@@ -322,7 +329,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         train=TrainConfig(local_steps=int(v["local-steps"]), batch_size=int(v["batch-size"]),
                           lr=float(v["lr"]), head_lr=float(v["head-lr"]),
                           optimizer=str(v["optimizer"]),
-                          momentum=float(v["momentum"]), weight_decay=float(v["weight-decay"])),
+                          momentum=float(v["momentum"]), weight_decay=float(v["weight-decay"]),
+                          lr_final_fraction=float(v["lr-final-fraction"])),
         federation=FederationConfig(
             num_rounds=int(v["num-rounds"]), clients_per_round=int(v["clients-per-round"]),
             min_clients=int(v["min-clients"]), aggregation=str(v["aggregation"]),

@@ -8,7 +8,7 @@ Usage (from the project root)::
 
 Each cell runs in its own subprocess; finished cells are stored in the results file as they
 complete and skipped on the next invocation (``--rerun`` recomputes them), so an interrupted
-sweep resumes. ``--only sst2,technique,chat`` picks parts; ``--seeds`` overrides the size's
+sweep resumes. ``--only sst2,technique,limits,chat`` picks parts; ``--seeds`` overrides the size's
 seed count. The Markdown tables are printed and written next to the JSON results. SST-2 needs
 ``../shared/data/sst2_train.tsv`` and ``sst2_dev.tsv`` (or ``FEDPEFT_DATA_DIR``); without them
 the SST-2 parts are skipped with a message.
@@ -32,9 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.utility.grid import Cell, grid  # noqa: E402
+from benchmarks.utility.grid import PARTS, Cell, grid  # noqa: E402
 from benchmarks.utility.table import markdown  # noqa: E402
 from fedpeft.data.paths import data_available  # noqa: E402
+
+#: The parts that need the SST-2 files.
+SST2_PARTS: tuple[str, ...] = ("sst2", "technique", "limits")
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
@@ -123,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.utility", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", help="smoke | small | full (default small)")
-    ap.add_argument("--only", default="sst2,technique,chat",
-                    help="comma-separated parts: sst2, technique, chat")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help=f"comma-separated parts: {', '.join(PARTS)}")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: size's)")
     ap.add_argument("--jobs", type=int, default=1, help="cells run side by side (default 1)")
     ap.add_argument("--results", default="", help="results JSON (default "
@@ -137,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--jobs={args.jobs} must be >= 1")
     only = tuple(p.strip() for p in args.only.split(",") if p.strip())
     if not (data_available("sst2_train.tsv") and data_available("sst2_dev.tsv")):
-        dropped = [p for p in only if p in ("sst2", "technique")]
+        dropped = [p for p in only if p in SST2_PARTS]
         if dropped:
             print(f"SST-2 files not found (../shared/data or FEDPEFT_DATA_DIR): skipping "
                   f"{dropped}", flush=True)
-        only = tuple(p for p in only if p not in ("sst2", "technique"))
+        only = tuple(p for p in only if p not in SST2_PARTS)
     cells = grid(args.size, only, args.seeds)
     results = Path(args.results) if args.results else RESULTS_DIR / f"utility-{args.size}.json"
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -88,18 +88,37 @@ SIZES: dict[str, Size] = {
                  chat_eval=256, seeds=3),
 }
 
-#: The settings of every private SST-2 cell of the main table: FFA-LoRA trained by DP-SGD with
-#: momentum, the winner of the technique table (docs/results.md); the sst2-lora preset uses the
-#: same values.
 #: DP-SGD with momentum, the best optimiser row of the technique table.
 _SGDM: dict[str, Scalar] = {"optimizer": "sgd", "momentum": 0.9, "lr": 0.5, "head-lr": 5.0}
+#: The settings of every private SST-2 cell of the main table: FFA-LoRA trained by DP-SGD with
+#: momentum (the technique table's winner) and server momentum 0.5 (FedAvgM: the limits table
+#: and docs/results.md); the sst2-lora preset uses the same values.
 SST2_DP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "ffa-lora", **_SGDM,
-                               "pooling": "mean-norm"}
-#: The non-private cells' settings: plain LoRA with AdamW, the best non-private configuration
-#: found, so the gap is measured against the stronger reference.
+                               "pooling": "mean-norm", "aggregation": "fedavgm",
+                               "server-momentum": 0.5}
+#: The non-private cells' settings: plain LoRA with AdamW and the same server momentum, the
+#: best non-private configuration found, so the gap is measured against the stronger reference.
 SST2_NODP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "lora", "lr": 0.002,
                                  "head-lr": 0.05, "optimizer": "adamw", "momentum": 0.0,
-                                 "pooling": "mean-norm"}
+                                 "pooling": "mean-norm", "aggregation": "fedavgm",
+                                 "server-momentum": 0.5}
+
+
+#: Run-config keys added after results were stored, with the value that reproduces the runs
+#: made before them: a resolved config holding exactly that value hashes as if the key did not
+#: exist, so adding a behaviour-preserving knob does not retire every stored cell.
+NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0}
+
+
+#: Server-optimiser knobs and the aggregations that read them (``coordinator.server_opt``).
+SERVER_KNOBS: dict[str, tuple[str, ...]] = {
+    "server-momentum": ("fedavgm",), "beta1": ("fedadam", "fedyogi"),
+    "beta2": ("fedadam", "fedyogi"), "tau": ("fedadam", "fedyogi")}
+
+
+def unused_server_knobs(aggregation: str) -> tuple[str, ...]:
+    """The server-optimiser knobs that ``aggregation`` ignores."""
+    return tuple(k for k, users in SERVER_KNOBS.items() if aggregation not in users)
 
 
 @dataclass(frozen=True)
@@ -120,9 +139,16 @@ class Cell:
 
         Hashes the whole run config the cell resolves to (defaults, then the preset, then the
         overrides), so retuning a preset or a default retires exactly the stored cells whose
-        run it changes; a new run-config key retires them all.
+        run it changes; a new run-config key retires them all unless it is listed, with its
+        behaviour-preserving value, in ``NEUTRAL_LATER_KEYS``. Server-optimiser knobs that the
+        cell's aggregation does not read hash as their defaults.
         """
         config = {**DEFAULTS, **get_preset(self.preset).config, **self.overrides}
+        for name, neutral in NEUTRAL_LATER_KEYS.items():
+            if config.get(name) == neutral:
+                del config[name]
+        for name in unused_server_knobs(str(config["aggregation"])):
+            config[name] = DEFAULTS[name]  # a knob the run never reads does not change it
         doc = {"preset": self.preset, "clients": self.clients, "seed": self.seed,
                "config": config}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,7 +180,9 @@ def sst2_cells(size: Size, seed: int) -> list[Cell]:
                               {**base, **knobs, "dirichlet-alpha": alpha, **_dp(eps)}, eps))
     # Centralised, non-private: one client holds the union of the clients' data and takes as
     # many steps per round as all clients together (same data, same examples processed).
-    central = {**base, **SST2_NODP, **_dp(None), "secagg": False, "partitioner": "iid",
+    # One model trained directly: plain FedAvg over one client is ordinary training.
+    central = {**base, **SST2_NODP, **_dp(None), "aggregation": "fedavg", "secagg": False,
+               "partitioner": "iid",
                "max-examples-per-client": size.sst2_examples_per_client * size.sst2_clients,
                "local-steps": size.sst2_local_steps * size.sst2_clients, "min-clients": 1}
     cells.append(Cell("sst2-main", "centralised, no DP", "sst2-lora", 1, seed, central, None))
@@ -163,8 +191,8 @@ def sst2_cells(size: Size, seed: int) -> list[Cell]:
 
 #: The technique table's first row: DP-Adam, where the search stood before the techniques
 #: were compared. Every technique row changes this, so the rows stay comparable when the
-#: default (``SST2_DP``) moves to a winner.
-TECHNIQUE_BASE: dict[str, Scalar] = SST2_NODP
+#: default (``SST2_DP``) moves to a winner. Aggregated by FedAvg, as when it was measured.
+TECHNIQUE_BASE: dict[str, Scalar] = {**SST2_NODP, "aggregation": "fedavg"}
 
 
 def technique_cells(size: Size, seed: int) -> list[Cell]:
@@ -198,6 +226,47 @@ def technique_cells(size: Size, seed: int) -> list[Cell]:
                  {**base, **extra}, 8.0) for label, extra in variants]
 
 
+#: The diagnosis table's setting: alpha 100, seed 0, epsilon 8, with FedAvg (the private
+#: default before server momentum), so each row isolates a client-side change.
+LIMITS_ALPHA = 100.0
+LIMITS_BASE: dict[str, Scalar] = {**SST2_DP, "aggregation": "fedavg"}
+
+
+def limits_cells(size: Size, seed: int) -> list[Cell]:
+    """What limits the private run: noise, clipping, step size, the optimiser and method.
+
+    Each row changes one thing of the first row: the default DP configuration (``SST2_DP``)
+    at alpha 100, epsilon 8, aggregated by plain FedAvg (``LIMITS_BASE``). "Clip only" keeps
+    DP-SGD's clipping and sampling with a negligible noise multiplier (no privacy at all: its
+    epsilon is astronomical), which separates the cost of the noise from that of the clipping.
+    """
+    base = {**_sst2_base(size), **LIMITS_BASE, "dirichlet-alpha": LIMITS_ALPHA}
+    private = {**base, **_dp(8.0)}
+    variants: list[tuple[str, dict[str, Scalar], float | None]] = [
+        ("FFA-LoRA, DP-SGD momentum, lr 0.5, head-lr 5, clip 1, FedAvg", private, 8.0),
+        ("server momentum 0.5 (FedAvgM: the default)",
+         {**private, "aggregation": "fedavgm", "server-momentum": 0.5}, 8.0),
+        ("clip only: noise multiplier 0.0001 (not private)",
+         {**base, "dp": True, "dp-noise-multiplier": 1e-4, "dp-target-epsilon": 0.0}, None),
+        ("no DP: neither clipping nor noise, same optimiser and method", {**base, **_dp(None)},
+         None),
+        ("clip 3, lr 0.167, head-lr 1.67 (lr x clip unchanged)",
+         {**private, "dp-clip": 3.0, "lr": 0.16667, "head-lr": 1.6667}, 8.0),
+        ("clip 5, lr 0.1, head-lr 1", {**private, "dp-clip": 5.0, "lr": 0.1, "head-lr": 1.0},
+         8.0),
+        ("clip 10, lr 0.05, head-lr 0.5",
+         {**private, "dp-clip": 10.0, "lr": 0.05, "head-lr": 0.5}, 8.0),
+        ("lr 1 (twice the step)", {**private, "lr": 1.0}, 8.0),
+        ("lr 1, head-lr 10", {**private, "lr": 1.0, "head-lr": 10.0}, 8.0),
+        ("cosine lr decay to a tenth by the last round (lr-final-fraction 0.1)",
+         {**private, "lr-final-fraction": 0.1}, 8.0),
+        ("DP-Adam on plain LoRA (the non-private optimiser and method), clip 10",
+         {**private, **SST2_NODP, "aggregation": "fedavg", "dp-clip": 10.0}, 8.0),
+    ]
+    return [Cell("sst2-limits", label, "sst2-lora", size.sst2_clients, seed, over, eps)
+            for label, over, eps in variants]
+
+
 def chat_cells(size: Size, seed: int) -> list[Cell]:
     """chitchat: one client per participant, perplexity on held-out participants."""
     cells = []
@@ -221,14 +290,17 @@ def chat_cells(size: Size, seed: int) -> list[Cell]:
     return cells
 
 
-def grid(size_name: str, only: tuple[str, ...] = ("sst2", "technique", "chat"),
+PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "chat")
+
+
+def grid(size_name: str, only: tuple[str, ...] = PARTS,
          seeds: int | None = None) -> list[Cell]:
     """Every cell of a sweep, seed-major so that a partial run covers every row once first."""
     if size_name not in SIZES:
         raise ConfigError(f"unknown sweep size {size_name!r}; known: {sorted(SIZES)}")
-    unknown = sorted(set(only) - {"sst2", "technique", "chat"})
+    unknown = sorted(set(only) - set(PARTS))
     if unknown:
-        raise ConfigError(f"unknown sweep part(s) {unknown}; known: sst2, technique, chat")
+        raise ConfigError(f"unknown sweep part(s) {unknown}; known: {', '.join(PARTS)}")
     size = SIZES[size_name]
     n_seeds = size.seeds if seeds is None else seeds
     if n_seeds < 1:
@@ -240,6 +312,8 @@ def grid(size_name: str, only: tuple[str, ...] = ("sst2", "technique", "chat"),
             row += sst2_cells(size, seed)
         if "technique" in only and not size.main_only and seed == 0:
             row += technique_cells(size, seed)
+        if "limits" in only and not size.main_only and seed == 0:
+            row += limits_cells(size, seed)
         if "chat" in only:
             row += chat_cells(size, seed)
         if seed > 0 and size.spread_rows is not None:

@@ -27,14 +27,29 @@ def group_rows(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[
     return out
 
 
+#: Tables whose rows are compared with their first row.
+FIRST_ROW_REFERENCE: tuple[str, ...] = ("sst2-technique", "sst2-limits")
+
+
+def _sig3(sigma: float) -> float:
+    """Sigma to 3 decimals; 3 significant digits below 0.01 (a clip-only run's 1e-4)."""
+    return round(sigma, 3) if sigma >= 0.01 else float(f"{sigma:.3g}")
+
+
+def _eps_text(eps: list[float]) -> str:
+    if not eps:
+        return "-"
+    return f"{max(eps):.2f}" if max(eps) < 1e3 else f"{max(eps):.1e} (not private)"
+
+
 def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group: str,
                label: str) -> float | None:
     """What a row's gap is measured against: the non-private federated run with the same
-    skew (SST-2) or method (chat), or the table's first row, DP-Adam (technique table)."""
+    skew (SST-2) or method (chat), or the table's first row (technique and limits tables)."""
     ref: list[Mapping[str, Any]] | None = None
     if (group == "sst2-main" and "alpha" in label) or group == "chat":
         ref = grouped.get((group, label.split(",")[0] + ", no DP"))
-    elif group == "sst2-technique":
+    elif group in FIRST_ROW_REFERENCE:
         first = next((k for k in grouped if k[0] == group), None)
         ref = grouped[first] if first is not None and first[1] != label else None
     return statistics.fmean(float(r["final"]) for r in ref) if ref else None
@@ -44,14 +59,18 @@ def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
     """One table per group: final metric (mean ± sd over seeds), gap, epsilon, bytes, time."""
     grouped = group_rows(rows)
     titles = {"sst2-main": "SST-2, MiniLM-L6, secure aggregation on; with DP: FFA-LoRA + "
-                           "DP-SGD with momentum, without: LoRA + AdamW (accuracy %; gap: to "
-                           "the non-private federated run with the same alpha)",
+                           "DP-SGD with momentum, without: LoRA + AdamW; FedAvgM in both "
+                           "(accuracy %; gap: to the non-private federated run with the same "
+                           "alpha)",
               "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against "
                                 "DP-Adam (accuracy %; gap: to the first row)",
+              "sst2-limits": "SST-2 at alpha 100, epsilon 8, seed 0: what limits the private "
+                             "run (each row changes the first: the DP default aggregated by "
+                             "plain FedAvg; accuracy %; gap: to the first row)",
               "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants (gap: to "
                       "the same method without DP)"}
     lines: list[str] = []
-    for group in ("sst2-main", "sst2-technique", "chat"):
+    for group in ("sst2-main", "sst2-technique", "sst2-limits", "chat"):
         keys = [k for k in grouped if k[0] == group]
         if not keys:
             continue
@@ -66,10 +85,11 @@ def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
             finals = [float(r["final"]) for r in rs]
             ref = _reference(grouped, group, key[1])
             gap = "-"
-            if ref is not None and rs[0].get("target_epsilon") is not None:
+            if ref is not None and (rs[0].get("target_epsilon") is not None
+                                    or group in FIRST_ROW_REFERENCE):
                 gap = f"{(statistics.fmean(finals) - ref) * scale:+.{digits}f}"
             eps = [float(r["epsilon"]) for r in rs if r.get("epsilon") is not None]
-            sig = sorted({round(s, 3) for r in rs for s in r.get("sigma", [])})
+            sig = sorted({_sig3(s) for r in rs for s in r.get("sigma", [])})
             sig_txt = "-" if not sig else (f"{sig[0]:g}" if len(sig) == 1
                                            else f"{sig[0]:g}-{sig[-1]:g}")
             up = statistics.fmean(float(r["upload_bytes_per_client_round"]) for r in rs)
@@ -77,7 +97,7 @@ def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
             lines.append(
                 f"| {key[1]} | {len(rs)} | {_mean_sd([float(r['initial']) for r in rs], scale, digits)}"
                 f" | {_mean_sd(finals, scale, digits)} | {gap} "
-                f"| {f'{max(eps):.2f}' if eps else '-'} | {sig_txt} | {up / 1e3:.0f} KB "
+                f"| {_eps_text(eps)} | {sig_txt} | {up / 1e3:.0f} KB "
                 f"| {secs:.0f} |")
         lines.append("")
     lines += ["### Published anchors (larger models, GLUE SST-2 dev set)", "",

@@ -29,7 +29,11 @@ def test_every_cell_is_a_valid_run_config(size: str) -> None:
     for c in cells:
         run = parse_run_config({**DEFAULTS, **get_preset(c.preset).config, **c.overrides,
                                 "seed": c.seed})
-        assert run.dp.enabled == (c.epsilon is not None)
+        # DP on exactly where a target is set, bar the diagnosis table's clip-only row
+        clip_only = c.group == "sst2-limits" and run.dp.noise_multiplier is not None
+        assert run.dp.enabled == (c.epsilon is not None or clip_only)
+        if clip_only:
+            assert c.label.startswith("clip only") and "not private" in c.label
         if c.epsilon is not None:
             assert run.dp.target_epsilon == c.epsilon and run.dp.epsilon_max == c.epsilon
         if c.clients > 1:
@@ -55,6 +59,20 @@ def test_small_sweep_covers_the_issue_grid() -> None:
     assert chat == {"LoRA, epsilon 8", "LoRA, no DP", "FFA-LoRA, epsilon 8", "FFA-LoRA, no DP",
                     "soft prompt, epsilon 8", "soft prompt, no DP"}
     assert max(c.seed for c in cells) >= 2  # at least three seeds somewhere
+
+
+def test_limits_table_varies_the_main_private_cell() -> None:
+    """The diagnosis rows vary the main table's alpha 100, epsilon 8 run aggregated by plain
+    FedAvg; its row with the default server momentum is that main-table cell itself."""
+    cells = grid("small")
+    limits = [c for c in cells if c.group == "sst2-limits"]
+    main = next(c for c in cells if c.group == "sst2-main" and c.seed == 0
+                and c.label == "alpha 100, epsilon 8")
+    assert limits[1].key == main.key and "the default" in limits[1].label
+    assert limits[0].overrides == {**main.overrides, "aggregation": "fedavg"}
+    assert len({c.key for c in limits}) == len(limits) >= 8
+    assert all(c.seed == 0 for c in limits)
+    assert not [c for c in grid("smoke") if c.group == "sst2-limits"]  # not in CI
 
 
 def test_private_cells_use_the_preset_defaults() -> None:
@@ -94,6 +112,33 @@ def test_cell_key_is_the_resolved_run_config(monkeypatch: pytest.MonkeyPatch) ->
     assert pinned.key == before[1]  # and not the one that overrides it
 
 
+def test_server_knobs_the_aggregation_ignores_do_not_change_the_key() -> None:
+    a = Cell("g", "x", "sst2-lora", 10, 0, {"aggregation": "fedavg"})
+    assert a.key == Cell("g", "x", "sst2-lora", 10, 0, {"aggregation": "fedavg",
+                                                       "server-momentum": 0.1,
+                                                       "beta1": 0.5}).key
+    m = Cell("g", "x", "sst2-lora", 10, 0, {"aggregation": "fedavgm", "server-momentum": 0.5})
+    assert m.key != Cell("g", "x", "sst2-lora", 10, 0, {"aggregation": "fedavgm",
+                                                       "server-momentum": 0.9}).key
+    assert m.key == Cell("g", "x", "sst2-lora", 10, 0, {"aggregation": "fedavgm",
+                                                       "server-momentum": 0.5, "tau": 0.1}).key
+
+
+def test_a_later_key_at_its_neutral_value_keeps_stored_keys(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A knob added with a behaviour-preserving default leaves stored cells valid; any other
+    value of it is a different run."""
+    from benchmarks.utility import grid as grid_module
+
+    a = Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.1})
+    decayed = Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.1, "lr-final-fraction": 0.1}).key
+    assert decayed != a.key
+    assert Cell("g", "x", "sst2-lora", 10, 0, {"lr": 0.1, "lr-final-fraction": 1.0}).key == a.key
+    neutral = a.key
+    monkeypatch.setattr(grid_module, "NEUTRAL_LATER_KEYS", {})
+    assert a.key != neutral  # without the entry the new key would have retired every cell
+
+
 def _row(label: str, final: float, seed: int, eps: float | None) -> dict[str, object]:
     return {"group": "sst2-main", "label": label, "seed": seed, "initial": 0.5, "final": final,
             "target_epsilon": eps, "epsilon": eps, "sigma": [1.25] if eps else [],
@@ -115,6 +160,16 @@ def test_table_known_answer() -> None:
             ((rows[0], "default", 0.80), (rows[0], "variant", 0.83))]
     line = next(x for x in markdown(tech).splitlines() if x.startswith("| variant"))
     assert [c.strip() for c in line.strip("|").split("|")][4] == "+3.0"  # against the default
+    limits = [dict(rows[0], group="sst2-limits", label="default", final=0.80),
+              dict(rows[2], group="sst2-limits", label="no DP", final=0.84),
+              dict(rows[0], group="sst2-limits", label="clip only", final=0.81,
+                   target_epsilon=None, epsilon=3.3e9)]
+    text = markdown(limits)
+    cols = {x.split("|")[1].strip(): [c.strip() for c in x.strip("|").split("|")]
+            for x in text.splitlines() if x.startswith("| ") and "run" not in x}
+    assert cols["default"][4] == "-"  # the reference itself
+    assert cols["no DP"][4] == "+4.0"  # non-private rows get a gap in this table
+    assert cols["clip only"][5] == "3.3e+09 (not private)"
 
 
 def test_summarise_run_reads_metrics(tmp_path: Path) -> None:
