@@ -26,6 +26,17 @@ Scalar = bool | int | float | str
 
 DATASETS = ("chitchat", "sst2", "agnews", "shakespeare", "file")
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+#: Server-optimiser run-config keys and the aggregations that read them
+#: (``coordinator.server_opt.server_step``; tests/unit/test_aggregate.py checks this table).
+SERVER_KNOBS: dict[str, tuple[str, ...]] = {
+    "server-momentum": ("fedavgm",), "beta1": ("fedadam", "fedyogi"),
+    "beta2": ("fedadam", "fedyogi"), "tau": ("fedadam", "fedyogi")}
+
+
+def unused_server_knobs(aggregation: str) -> tuple[str, ...]:
+    """The server-optimiser run-config keys that ``aggregation`` ignores."""
+    return tuple(k for k, users in SERVER_KNOBS.items() if aggregation not in users)
+
 WEIGHTINGS = ("examples", "uniform")
 OPTIMIZERS = ("adamw", "sgd")
 

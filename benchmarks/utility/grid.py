@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from fedpeft.config import DEFAULTS, Scalar
+from fedpeft.config import DEFAULTS, Scalar, unused_server_knobs
 from fedpeft.errors import ConfigError
 from simulations.presets import get_preset
 
@@ -108,17 +108,6 @@ SST2_NODP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "lora", "lr": 0.002,
 #: made before them: a resolved config holding exactly that value hashes as if the key did not
 #: exist, so adding a behaviour-preserving knob does not retire every stored cell.
 NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0}
-
-
-#: Server-optimiser knobs and the aggregations that read them (``coordinator.server_opt``).
-SERVER_KNOBS: dict[str, tuple[str, ...]] = {
-    "server-momentum": ("fedavgm",), "beta1": ("fedadam", "fedyogi"),
-    "beta2": ("fedadam", "fedyogi"), "tau": ("fedadam", "fedyogi")}
-
-
-def unused_server_knobs(aggregation: str) -> tuple[str, ...]:
-    """The server-optimiser knobs that ``aggregation`` ignores."""
-    return tuple(k for k, users in SERVER_KNOBS.items() if aggregation not in users)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from coordinator.aggregate import mean_from_sum, weighted_mean, weighted_sum
 from coordinator.server_opt import ServerOptConfig, server_step
+from fedpeft.config import AGGREGATIONS, SERVER_KNOBS, unused_server_knobs
 from fedpeft.errors import ConfigError
 
 
@@ -62,3 +64,26 @@ def test_server_optimisers_known_answers() -> None:
     assert math.isclose(float(s["v/w"]), v, rel_tol=1e-5)
     with pytest.raises(ConfigError):
         ServerOptConfig("sgd")
+
+
+#: run-config key -> ServerOptConfig field
+_FIELD = {"server-momentum": "momentum", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+
+
+@pytest.mark.parametrize("kind", AGGREGATIONS)
+def test_server_knob_table_matches_server_step(kind: str) -> None:
+    """SERVER_KNOBS (which the utility sweep's cell keys rely on) says exactly which knobs
+    each server optimiser reads: changing an unused one changes nothing, a used one does."""
+    assert set(SERVER_KNOBS) == set(_FIELD)
+    x = {"w": torch.tensor([1.0, -2.0])}
+    d = {"w": torch.tensor([0.5, 0.25])}
+
+    def two_steps(cfg: ServerOptConfig) -> torch.Tensor:
+        p, s = server_step(x, d, {}, cfg)
+        return server_step(p, d, s, cfg)[0]["w"]
+
+    base = ServerOptConfig(kind, lr=0.1, momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3)
+    ref = two_steps(base)
+    for key, field in _FIELD.items():
+        changed = two_steps(replace(base, **{field: getattr(base, field) / 2}))
+        assert torch.equal(changed, ref) == (key in unused_server_knobs(kind)), key
