@@ -172,8 +172,18 @@ class Coordinator:
             sec = secure_round(self.transport, chosen, message, self.run.secagg, spec, session,
                                fed.round_timeout)
             client_rows, faults = sec.client_rows, sec.faults
+            clipped = [c for c in (r.get("secagg-clipped") for r in client_rows)
+                       if isinstance(c, int) and not isinstance(c, bool) and c >= 0]
             row.update({"secagg": {"survivors": len(sec.survivors), "threshold": sec.threshold,
-                                   "degree": sec.degree, "aborted": sec.abort_reason or None}})
+                                   "degree": sec.degree, "aborted": sec.abort_reason or None,
+                                   "clipped": sum(clipped),
+                                   "clients_clipped": sum(1 for c in clipped if c)}})
+            if sum(clipped):
+                log.warning(
+                    "round %d: %d update coordinates of %d clients exceeded secagg-clip=%g and "
+                    "were clipped to it, which biases the mean toward zero; raise secagg-clip "
+                    "(docs/secagg.md, 'Choosing secagg-clip')", server_round, sum(clipped),
+                    sum(1 for c in clipped if c), self.run.secagg.clip)
             row["bytes_up"] = sec.bytes_up
             ok = len(sec.survivors)
             result, reason = sec.mean_delta, sec.abort_reason

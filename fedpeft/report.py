@@ -58,6 +58,14 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int]
     plt.close(fig)
 
 
+def _clipped_text(row: dict[str, Any]) -> str:
+    """'coordinates (clients)' clipped by SecAgg in a round, '-' without SecAgg."""
+    sec = row.get("secagg")
+    if not isinstance(sec, dict) or "clipped" not in sec:
+        return "-"
+    return f"{int(sec['clipped'])} ({int(sec.get('clients_clipped', 0))})"
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and its plots; return the Markdown path."""
     rows = load_rows(run_dir)
@@ -85,8 +93,8 @@ def write_report(run_dir: Path) -> Path:
              f"method `{config.get('method', '?')}`; DP {'on' if config.get('dp') else 'off'}, "
              f"secure aggregation {'on' if config.get('secagg') else 'off'}.", "",
              "| round | " + metric + " | eval loss | clients ok/selected | epsilon min/median/max "
-             "| exhausted | MB up | MB down | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| exhausted | MB up | MB down | seconds | SecAgg clipped |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev = r.get("eval", {})
         eps = r.get("dp_epsilon")
@@ -95,7 +103,13 @@ def write_report(run_dir: Path) -> Path:
             f"| {r['round']} | {ev.get(metric, float('nan')):.4f} | {ev.get('loss', float('nan')):.4f} "
             f"| {r.get('ok', '-')}/{r.get('selected', '-')} | {eps_s} | {r.get('dp_exhausted', '-')} "
             f"| {r.get('bytes_up', 0) / 1e6:.3f} | {r.get('bytes_down', 0) / 1e6:.3f} "
-            f"| {float(r.get('seconds', 0.0)):.1f} |")
+            f"| {float(r.get('seconds', 0.0)):.1f} | {_clipped_text(r)} |")
+    clipped = [r for r in rows if int(r.get("secagg", {}).get("clipped", 0) or 0)]
+    if clipped:
+        lines += ["", f"SecAgg clipped update coordinates to secagg-clip="
+                  f"`{config.get('secagg-clip', '?')}` in {len(clipped)} rounds: the aggregate "
+                  "is biased toward zero there. Raise `secagg-clip` (docs/secagg.md, "
+                  "'Choosing secagg-clip')."]
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Skipped rounds:"] + [f"- round {r['round']}: {r['skipped']}" for r in skipped]

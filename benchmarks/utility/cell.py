@@ -40,6 +40,8 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
         "epsilon": max(eps) if eps else None,
         "sigma": sigmas,
         "upload_bytes_per_client_round": statistics.fmean(up) if up else 0.0,
+        # update coordinates clipped to secagg-clip, summed over clients and rounds
+        "secagg_clipped": sum(int(r.get("secagg", {}).get("clipped", 0)) for r in trained),
         "round_seconds": statistics.fmean(float(r["seconds"]) for r in trained) if trained
         else 0.0,
     }

@@ -91,11 +91,12 @@ SIZES: dict[str, Size] = {
 #: DP-SGD with momentum, the best optimiser row of the technique table.
 _SGDM: dict[str, Scalar] = {"optimizer": "sgd", "momentum": 0.9, "lr": 0.5, "head-lr": 5.0}
 #: The settings of every private SST-2 cell of the main table: FFA-LoRA trained by DP-SGD with
-#: momentum (the technique table's winner) and server momentum 0.5 (FedAvgM: the limits table
-#: and docs/results.md); the sst2-lora preset uses the same values.
+#: momentum (the technique table's winner), server momentum 0.5 (FedAvgM: the limits table
+#: and docs/results.md) and a SecAgg clip of 16, above every coordinate of these updates (at
+#: 1, the head's updates were clamped); the sst2-lora preset uses the same values.
 SST2_DP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "ffa-lora", **_SGDM,
                                "pooling": "mean-norm", "aggregation": "fedavgm",
-                               "server-momentum": 0.5}
+                               "server-momentum": 0.5, "secagg-clip": 16.0}
 #: The non-private cells' settings: plain LoRA with AdamW and the same server momentum, the
 #: best non-private configuration found, so the gap is measured against the stronger reference.
 SST2_NODP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "lora", "lr": 0.002,
@@ -130,13 +131,17 @@ class Cell:
         overrides), so retuning a preset or a default retires exactly the stored cells whose
         run it changes; a new run-config key retires them all unless it is listed, with its
         behaviour-preserving value, in ``NEUTRAL_LATER_KEYS``. Server-optimiser knobs that the
-        cell's aggregation does not read hash as their defaults.
+        cell's aggregation does not read, and SecAgg knobs of a run without SecAgg, hash as
+        their defaults.
         """
         config = {**DEFAULTS, **get_preset(self.preset).config, **self.overrides}
         for name, neutral in NEUTRAL_LATER_KEYS.items():
             if config.get(name) == neutral:
                 del config[name]
-        for name in unused_server_knobs(str(config["aggregation"])):
+        unused = list(unused_server_knobs(str(config["aggregation"])))
+        if not config["secagg"]:
+            unused += [k for k in DEFAULTS if k.startswith("secagg-")]
+        for name in unused:
             config[name] = DEFAULTS[name]  # a knob the run never reads does not change it
         doc = {"preset": self.preset, "clients": self.clients, "seed": self.seed,
                "config": config}
@@ -180,8 +185,10 @@ def sst2_cells(size: Size, seed: int) -> list[Cell]:
 
 #: The technique table's first row: DP-Adam, where the search stood before the techniques
 #: were compared. Every technique row changes this, so the rows stay comparable when the
-#: default (``SST2_DP``) moves to a winner. Aggregated by FedAvg, as when it was measured.
-TECHNIQUE_BASE: dict[str, Scalar] = {**SST2_NODP, "aggregation": "fedavg"}
+#: default (``SST2_DP``) moves to a winner. Aggregated by FedAvg with a SecAgg clip of 1, as
+#: when it was measured.
+TECHNIQUE_BASE: dict[str, Scalar] = {**SST2_NODP, "aggregation": "fedavg",
+                                     "secagg-clip": 1.0}
 
 
 def technique_cells(size: Size, seed: int) -> list[Cell]:
@@ -216,16 +223,18 @@ def technique_cells(size: Size, seed: int) -> list[Cell]:
 
 
 #: The diagnosis table's setting: alpha 100, seed 0, epsilon 8, with FedAvg (the private
-#: default before server momentum), so each row isolates a client-side change.
+#: default before server momentum), so each row isolates a client-side change, and a SecAgg
+#: clip of 1 (the default when it was measured: it clamps the head's largest updates).
 LIMITS_ALPHA = 100.0
-LIMITS_BASE: dict[str, Scalar] = {**SST2_DP, "aggregation": "fedavg"}
+LIMITS_BASE: dict[str, Scalar] = {**SST2_DP, "aggregation": "fedavg", "secagg-clip": 1.0}
 
 
 def limits_cells(size: Size, seed: int) -> list[Cell]:
     """What limits the private run: noise, clipping, step size, the optimiser and method.
 
     Each row changes one thing of the first row: the default DP configuration (``SST2_DP``)
-    at alpha 100, epsilon 8, aggregated by plain FedAvg (``LIMITS_BASE``). "Clip only" keeps
+    at alpha 100, epsilon 8, aggregated by plain FedAvg with SecAgg's clamp at 1
+    (``LIMITS_BASE``). "Clip only" keeps
     DP-SGD's clipping and sampling with a negligible noise multiplier (no privacy at all: its
     epsilon is astronomical), which separates the cost of the noise from that of the clipping.
     """
@@ -233,8 +242,10 @@ def limits_cells(size: Size, seed: int) -> list[Cell]:
     private = {**base, **_dp(8.0)}
     variants: list[tuple[str, dict[str, Scalar], float | None]] = [
         ("FFA-LoRA, DP-SGD momentum, lr 0.5, head-lr 5, clip 1, FedAvg", private, 8.0),
-        ("server momentum 0.5 (FedAvgM: the default)",
+        ("server momentum 0.5 (FedAvgM, as in the default)",
          {**private, "aggregation": "fedavgm", "server-momentum": 0.5}, 8.0),
+        ("SecAgg clip 16 instead of 1 (no update coordinate clamped, as in the default)",
+         {**private, "secagg-clip": 16.0}, 8.0),
         ("clip only: noise multiplier 0.0001 (not private)",
          {**base, "dp": True, "dp-noise-multiplier": 1e-4, "dp-target-epsilon": 0.0}, None),
         ("no DP: neither clipping nor noise, same optimiser and method", {**base, **_dp(None)},

@@ -58,15 +58,15 @@ def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group
 def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
     """One table per group: final metric (mean ± sd over seeds), gap, epsilon, bytes, time."""
     grouped = group_rows(rows)
-    titles = {"sst2-main": "SST-2, MiniLM-L6, secure aggregation on; with DP: FFA-LoRA + "
-                           "DP-SGD with momentum, without: LoRA + AdamW; FedAvgM in both "
+    titles = {"sst2-main": "SST-2, MiniLM-L6, secure aggregation on (clip 16); with DP: "
+                           "FFA-LoRA + DP-SGD with momentum, without: LoRA + AdamW; FedAvgM in both "
                            "(accuracy %; gap: to the non-private federated run with the same "
                            "alpha)",
-              "sst2-technique": "SST-2 at epsilon 8, alpha 0.5: each technique against "
-                                "DP-Adam (accuracy %; gap: to the first row)",
+              "sst2-technique": "SST-2 at epsilon 8, alpha 0.5, SecAgg clip 1: each technique "
+                                "against DP-Adam (accuracy %; gap: to the first row)",
               "sst2-limits": "SST-2 at alpha 100, epsilon 8, seed 0: what limits the private "
                              "run (each row changes the first: the DP default aggregated by "
-                             "plain FedAvg; accuracy %; gap: to the first row)",
+                             "plain FedAvg, SecAgg clip 1; accuracy %; gap: to the first row)",
               "chat": "chitchat, SmolLM2-135M, perplexity on held-out participants (gap: to "
                       "the same method without DP)"}
     lines: list[str] = []

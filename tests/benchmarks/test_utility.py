@@ -63,13 +63,14 @@ def test_small_sweep_covers_the_issue_grid() -> None:
 
 def test_limits_table_varies_the_main_private_cell() -> None:
     """The diagnosis rows vary the main table's alpha 100, epsilon 8 run aggregated by plain
-    FedAvg; its row with the default server momentum is that main-table cell itself."""
+    FedAvg with SecAgg's clamp at 1; two rows restore one of those two default settings each."""
     cells = grid("small")
     limits = [c for c in cells if c.group == "sst2-limits"]
     main = next(c for c in cells if c.group == "sst2-main" and c.seed == 0
                 and c.label == "alpha 100, epsilon 8")
-    assert limits[1].key == main.key and "the default" in limits[1].label
-    assert limits[0].overrides == {**main.overrides, "aggregation": "fedavg"}
+    assert limits[0].overrides == {**main.overrides, "aggregation": "fedavg", "secagg-clip": 1.0}
+    assert limits[1].overrides == {**main.overrides, "secagg-clip": 1.0}
+    assert limits[2].overrides == {**main.overrides, "aggregation": "fedavg"}
     assert len({c.key for c in limits}) == len(limits) >= 8
     assert all(c.seed == 0 for c in limits)
     assert not [c for c in grid("smoke") if c.group == "sst2-limits"]  # not in CI
@@ -124,6 +125,15 @@ def test_server_knobs_the_aggregation_ignores_do_not_change_the_key() -> None:
                                                        "server-momentum": 0.5, "tau": 0.1}).key
 
 
+def test_secagg_knobs_of_a_run_without_secagg_do_not_change_the_key() -> None:
+    plain = Cell("g", "x", "sst2-lora", 1, 0, {"secagg": False})
+    assert plain.key == Cell("g", "x", "sst2-lora", 1, 0, {"secagg": False, "secagg-clip": 3.0,
+                                                          "secagg-bits": 24}).key
+    secure = Cell("g", "x", "sst2-lora", 10, 0, {"secagg": True})
+    assert secure.key != Cell("g", "x", "sst2-lora", 10, 0, {"secagg": True,
+                                                           "secagg-clip": 3.0}).key
+
+
 def test_a_later_key_at_its_neutral_value_keeps_stored_keys(monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     """A knob added with a behaviour-preserving default leaves stored cells valid; any other
@@ -176,7 +186,8 @@ def test_summarise_run_reads_metrics(tmp_path: Path) -> None:
     rows = [{"round": 0, "eval": {"accuracy": 0.5}},
             {"round": 1, "eval": {"accuracy": 0.6}, "ok": 2, "bytes_up": 2000, "seconds": 3.0,
              "dp_epsilon": {"min": 1.0, "median": 1.5, "max": 2.0},
-             "clients": [{"dp-sigma": 1.1}, {"dp-sigma": 1.1}]},
+             "clients": [{"dp-sigma": 1.1}, {"dp-sigma": 1.1}],
+             "secagg": {"survivors": 2, "clipped": 5, "clients_clipped": 1}},
             {"round": 2, "eval": {"accuracy": 0.7}, "ok": 1, "bytes_up": 1000, "seconds": 5.0,
              "skipped": "x", "dp_epsilon": {"min": 2.0, "median": 2.5, "max": 3.0}}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -185,6 +196,7 @@ def test_summarise_run_reads_metrics(tmp_path: Path) -> None:
     assert s["curve"] == [0.5, 0.6, 0.7] and s["rounds"] == 2 and s["skipped"] == 1
     assert s["epsilon"] == 3.0 and s["sigma"] == [1.1]
     assert s["upload_bytes_per_client_round"] == 1000.0 and s["round_seconds"] == 4.0
+    assert s["secagg_clipped"] == 5  # round 2 has no secagg record: it counts nothing
 
 
 @pytest.mark.integration

@@ -40,6 +40,7 @@ def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Pat
     after_secure = model.adapter_state()
     row = _rows(tmp_path / "secure")[1]
     assert row["ok"] == 4 and row["secagg"]["survivors"] == 4  # type: ignore[index]
+    assert row["secagg"]["clipped"] == 0  # type: ignore[index]
     worst = max(float((after_plain[k] - after_secure[k]).abs().max()) for k in after_plain)
     assert worst < 1e-6, worst  # quantisation error bound for clip 1.0, 32 bits, n = 4
     from peft_methods.registry import initial_adapter_state
@@ -51,6 +52,16 @@ def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Pat
     for kind, _node, reply in transport.received:
         assert "update" not in reply
         assert kind in ("train", "secagg")
+
+
+def test_clipping_by_secagg_is_counted_and_warned(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    run = parse_run_config(_flat(tmp_path, secagg=True, **{"secagg-clip": 1e-7}))
+    with caplog.at_level("WARNING", logger="coordinator.server"):
+        Coordinator(run, InMemoryTransport(run, 3), tmp_path).run_federation()
+    sec = _rows(tmp_path)[1]["secagg"]
+    assert sec["clients_clipped"] == 3 and sec["clipped"] >= 3  # type: ignore[index]
+    assert any("exceeded secagg-clip=1e-07" in r.getMessage() for r in caplog.records)
 
 
 def test_masked_input_looks_nothing_like_the_update(tmp_path: Path) -> None:
