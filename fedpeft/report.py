@@ -58,12 +58,20 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int]
     plt.close(fig)
 
 
-def _clipped_text(row: dict[str, Any]) -> str:
-    """'coordinates (clients)' clipped by SecAgg in a round, '-' without SecAgg."""
+def _clipped(row: dict[str, Any]) -> tuple[int, int] | None:
+    """(coordinates, clients) clamped by SecAgg in a round; None for a round without SecAgg
+    or from before the count was recorded."""
     sec = row.get("secagg")
-    if not isinstance(sec, dict) or "clipped" not in sec:
-        return "-"
-    return f"{int(sec['clipped'])} ({int(sec.get('clients_clipped', 0))})"
+    if not isinstance(sec, dict) or not isinstance(sec.get("clipped"), int):
+        return None
+    clients = sec.get("clients_clipped")
+    return int(sec["clipped"]), int(clients) if isinstance(clients, int) else 0
+
+
+def _clipped_text(row: dict[str, Any]) -> str:
+    """'coordinates (clients)' clamped by SecAgg in a round, '-' where not recorded."""
+    c = _clipped(row)
+    return "-" if c is None else f"{c[0]} ({c[1]})"
 
 
 def write_report(run_dir: Path) -> Path:
@@ -104,12 +112,12 @@ def write_report(run_dir: Path) -> Path:
             f"| {r.get('ok', '-')}/{r.get('selected', '-')} | {eps_s} | {r.get('dp_exhausted', '-')} "
             f"| {r.get('bytes_up', 0) / 1e6:.3f} | {r.get('bytes_down', 0) / 1e6:.3f} "
             f"| {float(r.get('seconds', 0.0)):.1f} | {_clipped_text(r)} |")
-    clipped = [r for r in rows if int(r.get("secagg", {}).get("clipped", 0) or 0)]
+    clipped = [r["round"] for r in rows if (_clipped(r) or (0, 0))[0] > 0]
     if clipped:
         lines += ["", f"SecAgg clipped update coordinates to secagg-clip="
-                  f"`{config.get('secagg-clip', '?')}` in {len(clipped)} rounds: the aggregate "
-                  "is biased toward zero there. Raise `secagg-clip` (docs/secagg.md, "
-                  "'Choosing secagg-clip')."]
+                  f"`{config.get('secagg-clip', '?')}` in rounds "
+                  f"{', '.join(str(n) for n in clipped)}: the aggregate is biased toward zero "
+                  "there. Raise `secagg-clip` (docs/secagg.md, 'Choosing secagg-clip')."]
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Skipped rounds:"] + [f"- round {r['round']}: {r['skipped']}" for r in skipped]

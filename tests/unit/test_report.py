@@ -32,7 +32,7 @@ def test_report_lists_rounds_plots_and_config(tmp_path: Path) -> None:
     assert ("| 1 | 66.7000 | 4.2000 | 5/5 | 5.70/5.70/5.80 | 0 | 9.223 | 9.305 | 59.6 | 7 (2) |"
             in text)
     assert "| 2 | 66.7000 | 4.2000 | 1/5 | - | - | 0.000 | 0.000 | 12.0 | - |" in text
-    assert "secagg-clip=`1.0` in 1 rounds" in text
+    assert "secagg-clip=`1.0` in rounds 1:" in text
     assert "round 2: 1 usable updates" in text and "DP on, secure aggregation on" in text
     for name in ("report_metric.png", "report_bytes.png", "report_time.png", "report_epsilon.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -55,3 +55,14 @@ def test_report_without_clipping_says_nothing_about_it(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report(tmp_path).read_text()
     assert "| 0 (0) |" in text and "SecAgg clipped update" not in text
+
+
+def test_report_reads_rounds_from_before_the_clamp_count(tmp_path: Path) -> None:
+    rows = [{"round": 0, "eval": {"accuracy": 0.5}},
+            {"round": 1, "eval": {"accuracy": 0.8}, "secagg": {"survivors": 3}},
+            {"round": 2, "eval": {"accuracy": 0.8}, "secagg": {"clipped": "x"}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path).read_text()
+    table = [ln for ln in text.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
+    assert len(table) == 2 and all(ln.endswith("| 0.0 | - |") for ln in table), table
+    assert "SecAgg clipped update" not in text
