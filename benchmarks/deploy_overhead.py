@@ -69,11 +69,20 @@ def run_mode(warm: bool, rounds: int, local_steps: int, root: Path) -> dict[str,
         link.stop()
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
+    # Under DP, training times stay on each device (client-metrics.jsonl in its state dir).
+    local: dict[int, float] = {}
+    for name in names:
+        path = root / name / "client-metrics.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            rec = json.loads(line)
+            local[int(rec["round"])] = max(local.get(int(rec["round"]), 0.0),
+                                           float(rec["train-seconds"]))
     per_round = []
     for r in rows:
         if r["round"] == 0:
             continue
-        train = max(c.get("train-seconds", 0.0) for c in r["clients"])
+        train = max([c.get("train-seconds", 0.0) for c in r["clients"]]
+                    + [local.get(int(r["round"]), 0.0)])
         per_round.append({"round": r["round"], "round_seconds": round(r["seconds"], 3),
                           "max_train_seconds": round(train, 3),
                           "overhead_seconds": round(r["seconds"] - train, 3)})

@@ -82,7 +82,8 @@ def child(flat: dict[str, Any]) -> dict[str, Any]:
                                         "adapter": payload}, {})
             if reply.get("status") != "ok":
                 raise RuntimeError(f"round {server_round} failed: {reply}")
-            rounds.append(reply)
+            # under DP timings stay on the device: read the runtime's local record
+            rounds.append({**reply, **rt.last_local})
         trainable = sum(p.numel() for p in rt.model.adapter_parameters().values())
         info = rt.model.base_info
     last = rounds[-1]

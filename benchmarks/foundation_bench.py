@@ -74,7 +74,9 @@ def round_time(preset: str, clients: int, flat_extra: dict[str, object],
         total = time.perf_counter() - t
         rows = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     r1 = rows[-1]
-    train = sum(c["train-seconds"] for c in r1["clients"])
+    # under DP the clients keep their timings on the device (ClientRuntime.last_local)
+    train = sum(float(rt.last_local.get("train-seconds", 0.0))  # type: ignore[arg-type]
+                for rt in transport.runtimes.values())
     return {"preset": label or preset, "clients": clients, "round_seconds": r1["seconds"],
             "dp": run.dp.enabled, "secagg": run.secagg is not None,
             "client_train_seconds_total": train, "with_initial_eval_seconds": total,

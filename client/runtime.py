@@ -8,6 +8,7 @@ runtime holds only its own data and identity.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,10 +23,10 @@ import torch
 
 from client.trainer import Progress, TrainResult, for_round, local_train
 from fedpeft.config import RunConfig, TrainConfig
-from fedpeft.errors import ConfigError, FedPeftError, PayloadError
+from fedpeft.errors import ClientFault, ConfigError, FedPeftError, PayloadError
 from fedpeft.federation_data import client_corpus
 from fedpeft.tokenize import Encoded, encode
-from fedpeft.vector import flatten
+from fedpeft.vector import flatten, with_clip_stats
 from fedpeft.wire import decode
 from fedpeft.wire import encode as encode_tensors
 from peft_methods import get_adapted
@@ -39,6 +40,9 @@ from privacy.accounting import (
     PoissonSampledGaussianEvent,
     compute_epsilon,
 )
+from privacy.accounting.errors import AccountingError
+from privacy.accounting.ledger import LedgerHead
+from privacy.csprng import DPRandomness
 from privacy.dp_sgd import dp_local_train
 from privacy.secagg.client import SecAggClient
 from privacy.secagg.stages import Stage
@@ -52,6 +56,38 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 SECAGG_STATE = "secagg"
 FINAL_STAGES = (Stage.DONE, Stage.ABORTED)
+#: Train-message field: the coordinator's receipt of this client's ledger head (last round).
+RECEIPT_KEY = "dp-ledger-receipt"
+#: Reply field: this client's ledger head after the round (the coordinator keeps it).
+LEDGER_HEAD_KEY = "dp-ledger-head"
+#: File (in the client's state) holding what stays on the device under DP: timings, losses.
+LOCAL_METRICS_FILE = "client-metrics.jsonl"
+
+#: Every field a reply may carry when DP is on (docs/privacy.md, "What a client sends"). A
+#: reply with any other field is not sent (fail closed): anything computed on private data
+#: without noise (losses, timings, fault details) stays on the device.
+DP_REPLY_FIELDS: dict[str, frozenset[str]] = {
+    # trained, plain transport: the update in the clear (itself DP-SGD's output)
+    "update": frozenset({
+        "status", "client-id", "round", "num-examples", "steps", "update", "update-bytes",
+        "dp-epsilon", "dp-epsilon-rdp", "dp-delta", "dp-sigma", "dp-q", "dp-steps",
+        "dp-rounds-joined", "dp-clip", "dp-adjacency", "dp-budget", "dp-budget-left",
+        LEDGER_HEAD_KEY}),
+    # trained, secure aggregation: the update stays on the device until it is sent masked
+    "secagg": frozenset({
+        "status", "client-id", "round", "num-examples", "steps", "secagg",
+        "dp-epsilon", "dp-epsilon-rdp", "dp-delta", "dp-sigma", "dp-q", "dp-steps",
+        "dp-rounds-joined", "dp-clip", "dp-adjacency", "dp-budget", "dp-budget-left",
+        LEDGER_HEAD_KEY}),
+    "exhausted": frozenset({"status", "client-id", "reason", "dp-epsilon", "dp-budget",
+                            "dp-adjacency"}),
+    "error": frozenset({"status", "client-id", "reason"}),
+    "secagg-step": frozenset({"status", "client-id", "message"}),
+}
+#: Errors whose message depends only on configuration, messages or files, never on the
+#: private records: under DP these keep their message in a fault reply; any other error is
+#: reported by its type only (details in the client's own log).
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (ConfigError, PayloadError, AccountingError)
 
 
 @dataclass(frozen=True)
@@ -93,6 +129,8 @@ class ClientRuntime:
         self.identity = identity
         self._data: Encoded | None = None
         self._sigma: float | None = None
+        #: The last round's on-device metrics (timings, losses): never sent under DP.
+        self.last_local: dict[str, object] = {}
 
     @property
     def model(self) -> AdaptedModel:
@@ -114,19 +152,28 @@ class ClientRuntime:
         state = {} if state is None else state
         try:
             if kind == "train":
-                return self._train_round(content, state)
-            if kind == "secagg":
-                return self._secagg_step(content, state)
-            raise PayloadError(f"unknown message kind {kind!r}")
+                reply = self._train_round(content, state)
+            elif kind == "secagg":
+                reply = self._secagg_step(content, state)
+            else:
+                raise PayloadError(f"unknown message kind {kind!r}")
+            if self.run.dp.enabled:
+                check_dp_reply(reply)
         except FedPeftError as exc:
             state.pop(SECAGG_STATE, None)
             log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
-            return {"status": STATUS_ERROR, "reason": f"{type(exc).__name__}: {exc}",
-                    "client-id": self.identity.client_id}
+            reply = {"status": STATUS_ERROR, "reason": self.public_reason(exc),
+                     "client-id": self.identity.client_id}
+        return reply
 
-    def handle_train(self, content: Mapping[str, Value]) -> Content:
-        """A round without secure aggregation (kept for callers that hold no state)."""
-        return self.handle("train", content, {})
+    def public_reason(self, exc: FedPeftError) -> str:
+        """The fault reason a reply may carry: the full message without DP; under DP only the
+        error type for errors whose message could depend on private records (a loss value,
+        the step at which training diverged), the details staying in this client's log."""
+        if not self.run.dp.enabled or isinstance(exc, PUBLIC_ERRORS):
+            return f"{type(exc).__name__}: {exc}"
+        return (f"{type(exc).__name__}: details stay on the device under differential privacy "
+                f"(client {self.identity.client_id}'s log)")
 
     # -- the round pipeline: load -> train -> privatize -> mask -> send -------------------------
     def _train_round(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
@@ -151,7 +198,11 @@ class ClientRuntime:
         model.load_adapter_state(global_state)
         data = self.data()
         if self.run.dp.enabled:
-            private = self._train_private(model, data, server_round)
+            receipt = content.get(RECEIPT_KEY)
+            if receipt is not None and not isinstance(receipt, str):
+                raise PayloadError(f"message field {RECEIPT_KEY!r} is "
+                                   f"{type(receipt).__name__}, expected str")
+            private = self._train_private(model, data, server_round, receipt)
             if isinstance(private, dict):  # the budget refused this round: nothing trained
                 return private
             result, privacy = private
@@ -161,13 +212,48 @@ class ClientRuntime:
         delta = self._privatize(delta)
         reply = self._metrics(result, server_round)
         reply.update(privacy)
-        reply.update(self._mask(delta, content, state))
+        masked, local = self._mask(delta, content, state)
+        reply.update(masked)
+        self._keep_local(server_round, result, local)
         return reply
 
     def _generator(self, server_round: int) -> torch.Generator:
-        """Batch sampling randomness (utility only; DP noise uses its own generator)."""
+        """Shuffling for non-private training only: reproducible from the run seed.
+
+        Never used under DP: DP-SGD's Poisson batches come from a CSPRNG keyed by the OS per
+        client and round (:class:`privacy.csprng.DPRandomness`), so that the coordinator, who
+        knows the seed, cannot rebuild them (amplification by subsampling needs that).
+        """
         return torch.Generator().manual_seed(
             (self.run.seed * 1_000_003 + self.identity.partition_id) * 10_007 + server_round)
+
+    def state_dir(self) -> Path:
+        """This client's own state on the device: the node's state-dir, else (a simulated
+        client) its own folder under the run directory."""
+        if self.identity.state_dir:
+            return Path(self.identity.state_dir)
+        return Path(self.run.run_dir) / "client-state" / _safe(self.identity.client_id)
+
+    def anchor_dir(self) -> Path:
+        """Where this client anchors its ledger's length, apart from the ledger files."""
+        return self.state_dir() / "ledger-anchors"
+
+    def _keep_local(self, server_round: int, result: TrainResult,
+                    extra: Mapping[str, Value]) -> None:
+        """Record what stays on the device (timings, losses, SecAgg clamps) for its owner."""
+        row: dict[str, object] = {"round": server_round, "client-id": self.identity.client_id,
+                                  "train-seconds": result.seconds, "steps": result.steps,
+                                  **extra}
+        if result.losses:
+            row.update({"train-loss": result.mean_loss, "train-loss-first": result.losses[0],
+                        "train-loss-last": result.losses[-1]})
+        self.last_local = row
+        if not self.run.dp.enabled:
+            return
+        path = self.state_dir() / LOCAL_METRICS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
 
     def _progress(self, server_round: int) -> Progress | None:
         if not self.run.progress:
@@ -188,8 +274,7 @@ class ClientRuntime:
         """This client's privacy ledger: ledger-dir, else the node's state-dir, else the run's."""
         base = (self.run.ledger_dir or self.identity.state_dir
                 or str(Path(self.run.run_dir) / "ledgers"))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.identity.client_id)
-        return Path(base) / f"{safe}.ledger.jsonl"
+        return Path(base) / f"{_safe(self.identity.client_id)}.ledger.jsonl"
 
     def noise_multiplier(self, dataset_size: int) -> float:
         """Sigma for this client: given, or calibrated over the planned rounds (cached)."""
@@ -198,24 +283,32 @@ class ClientRuntime:
                                                                self.run.train.local_steps)
         return self._sigma
 
-    def _train_private(self, model: AdaptedModel, data: Encoded, server_round: int
-                       ) -> tuple[TrainResult, Content] | Content:
-        """DP-SGD with the ledger: check budget and reserve -> train -> commit.
+    def _train_private(self, model: AdaptedModel, data: Encoded, server_round: int,
+                       receipt: str | None = None) -> tuple[TrainResult, Content] | Content:
+        """DP-SGD with the ledger: verify -> check budget and reserve -> train -> commit.
 
-        The event is reserved (fsynced) before any noise is drawn, so a crash mid-round counts
-        the round as spent; commit is idempotent, so a restart never counts it twice.
+        The ledger is checked against its anchor (kept apart from the ledger files) and
+        against the coordinator's receipt of its last head, so a deleted or restored ledger is
+        refused before anything is spent. The event is reserved (fsynced) before any noise is
+        drawn, so a crash mid-round counts the round as spent; commit is idempotent, so a
+        restart never counts it twice.
         """
         dp = self.run.dp
         n = len(data)
         sigma = self.noise_multiplier(n)
         event = PoissonSampledGaussianEvent(dp.sample_rate(n), sigma, self.run.train.local_steps)
+        randomness = DPRandomness.from_os()  # security: fresh OS keys per client and round
         meta = EventMetadata(round_number=server_round, dataset_size=n, delta=dp.delta,
-                             clip_norm=dp.max_grad_norm, run_id=self.run.fingerprint())
+                             clip_norm=dp.max_grad_norm, run_id=self.run.fingerprint(),
+                             adjacency=dp.adjacency, sampling="csprng")
         eps_max = self.identity.epsilon_budget or dp.epsilon_max
         budget = None if eps_max is None else Budget(eps_max, dp.delta)
         path = self.ledger_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with Ledger(path, client_id=self.identity.client_id, budget=budget) as ledger:
+        with Ledger(path, client_id=self.identity.client_id, budget=budget,
+                    anchor_dir=self.anchor_dir()) as ledger:
+            if receipt:
+                self._verify_receipt(ledger, receipt)
             try:
                 if budget is not None:
                     ledger.reserve_within_budget(event, meta, budget, dp.accountant)
@@ -224,51 +317,79 @@ class ClientRuntime:
             except BudgetExhaustedError as exc:
                 return {"status": BUDGET_EXHAUSTED_STATUS, "client-id": self.identity.client_id,
                         "reason": str(exc), "dp-epsilon": exc.epsilon_before,
-                        "dp-budget": float(exc.epsilon_max)}
+                        "dp-budget": float(exc.epsilon_max),
+                        "dp-adjacency": ledger.adjacency}
             model.train()
             result = dp_local_train(model, data, self._train_config(server_round), dp,
-                                    noise_multiplier=sigma,
-                                    generator=self._generator(server_round),
-                                    noise_generator=noise_generator(),
+                                    noise_multiplier=sigma, randomness=randomness,
                                     progress=self._progress(server_round))
             model.eval()
             ledger.commit(meta.event_id)
             spent = ledger.spent_events()
+            adjacency = ledger.adjacency
             rounds = len({e.metadata.round_number for e in ledger.entries()})
-        eps = {name: compute_epsilon(spent, dp.delta, name).epsilon for name in ("prv", "rdp")}
+            head = ledger.head().as_wire()
+        eps = {name: compute_epsilon(spent, dp.delta, name, adjacency=adjacency).epsilon
+               for name in ("prv", "rdp")}
         privacy: Content = {
             "dp-epsilon": eps["prv"], "dp-epsilon-rdp": eps["rdp"], "dp-delta": dp.delta,
             "dp-sigma": sigma, "dp-q": event.sample_rate, "dp-steps": event.steps,
             "dp-rounds-joined": rounds, "dp-clip": dp.max_grad_norm,
+            "dp-adjacency": adjacency, LEDGER_HEAD_KEY: head,
         }
         if budget is not None:
             privacy["dp-budget"] = budget.epsilon_max
             privacy["dp-budget-left"] = max(0.0, budget.epsilon_max - eps["prv"])
         return result, privacy
 
+    def _verify_receipt(self, ledger: Ledger, receipt: str) -> None:
+        """Refuse a ledger that lacks the head the coordinator saw last (deleted or restored).
+
+        The receipt is ``client-id \\n head``; one naming another client (the coordinator's
+        node ids moved) is ignored. A receipt can only make this client refuse to train,
+        never make it spend more or count less.
+        """
+        client_id, sep, head = receipt.partition("\n")
+        if not sep or len(receipt) > 512:
+            raise PayloadError(f"message field {RECEIPT_KEY!r} is malformed (expected "
+                               "'client-id\\n<count>:<hash>')")
+        if client_id != self.identity.client_id:
+            log.warning("client %s: ignoring a ledger receipt for client %r",
+                        self.identity.client_id, client_id[:64])
+            return
+        # security: the coordinator's copy of this ledger's head (its receipt of the last
+        # round) must be in the ledger, else the ledger was deleted or restored: refuse
+        ledger.verify_receipt(LedgerHead.parse(head))
+
     def _privatize(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Record-level DP happens inside training (DP-SGD), so the update is already private."""
         return delta
 
     def _mask(self, delta: dict[str, torch.Tensor], content: Mapping[str, Value],
-              state: dict[str, bytes]) -> Content:
+              state: dict[str, bytes]) -> tuple[Content, Content]:
         """Plain: the update as safetensors. Secure aggregation: only the first protocol reply
-        leaves; the update stays in ``state`` until it is sent masked."""
+        leaves; the update stays in ``state`` until it is sent masked.
+
+        Returns (what is sent, what stays on the device). Under SecAgg the count of update
+        coordinates beyond ``secagg-clip`` is summed inside the masked vector
+        (:func:`fedpeft.vector.with_clip_stats`), never sent per client.
+        """
         if "secagg-setup" not in content:
             blob = encode_tensors(delta)
-            return {"update": blob, "update-bytes": len(blob)}
+            return {"update": blob, "update-bytes": len(blob)}, {}
         cfg = self.run.secagg
         if cfg is None:  # checked by the caller
             raise ConfigError("secure aggregation requested without secagg settings")
         vec = flatten(delta, self.model.spec())
         clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
+        vec = with_clip_stats(vec, clipped, cfg.clip)
         client = SecAggClient(int(_require(content, "secagg-id", int)),
                               bytes(_require(content, "secagg-session", bytes)),  # type: ignore[arg-type]
                               cfg, expected_vector_length=int(vec.shape[0]))
         client.set_update(cast("npt.NDArray[np.floating[npt.NBitBase]]", vec))
         advertise = client.handle(bytes(_require(content, "secagg-setup", bytes)))  # type: ignore[arg-type]
         state[SECAGG_STATE] = client.export_state()
-        return {"secagg": advertise, "secagg-clipped": clipped}
+        return {"secagg": advertise}, {"secagg-clipped": clipped}
 
     def _secagg_step(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
         if self.run.secagg is None:
@@ -311,25 +432,44 @@ class ClientRuntime:
             "round": server_round,
             "num-examples": result.examples,
             "steps": result.steps,
-            "train-seconds": result.seconds,
         }
-        if not self.run.dp.enabled and result.losses:
-            # Training losses are computed on private data without noise: under DP they stay
-            # on the device (only evaluation metrics and epsilon are reported).
-            out.update({"train-loss": result.mean_loss, "train-loss-first": result.losses[0],
-                        "train-loss-last": result.losses[-1]})
+        if not self.run.dp.enabled:
+            # Training losses and timings are computed on private data without noise (the
+            # time depends on the realised Poisson batch sizes and token lengths): under DP
+            # they stay on the device (``last_local``, client-metrics.jsonl).
+            out["train-seconds"] = result.seconds
+            if result.losses:
+                out.update({"train-loss": result.mean_loss,
+                            "train-loss-first": result.losses[0],
+                            "train-loss-last": result.losses[-1]})
         return out
 
 
-def noise_generator() -> torch.Generator:
-    """A fresh generator for DP noise, seeded with 64 bits from the OS CSPRNG.
+def _safe(client_id: str) -> str:
+    """``client_id`` as a file name (letters, digits and ``-_.`` kept)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)
 
-    torch's default generator starts from a fixed seed in every process, so noise drawn from it
-    would be predictable; each round gets its own unpredictable seed instead (see "Randomness"
-    in docs/privacy.md for what this does and does not protect against).
+
+def check_dp_reply(reply: Mapping[str, Value]) -> None:
+    """Refuse to send a reply under DP that carries a field outside :data:`DP_REPLY_FIELDS`.
+
+    Raises :class:`ClientFault` (an internal error: the reply is not sent) naming the fields.
     """
-    # security: the noise seed comes from os.urandom, never from a run or public seed
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    if "secagg" in reply:
+        kind = "secagg"
+    elif "update" in reply:
+        kind = "update"
+    elif "message" in reply:
+        kind = "secagg-step"
+    elif reply.get("status") == BUDGET_EXHAUSTED_STATUS:
+        kind = "exhausted"
+    else:
+        kind = "error"
+    extra = set(reply) - DP_REPLY_FIELDS[kind]
+    if extra:
+        # security: fail closed; a field not in the documented set never leaves the device
+        raise ClientFault(f"reply of kind {kind!r} carries fields {sorted(extra)} outside the "
+                          "documented set under DP (docs/privacy.md); not sent")
 
 
 def _progress_printer(desc: str) -> Progress:

@@ -17,7 +17,7 @@ import torch
 
 from coordinator.transport import Content, Reply, Transport
 from fedpeft.errors import FedPeftError
-from fedpeft.vector import unflatten, vector_length
+from fedpeft.vector import CLIP_STATS, split_clip_stats, unflatten, vector_length
 from fedpeft.wire import TensorSpec
 from privacy.secagg.config import SecAggConfig
 from privacy.secagg.server import SecAggServer
@@ -35,6 +35,10 @@ class SecureRoundResult:
     threshold: int = 0
     degree: int = 0
     bytes_up: int = 0
+    #: Summed inside the masked vector (never per client): clients whose update had
+    #: coordinates beyond secagg-clip, and how many such coordinates in all.
+    clients_clipped: int = 0
+    clipped: int = 0
 
 
 def _ok_messages(chosen: list[int], replies: Mapping[int, Reply], key: str, stage: str,
@@ -69,22 +73,29 @@ def _ok_messages(chosen: list[int], replies: Mapping[int, Reply], key: str, stag
 
 def secure_round(transport: Transport, chosen: list[int], train_message: Content,
                  config: SecAggConfig, spec: Mapping[str, TensorSpec], session_id: bytes,
-                 timeout: float) -> SecureRoundResult:
-    """Run one SecAgg+ round; on abort, ``mean_delta`` is None and ``abort_reason`` says why."""
+                 timeout: float, extras: Mapping[int, Content] | None = None
+                 ) -> SecureRoundResult:
+    """Run one SecAgg+ round; on abort, ``mean_delta`` is None and ``abort_reason`` says why.
+
+    ``extras`` adds per-node fields to the train message (the client's ledger receipt).
+    """
     result = SecureRoundResult(mean_delta=None)
+    extras = extras or {}
     try:
         resolved = config.resolve(len(chosen))
         result.threshold, result.degree = int(resolved.threshold or 0), int(resolved.degree or 0)
-        server = SecAggServer(resolved, chosen, vector_length(spec), session_id,
+        server = SecAggServer(resolved, chosen, vector_length(spec) + CLIP_STATS, session_id,
                               drop_invalid=True)
         setup = server.start()
-        messages = {node: {**train_message, "secagg-setup": setup[node], "secagg-id": node,
+        messages = {node: {**train_message, **extras.get(node, {}),
+                           "secagg-setup": setup[node], "secagg-id": node,
                            "secagg-session": session_id} for node in chosen}
         replies = transport.exchange("train", messages, timeout)
         adverts = _ok_messages(chosen, replies, "secagg", "train", result)
         for node, blob in adverts.items():
             content = replies[node].content or {}
-            result.client_rows.append({k: v for k, v in content.items() if k != "secagg"})
+            result.client_rows.append({**{k: v for k, v in content.items() if k != "secagg"},
+                                       "node": node})
         outgoing = server.on_advertise(adverts)
         for stage, step in (("share-keys", server.on_shares), ("masked-input", server.on_masked)):
             replies = transport.exchange("secagg", {n: {"message": m} for n, m in outgoing.items()},
@@ -99,5 +110,11 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
         log.warning("%s", result.abort_reason)
         return result
     result.survivors = aggregate.survivors
-    result.mean_delta = unflatten(aggregate.float_mean(), spec)
+    try:
+        update, result.clients_clipped, result.clipped = split_clip_stats(
+            aggregate.float_mean(), len(aggregate.survivors), config.clip)
+        result.mean_delta = unflatten(update, spec)
+    except FedPeftError as exc:
+        result.abort_reason = f"secure aggregation aborted: {type(exc).__name__}: {exc}"
+        log.warning("%s", result.abort_reason)
     return result

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.runtime import LEDGER_HEAD_KEY, RECEIPT_KEY
 from client.trainer import evaluate
 from coordinator.aggregate import weighted_mean
 from coordinator.checkpoint import latest_checkpoint, save_checkpoint
@@ -39,6 +40,7 @@ from peft_methods.base import AdaptedModel
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RECEIPTS_FILE = "ledger_receipts.json"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Coordinator:
         self._eval: Encoded | None = None
         self.privacy: dict[str, dict[str, Any]] = {}
         self.exhausted: set[int] = set()
+        #: node id -> (client id, the ledger head it last reported): sent back as a receipt
+        #: so that a client whose ledger was deleted or restored refuses to train.
+        self.receipts: dict[int, tuple[str, str]] = self._load_receipts()
 
     @property
     def model(self) -> AdaptedModel:
@@ -87,6 +92,37 @@ class Coordinator:
 
     def _meta(self) -> dict[str, Any]:
         return {"fingerprint": self.run.fingerprint(), "run_config": self.run.as_flat()}
+
+    def _load_receipts(self) -> dict[int, tuple[str, str]]:
+        path = self.run_dir / RECEIPTS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return {int(node): (str(v["client-id"]), str(v["head"])) for node, v in doc.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FedPeftError(f"{path} is unreadable ({exc}); it holds the clients' ledger "
+                               "receipts: restore it, or move it away to run without them") from exc
+
+    def _receipt_fields(self, chosen: list[int]) -> dict[int, Content]:
+        """Per-node train-message fields: the receipt of the node's last ledger head."""
+        if not self.run.dp.enabled:
+            return {}
+        return {n: {RECEIPT_KEY: "\n".join(self.receipts[n])} for n in chosen
+                if n in self.receipts}
+
+    def _keep_receipts(self, client_rows: list[dict[str, Any]]) -> None:
+        changed = False
+        for r in client_rows:
+            head, node = r.get(LEDGER_HEAD_KEY), r.get("node")
+            if isinstance(head, str) and isinstance(node, int):
+                self.receipts[node] = (str(r.get("client-id", node)), head)
+                changed = True
+        if changed:
+            doc = {str(n): {"client-id": c, "head": h} for n, (c, h) in sorted(self.receipts.items())}
+            tmp = self.run_dir / (RECEIPTS_FILE + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.run_dir / RECEIPTS_FILE)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
@@ -170,26 +206,26 @@ class Coordinator:
         if self.run.secagg is not None:
             session = os.urandom(16) + server_round.to_bytes(8, "big")  # security: fresh per round
             sec = secure_round(self.transport, chosen, message, self.run.secagg, spec, session,
-                               fed.round_timeout)
+                               fed.round_timeout, extras=self._receipt_fields(chosen))
             client_rows, faults = sec.client_rows, sec.faults
-            clipped = [c for c in (r.get("secagg-clipped") for r in client_rows)
-                       if isinstance(c, int) and not isinstance(c, bool) and c >= 0]
             row.update({"secagg": {"survivors": len(sec.survivors), "threshold": sec.threshold,
                                    "degree": sec.degree, "aborted": sec.abort_reason or None,
-                                   "clipped": sum(clipped),
-                                   "clients_clipped": sum(1 for c in clipped if c)}})
-            if sum(clipped):
+                                   "clipped": sec.clipped,
+                                   "clients_clipped": sec.clients_clipped}})
+            if sec.clipped:
                 log.warning(
                     "round %d: %d update coordinates of %d clients exceeded secagg-clip=%g and "
                     "were clipped to it, which biases the mean toward zero; raise secagg-clip "
-                    "(docs/secagg.md, 'Choosing secagg-clip')", server_round, sum(clipped),
-                    sum(1 for c in clipped if c), self.run.secagg.clip)
+                    "(docs/secagg.md, 'Choosing secagg-clip')", server_round, sec.clipped,
+                    sec.clients_clipped, self.run.secagg.clip)
             row["bytes_up"] = sec.bytes_up
             ok = len(sec.survivors)
             result, reason = sec.mean_delta, sec.abort_reason
         else:
-            replies = self.transport.exchange("train", {n: dict(message) for n in chosen},
-                                              fed.round_timeout)
+            receipts = self._receipt_fields(chosen)
+            replies = self.transport.exchange(
+                "train", {n: {**message, **receipts.get(n, {})} for n in chosen},
+                fed.round_timeout)
             updates, weights, faults, client_rows = self._collect(chosen, replies, spec)
             row["bytes_up"] = sum(int(r.get("update-bytes", 0)) for r in client_rows)
             ok = len(updates)
@@ -211,11 +247,21 @@ class Coordinator:
             result = None
         if result is None and not reason:
             reason = f"{ok} usable updates < min-clients {fed.min_clients}"
+        if self.run.dp.enabled:
+            # What happened to DP this round: clients that trained spent privacy (their
+            # ledgers hold the event) even when nothing was aggregated.
+            spent = sum(1 for r in client_rows if "dp-epsilon" in r)
+            row["dp_spent"] = spent
+            if result is None:
+                reason += (f"; {spent} clients trained with DP and spent privacy budget on "
+                           "updates that were discarded (their ledgers record it)" if spent else
+                           "; no client trained: no privacy was spent")
         return result, reason
 
     def _privacy_rows(self, client_rows: list[dict[str, Any]], faults: list[dict[str, str]],
                       row: dict[str, Any]) -> None:
         """Keep each client's latest privacy report; count budget-exhausted clients."""
+        self._keep_receipts(client_rows)
         for r in client_rows:
             if "dp-epsilon" in r:
                 self.privacy[str(r.get("client-id"))] = {
@@ -278,7 +324,7 @@ class Coordinator:
                 continue
             updates.append(delta)
             weights.append(float(n))
-            rows.append(dict(content))
+            rows.append({**content, "node": node})
         return updates, weights, faults, rows
 
 

@@ -112,7 +112,12 @@ def print_privacy_report(run_dir: Path) -> None:
     """Recompute every client's epsilon from its ledger file and print the table (+JSON, PNG)."""
     ledgers = run_dir / "ledgers"
     if not ledgers.is_dir() or not any(ledgers.glob("*.ledger.jsonl")):
-        print("\nprivacy: no ledgers in this run (differential privacy was off)")
+        if _run_had_dp(run_dir):
+            print("\nprivacy: differential privacy was on, but no client trained in this run "
+                  "(no ledger was written): no privacy was spent and no update was released; "
+                  "see the rounds' faults and SecAgg aborts above")
+        else:
+            print("\nprivacy: differential privacy was off in this run (no ledgers)")
         return
     from privacy.accounting.report import (
         plot_epsilon,
@@ -127,6 +132,16 @@ def print_privacy_report(run_dir: Path) -> None:
     write_report_json(reports, run_dir / "privacy_ledgers.json")
     plot_epsilon(reports, run_dir / "privacy_epsilon.png")
     print(f"written: {run_dir / 'privacy_ledgers.json'}, {run_dir / 'privacy_epsilon.png'}")
+
+
+def _run_had_dp(run_dir: Path) -> bool:
+    """Whether the run's recorded config had DP on (True when it cannot be read: the
+    report must never claim DP was off when it does not know)."""
+    try:
+        doc = json.loads((run_dir / "run_config.json").read_text())
+        return bool(doc["run_config"]["dp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

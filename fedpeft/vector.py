@@ -37,3 +37,41 @@ def unflatten(vec: npt.NDArray[np.floating], spec: Mapping[str, TensorSpec]) -> 
         out[name] = torch.from_numpy(chunk.copy()).reshape(s.shape).to(s.dtype)
         offset += s.numel
     return out
+
+
+#: Coordinates appended to a masked SecAgg vector for round statistics that must be summed,
+#: never sent per client: [clip * 1{any coordinate clamped}, clip * clamped / length].
+CLIP_STATS = 2
+
+
+def with_clip_stats(vec: npt.NDArray[np.float32], clamped: int,
+                    clip: float) -> npt.NDArray[np.float32]:
+    """``vec`` with :data:`CLIP_STATS` coordinates appended that carry, inside the masked sum,
+    whether this client's update had coordinates beyond ``clip`` and what fraction.
+
+    Both values lie in [0, clip], so SecAgg's quantiser carries them unclamped.
+    """
+    length = int(vec.shape[0])
+    if not 0 <= clamped <= length:
+        raise PayloadError(f"clamped={clamped} must be in [0, {length}]")
+    frac = clamped / length if length else 0.0
+    stats = np.array([clip if clamped else 0.0, clip * frac], dtype=np.float32)
+    return np.concatenate([vec.astype(np.float32, copy=False), stats])
+
+
+def split_clip_stats(mean: npt.NDArray[np.floating], survivors: int, clip: float
+                     ) -> tuple[npt.NDArray[np.floating], int, int]:
+    """Inverse of :func:`with_clip_stats` on the survivors' *mean*: returns (the update part,
+    the number of clients that clamped, the total of clamped coordinates, rounded).
+
+    The counts come from the quantised sum, so they are exact up to SecAgg's grid step
+    (a count is off only when ``survivors**2 * length`` nears 2^31 at 32 bits).
+    """
+    if mean.ndim != 1 or mean.shape[0] < CLIP_STATS:
+        raise PayloadError(f"aggregate of shape {mean.shape} lacks the {CLIP_STATS} "
+                           "statistics coordinates")
+    update = mean[:-CLIP_STATS]
+    length = int(update.shape[0])
+    clients = float(mean[-2]) * survivors / clip
+    total = float(mean[-1]) * survivors * length / clip
+    return update, max(0, int(round(clients))), max(0, int(round(total)))

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 from fedpeft.errors import ConfigError, FedPeftError, ModelError
 from privacy.accounting.calibrate import calibrate_noise_multiplier
-from privacy.accounting.events import sample_rate_from
+from privacy.accounting.events import ADJACENCIES, Adjacency, sample_rate_from
 
 GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
 GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
@@ -70,6 +70,10 @@ class DPConfig:
         accountant: ``"prv"`` (default) or ``"rdp"``, used for calibration.
         planned_rounds: rounds the client may join; calibration spends the budget over them.
         epsilon_max: optional hard budget enforced by the ledger (``privacy.accounting``).
+        adjacency: neighbouring relation of the guarantee, used for calibration:
+            ``"replace_one"`` (default) or ``"add_remove"``. Replace-one because the client's
+            local dataset size n is public: it is released through q = B/n and through sigma
+            (calibrated from q), and under add/remove n would change with the record.
     """
 
     enabled: bool = False
@@ -83,6 +87,7 @@ class DPConfig:
     accountant: AccountantName = "prv"
     planned_rounds: int = 1
     epsilon_max: float | None = None
+    adjacency: Adjacency = "replace_one"
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -113,6 +118,9 @@ class DPConfig:
         if self.accountant not in ACCOUNTANT_NAMES:
             raise DPConfigError(f"accountant={self.accountant!r} must be one of "
                                 f"{ACCOUNTANT_NAMES}")
+        if self.adjacency not in ADJACENCIES:
+            raise DPConfigError(f"adjacency={self.adjacency!r} must be one of {ADJACENCIES} "
+                                "('replace_one' when the dataset size is released, as here)")
         _positive_int("planned_rounds", self.planned_rounds,
                       "the number of rounds this client may join")
         if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -131,11 +139,12 @@ class DPConfig:
 
     def resolve_noise_multiplier(self, dataset_size: int, steps_per_round: int) -> float:
         """The given noise multiplier, or the calibrated one for ``target_epsilon`` over
-        ``planned_rounds * steps_per_round`` steps at rate ``q`` (rounded toward privacy)."""
+        ``planned_rounds * steps_per_round`` steps at rate ``q`` under ``adjacency`` (rounded
+        toward privacy)."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         if self.target_epsilon is None:
             raise DPConfigError("noise_multiplier=None and target_epsilon=None: set one of them")
         return calibrate_noise_multiplier(
             self.target_epsilon, self.delta, self.sample_rate(dataset_size), steps_per_round,
-            self.planned_rounds, self.accountant)
+            self.planned_rounds, self.accountant, self.adjacency)

@@ -2,7 +2,8 @@
 
 Events (:mod:`.events`), accountants (:mod:`.accountant`, PRV default and RDP), noise
 calibration (:mod:`.calibrate`), the crash-safe hash-chained ledger (:mod:`.ledger`), budgets
-(:mod:`.budget`) and reports (:mod:`.report`). Importing this package does not import torch or
+(:mod:`.budget`) and reports (:mod:`.report`); replace-one (substitution) maths in
+:mod:`.replace_one`. Importing this package does not import torch or
 Opacus; accountants import Opacus lazily. See docs/privacy.md.
 """
 
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 from privacy.accounting.accountant import (
     ACCOUNTANTS,
+    ADJACENCIES,
     DEFAULT_ACCOUNTANT,
+    DEFAULT_ADJACENCY,
+    Adjacency,
     EpsilonResult,
     compute_epsilon,
     epsilon,
     epsilon_side_by_side,
     group_events,
+    validate_adjacency,
 )
 from privacy.accounting.budget import (
     BUDGET_EXHAUSTED_STATUS,
@@ -33,6 +38,8 @@ from privacy.accounting.errors import (
     LedgerCorruptedError,
     LedgerError,
     LedgerLockedError,
+    LedgerReceiptError,
+    LedgerRollbackError,
 )
 from privacy.accounting.events import (
     EventMetadata,
@@ -40,14 +47,22 @@ from privacy.accounting.events import (
     new_event_id,
     sample_rate_from,
 )
-from privacy.accounting.ledger import Ledger, LedgerEntry, LedgerSnapshot, read_ledger
+from privacy.accounting.ledger import (
+    Ledger,
+    LedgerEntry,
+    LedgerHead,
+    LedgerSnapshot,
+    read_ledger,
+)
 
 __all__ = [
-    "ACCOUNTANTS", "BUDGET_EXHAUSTED_STATUS", "DEFAULT_ACCOUNTANT", "AccountingError",
+    "ACCOUNTANTS", "ADJACENCIES", "BUDGET_EXHAUSTED_STATUS", "DEFAULT_ACCOUNTANT",
+    "DEFAULT_ADJACENCY", "Adjacency", "AccountingError",
     "Budget", "BudgetDecision", "BudgetExhaustedError", "CalibrationError", "EpsilonResult",
     "EventMetadata", "EventValidationError", "Ledger", "LedgerCorruptedError", "LedgerEntry",
-    "LedgerError", "LedgerLockedError", "LedgerSnapshot", "PoissonSampledGaussianEvent",
+    "LedgerError", "LedgerHead", "LedgerLockedError", "LedgerReceiptError",
+    "LedgerRollbackError", "LedgerSnapshot", "PoissonSampledGaussianEvent",
     "PrivacyPlan", "calibrate_noise_multiplier", "check_round", "compute_epsilon", "epsilon",
     "epsilon_side_by_side", "group_events", "new_event_id", "plan", "read_ledger",
-    "require_round", "sample_rate_from",
+    "require_round", "sample_rate_from", "validate_adjacency",
 ]

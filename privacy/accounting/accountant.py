@@ -9,6 +9,13 @@ cheap):
 * ``"rdp"``: Renyi DP of the sampled Gaussian mechanism (Mironov 2017; Mironov, Talwar and
   Zhang 2019) converted to (epsilon, delta) with Balle et al. 2020, Theorem 21.
 
+Each accountant works under either neighbouring relation (:data:`Adjacency`):
+``"add_remove"`` (Opacus' PRV and RDP of the add/remove pair) or ``"replace_one"``
+(substitution; the pair, its PRV and its RDP are in :mod:`privacy.accounting.replace_one`,
+used with the same Opacus PRV discretisation/composition and the same RDP conversion). The
+pure functions here default to ``"add_remove"``; callers that release the dataset size n
+(through q = B/n or a calibrated sigma) must pass ``"replace_one"``.
+
 Accounting is cumulative over every event given (all rounds of one client). Events with the
 same (q, sigma) are grouped by summing their steps (composition of identical mechanisms is
 order-independent), and results are cached.
@@ -21,16 +28,32 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from privacy.accounting.errors import EventValidationError
-from privacy.accounting.events import PoissonSampledGaussianEvent, validate_delta
+from privacy.accounting.events import (
+    ADJACENCIES,
+    Adjacency,
+    PoissonSampledGaussianEvent,
+    validate_adjacency,
+    validate_delta,
+)
+
+__all__ = [
+    "ACCOUNTANTS", "ADJACENCIES", "DEFAULT_ACCOUNTANT", "DEFAULT_ADJACENCY", "PRV_EPS_ERROR",
+    "PRV_MAX_GRID_POINTS", "RDP_ORDERS", "AccountantName", "Adjacency", "EpsilonResult",
+    "GroupedEvents", "compute_epsilon", "epsilon", "epsilon_side_by_side", "group_events",
+    "validate_accountant", "validate_adjacency",
+]
 
 AccountantName = Literal["prv", "rdp"]
 ACCOUNTANTS: tuple[AccountantName, ...] = ("prv", "rdp")
 DEFAULT_ACCOUNTANT: AccountantName = "prv"
+#: Default of the pure functions in this package (kept so that add/remove cross-checks keep
+#: their meaning); fedpeft's callers pass the adjacency explicitly (DPConfig: replace-one).
+DEFAULT_ADJACENCY: Adjacency = "add_remove"
 
 #: RDP orders: Opacus' defaults extended with large orders (as in Google dp_accounting), so
 #: the optimum is interior for small epsilons.
@@ -55,6 +78,7 @@ class EpsilonResult:
     ``epsilon`` is the conservative value to act on (PRV: ``eps_upper``; RDP: the RDP bound).
     ``eps_low``/``eps_estimate``/``eps_upper`` are the PRV error bounds (None for RDP);
     ``rdp_order`` is the optimal Renyi order (None for PRV). ``note`` explains fallbacks.
+    ``adjacency`` is the neighbouring relation the guarantee holds for.
     """
 
     accountant: AccountantName
@@ -65,6 +89,7 @@ class EpsilonResult:
     eps_upper: float | None = None
     rdp_order: float | None = None
     note: str = ""
+    adjacency: Adjacency = DEFAULT_ADJACENCY
 
 
 def validate_accountant(accountant: str) -> AccountantName:
@@ -101,28 +126,42 @@ def _rdp_curve(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]
     return tuple(float(v) for v in np.atleast_1d(curve))
 
 
-def _rdp_epsilon(groups: GroupedEvents, delta: float) -> EpsilonResult:
+def _rdp_epsilon(groups: GroupedEvents, delta: float,
+                 adjacency: Adjacency = DEFAULT_ADJACENCY) -> EpsilonResult:
     from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from privacy.accounting import replace_one  # lazy: scipy.special
 
     total = np.zeros(len(RDP_ORDERS))
     for q, sigma, steps in groups:
-        total = total + steps * np.asarray(_rdp_curve(q, sigma))
+        curve = (replace_one.rdp_curve(q, sigma, RDP_ORDERS) if adjacency == "replace_one"
+                 else _rdp_curve(q, sigma))
+        total = total + steps * np.asarray(curve)
     orders = np.asarray(RDP_ORDERS)
+    notes: list[str] = []
+    dropped = int(np.sum(~np.isfinite(total)))
+    if dropped:
+        # Orders whose replace-one integral was not reliable are dropped (inf); the minimum
+        # over the remaining orders is still a valid bound.
+        notes.append(f"{dropped} of {len(RDP_ORDERS)} RDP orders dropped (integral not "
+                     "computed reliably)")
     # Balle et al. 2020, Thm 21 (opacus get_privacy_spent). Its warning about an optimum at
     # the edge of the order grid is captured here (scoped, not filtered) and put in ``note``.
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, np.errstate(invalid="ignore"):
         warnings.simplefilter("always", UserWarning)
         eps_raw, order = opacus_rdp.get_privacy_spent(orders=orders, rdp=total, delta=delta)
     eps = max(0.0, float(eps_raw)) if not math.isnan(float(eps_raw)) else math.inf
-    note = "; ".join(str(w.message) for w in caught)
-    return EpsilonResult("rdp", delta, eps, rdp_order=float(order), note=note)
+    notes.extend(str(w.message) for w in caught)
+    return EpsilonResult("rdp", delta, eps, rdp_order=float(order), note="; ".join(notes),
+                         adjacency=adjacency)
 
 
 class _PRVTooExpensive(ArithmeticError):
     """The PRV discretisation grid would exceed :data:`PRV_MAX_GRID_POINTS`."""
 
 
-def _prv_epsilon(groups: GroupedEvents, delta: float) -> EpsilonResult:
+def _prv_epsilon(groups: GroupedEvents, delta: float,
+                 adjacency: Adjacency = DEFAULT_ADJACENCY) -> EpsilonResult:
     from opacus.accountants import PRVAccountant  # type: ignore[import-untyped]
     from opacus.accountants.analysis.prv import (  # type: ignore[import-untyped]
         PoissonSubsampledGaussianPRV,
@@ -131,7 +170,10 @@ def _prv_epsilon(groups: GroupedEvents, delta: float) -> EpsilonResult:
         discretize,
     )
 
+    from privacy.accounting import replace_one  # lazy: scipy.special
+
     delta_error = delta / 1000
+    counts = [steps for _, _, steps in groups]
     # Same steps as opacus PRVAccountant._get_dprv, with a guard on the grid size: for very
     # large epsilons (tiny noise) the grid explodes (tens of millions of points, minutes).
     # Opacus' domain sizing runs its RDP accountant, which may warn about the order grid;
@@ -140,10 +182,17 @@ def _prv_epsilon(groups: GroupedEvents, delta: float) -> EpsilonResult:
         over="ignore", divide="ignore", invalid="ignore", under="ignore"
     ):
         warnings.simplefilter("always", UserWarning)
-        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for q, sigma, _ in groups]
-        counts = [steps for _, _, steps in groups]
-        domain = PRVAccountant()._get_domain(prvs=prvs, num_self_compositions=counts,
-                                             eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+        prvs: list[Any]
+        if adjacency == "replace_one":
+            # Domain sized from the replace-one RDP bound (Opacus' sizing uses add/remove RDP).
+            prvs = [replace_one.ReplaceOnePoissonSubsampledGaussianPRV(q, sigma)
+                    for q, sigma, _ in groups]
+            domain = replace_one.prv_domain(groups, PRV_EPS_ERROR, delta_error, RDP_ORDERS)
+        else:
+            prvs = [PoissonSubsampledGaussianPRV(q, sigma) for q, sigma, _ in groups]
+            domain = PRVAccountant()._get_domain(prvs=prvs, num_self_compositions=counts,
+                                                 eps_error=PRV_EPS_ERROR,
+                                                 delta_error=delta_error)
         if domain.size > PRV_MAX_GRID_POINTS:
             raise _PRVTooExpensive(
                 f"PRV grid of {domain.size} points exceeds {PRV_MAX_GRID_POINTS}"
@@ -157,47 +206,54 @@ def _prv_epsilon(groups: GroupedEvents, delta: float) -> EpsilonResult:
         raise ArithmeticError(f"PRV accountant returned non-finite bounds {(low_f, est_f, up_f)}")
     note = "; ".join(sorted({f"domain sizing: {w.message}" for w in caught}))
     return EpsilonResult("prv", delta, max(0.0, up_f), eps_low=low_f, eps_estimate=est_f,
-                         eps_upper=up_f, note=note)
+                         eps_upper=up_f, note=note, adjacency=adjacency)
 
 
 @lru_cache(maxsize=8192)
-def _epsilon_cached(groups: GroupedEvents, delta: float,
-                    accountant: AccountantName) -> EpsilonResult:
+def _epsilon_cached(groups: GroupedEvents, delta: float, accountant: AccountantName,
+                    adjacency: Adjacency) -> EpsilonResult:
     if not groups:
         if accountant == "prv":
-            return EpsilonResult("prv", delta, 0.0, eps_low=0.0, eps_estimate=0.0, eps_upper=0.0)
-        return EpsilonResult("rdp", delta, 0.0)
+            return EpsilonResult("prv", delta, 0.0, eps_low=0.0, eps_estimate=0.0, eps_upper=0.0,
+                                 adjacency=adjacency)
+        return EpsilonResult("rdp", delta, 0.0, adjacency=adjacency)
     if any(sigma == 0.0 for _, sigma, _ in groups):
         return EpsilonResult(accountant, delta, math.inf,
-                             note="noise_multiplier 0 in the composition: no privacy")
+                             note="noise_multiplier 0 in the composition: no privacy",
+                             adjacency=adjacency)
     if accountant == "rdp":
-        return _rdp_epsilon(groups, delta)
+        return _rdp_epsilon(groups, delta, adjacency)
     try:
-        return _prv_epsilon(groups, delta)
+        return _prv_epsilon(groups, delta, adjacency)
     except (ArithmeticError, RuntimeError, ValueError, MemoryError) as exc:
         # The RDP bound is also a valid upper bound on epsilon; fall back to it (conservative,
         # never silently optimistic) and say so.
-        rdp = _rdp_epsilon(groups, delta)
+        rdp = _rdp_epsilon(groups, delta, adjacency)
         return EpsilonResult("prv", delta, rdp.epsilon, rdp_order=rdp.rdp_order,
-                             note=f"PRV accountant failed ({exc}); reporting the RDP bound")
+                             note=f"PRV accountant failed ({exc}); reporting the RDP bound",
+                             adjacency=adjacency)
 
 
 def compute_epsilon(events: Iterable[PoissonSampledGaussianEvent], delta: float,
-                    accountant: str = DEFAULT_ACCOUNTANT) -> EpsilonResult:
-    """Cumulative epsilon of all ``events`` at ``delta`` with the chosen accountant."""
+                    accountant: str = DEFAULT_ACCOUNTANT,
+                    adjacency: str = DEFAULT_ADJACENCY) -> EpsilonResult:
+    """Cumulative epsilon of all ``events`` at ``delta`` with the chosen accountant, under
+    the neighbouring relation ``adjacency`` (``"add_remove"`` or ``"replace_one"``)."""
     name = validate_accountant(accountant)
+    adj = validate_adjacency(adjacency)
     d = validate_delta(delta)
-    return _epsilon_cached(group_events(events), d, name)
+    return _epsilon_cached(group_events(events), d, name, adj)
 
 
 def epsilon(events: Iterable[PoissonSampledGaussianEvent], delta: float,
-            accountant: str = DEFAULT_ACCOUNTANT) -> float:
+            accountant: str = DEFAULT_ACCOUNTANT, adjacency: str = DEFAULT_ADJACENCY) -> float:
     """Conservative cumulative epsilon (PRV upper bound, or RDP bound); ``inf`` if sigma = 0."""
-    return compute_epsilon(events, delta, accountant).epsilon
+    return compute_epsilon(events, delta, accountant, adjacency).epsilon
 
 
-def epsilon_side_by_side(events: Iterable[PoissonSampledGaussianEvent],
-                         delta: float) -> dict[AccountantName, EpsilonResult]:
-    """PRV and RDP results for the same events, keyed by accountant name."""
+def epsilon_side_by_side(events: Iterable[PoissonSampledGaussianEvent], delta: float,
+                         adjacency: str = DEFAULT_ADJACENCY,
+                         ) -> dict[AccountantName, EpsilonResult]:
+    """PRV and RDP results for the same events (and adjacency), keyed by accountant name."""
     materialised = tuple(events)
-    return {name: compute_epsilon(materialised, delta, name) for name in ACCOUNTANTS}
+    return {name: compute_epsilon(materialised, delta, name, adjacency) for name in ACCOUNTANTS}

@@ -1,7 +1,7 @@
 """Privacy budgets: refuse a round *before* training if it would exceed the budget.
 
 Pure: the decision is computed from the events already spent (pending reservations count as
-spent) plus the proposed event, with the chosen accountant.
+spent) plus the proposed event, with the chosen accountant and neighbouring relation.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 from privacy.accounting.accountant import (
     DEFAULT_ACCOUNTANT,
+    DEFAULT_ADJACENCY,
     AccountantName,
+    Adjacency,
     compute_epsilon,
     validate_accountant,
+    validate_adjacency,
 )
 from privacy.accounting.errors import BudgetExhaustedError
 from privacy.accounting.events import (
@@ -47,6 +50,7 @@ class BudgetDecision:
 
     ``remaining`` is the budget left after the round if it is allowed, otherwise the budget
     left now (never negative). ``status`` is ``"ok"`` or :data:`BUDGET_EXHAUSTED_STATUS`.
+    ``adjacency`` is the neighbouring relation the epsilons are stated for.
     """
 
     allowed: bool
@@ -56,6 +60,7 @@ class BudgetDecision:
     epsilon_max: float
     delta: float
     accountant: AccountantName
+    adjacency: Adjacency = DEFAULT_ADJACENCY
 
     @property
     def status(self) -> str:
@@ -68,30 +73,36 @@ class BudgetDecision:
         return (
             f"round {verdict} (epsilon {self.epsilon_before:.4g} -> {self.epsilon_after:.4g} "
             f"of epsilon_max={self.epsilon_max:.4g} at delta={self.delta:.3g}, "
-            f"accountant={self.accountant}; remaining {self.remaining:.4g})"
+            f"accountant={self.accountant}, adjacency={self.adjacency}; remaining "
+            f"{self.remaining:.4g})"
         )
 
 
 def check_round(ledger_events: Sequence[PoissonSampledGaussianEvent],
                 proposed_event: PoissonSampledGaussianEvent, budget: Budget,
-                accountant: str = DEFAULT_ACCOUNTANT) -> BudgetDecision:
-    """Would ``proposed_event`` on top of ``ledger_events`` stay within ``budget``?"""
+                accountant: str = DEFAULT_ACCOUNTANT, *,
+                adjacency: str = DEFAULT_ADJACENCY) -> BudgetDecision:
+    """Would ``proposed_event`` on top of ``ledger_events`` stay within ``budget``
+    (the whole composition accounted under ``adjacency``)?"""
     name = validate_accountant(accountant)
-    before = compute_epsilon(tuple(ledger_events), budget.delta, name).epsilon
+    adj = validate_adjacency(adjacency)
+    before = compute_epsilon(tuple(ledger_events), budget.delta, name, adj).epsilon
     after = compute_epsilon(tuple(ledger_events) + (proposed_event,), budget.delta,
-                            name).epsilon
+                            name, adj).epsilon
     allowed = math.isfinite(after) and after <= budget.epsilon_max
     left_from = after if allowed else before
     remaining = max(0.0, budget.epsilon_max - left_from) if math.isfinite(left_from) else 0.0
     return BudgetDecision(allowed, before, after, remaining, budget.epsilon_max,
-                          budget.delta, name)
+                          budget.delta, name, adj)
 
 
 def require_round(ledger_events: Sequence[PoissonSampledGaussianEvent],
                   proposed_event: PoissonSampledGaussianEvent, budget: Budget,
-                  accountant: str = DEFAULT_ACCOUNTANT) -> BudgetDecision:
+                  accountant: str = DEFAULT_ACCOUNTANT, *,
+                  adjacency: str = DEFAULT_ADJACENCY) -> BudgetDecision:
     """Like :func:`check_round` but raise :class:`BudgetExhaustedError` when refused."""
-    decision = check_round(ledger_events, proposed_event, budget, accountant)
+    decision = check_round(ledger_events, proposed_event, budget, accountant,
+                           adjacency=adjacency)
     if not decision.allowed:
         raise BudgetExhaustedError(
             f"proposed_event={proposed_event!r} {decision.message()}. The client must skip "

@@ -3,7 +3,8 @@
 Rounding is always toward more privacy: the bisection keeps an upper end ``hi`` with
 ``epsilon(hi) <= target`` verified by the same accountant that will later account the run,
 and returns ``hi``. Total steps = rounds * steps per round (cumulative accounting across
-rounds, unlike a fresh Opacus PrivacyEngine per round).
+rounds, unlike a fresh Opacus PrivacyEngine per round). The neighbouring relation
+(``adjacency``) is part of the calibration: replace-one needs more noise than add/remove.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from dataclasses import dataclass
 
 from privacy.accounting.accountant import (
     DEFAULT_ACCOUNTANT,
+    DEFAULT_ADJACENCY,
     AccountantName,
+    Adjacency,
     compute_epsilon,
     validate_accountant,
+    validate_adjacency,
 )
 from privacy.accounting.errors import CalibrationError, EventValidationError
 from privacy.accounting.events import (
@@ -33,9 +37,9 @@ DEFAULT_RELATIVE_TOLERANCE = 1e-3
 
 
 def _eps(sample_rate: float, sigma: float, steps: int, delta: float,
-         accountant: AccountantName) -> float:
+         accountant: AccountantName, adjacency: Adjacency) -> float:
     return compute_epsilon(
-        (PoissonSampledGaussianEvent(sample_rate, sigma, steps),), delta, accountant
+        (PoissonSampledGaussianEvent(sample_rate, sigma, steps),), delta, accountant, adjacency
     ).epsilon
 
 
@@ -53,12 +57,14 @@ def calibrate_noise_multiplier(
     steps_per_round: int,
     rounds: int = 1,
     accountant: str = DEFAULT_ACCOUNTANT,
+    adjacency: str = DEFAULT_ADJACENCY,
     *,
     sigma_max: float = DEFAULT_SIGMA_MAX,
     relative_tolerance: float = DEFAULT_RELATIVE_TOLERANCE,
 ) -> float:
     """Noise multiplier sigma so that ``rounds * steps_per_round`` DP-SGD steps at rate
-    ``sample_rate`` reach epsilon <= ``target_epsilon`` at ``delta``.
+    ``sample_rate`` reach epsilon <= ``target_epsilon`` at ``delta`` under ``adjacency``
+    (``"add_remove"`` or ``"replace_one"``).
 
     The result is within ``relative_tolerance`` of the smallest such sigma (as seen by the
     accountant) and never below it. Raises :class:`CalibrationError` if even ``sigma_max``
@@ -70,6 +76,7 @@ def calibrate_noise_multiplier(
     validate_steps(steps_per_round, name="steps_per_round")
     validate_steps(rounds, name="rounds")
     name = validate_accountant(accountant)
+    adj = validate_adjacency(adjacency)
     sigma_cap = _check_positive(sigma_max, "sigma_max")
     tol = _check_positive(relative_tolerance, "relative_tolerance")
     if tol >= 0.5:
@@ -77,19 +84,20 @@ def calibrate_noise_multiplier(
     steps = steps_per_round * rounds
 
     def eps_at(sigma: float) -> float:
-        return _eps(q, sigma, steps, d, name)
+        return _eps(q, sigma, steps, d, name, adj)
 
     unreachable = CalibrationError(
         f"target_epsilon={target!r} at delta={d!r} is unreachable with "
         f"noise_multiplier <= sigma_max={sigma_cap!r} for sample_rate={q!r} and "
-        f"{steps} total steps ({rounds} rounds x {steps_per_round}); lower the "
+        f"{steps} total steps ({rounds} rounds x {steps_per_round}) under adjacency "
+        f"{adj!r}; lower the "
         "sample rate, steps or rounds, or raise the target epsilon."
     )
     # 1. Initial guess. For PRV: the (looser) RDP answer. Otherwise the larger of the
     #    moments-accountant asymptote q*sqrt(2 T log(1/delta))/eps and the single Gaussian
     #    mechanism sqrt(2 log(1.25/delta))/eps scaled by q (any guess works, this saves steps).
     if name == "prv":
-        guess = calibrate_noise_multiplier(target, d, q, steps_per_round, rounds, "rdp",
+        guess = calibrate_noise_multiplier(target, d, q, steps_per_round, rounds, "rdp", adj,
                                            sigma_max=sigma_cap, relative_tolerance=0.02)
     else:
         guess = max(q * math.sqrt(2.0 * steps * math.log(1.0 / d)) / target,
@@ -150,11 +158,12 @@ def calibrate_noise_multiplier(
             else:
                 lo, e_lo = mid, e_mid
     # Verify (the invariant guarantees it; re-check explicitly so the contract is visible).
-    reached = _eps(q, hi, steps, d, name)
+    reached = _eps(q, hi, steps, d, name, adj)
     if not reached <= target:
         raise CalibrationError(
             f"calibration verification failed: noise_multiplier={hi!r} gives epsilon="
-            f"{reached!r} > target_epsilon={target!r}; report this as a bug."
+            f"{reached!r} > target_epsilon={target!r} (adjacency {adj!r}); report this as a "
+            "bug."
         )
     return hi
 
@@ -171,6 +180,7 @@ class PrivacyPlan:
     accountant: AccountantName
     noise_multiplier: float
     epsilon_per_round: tuple[float, ...]
+    adjacency: Adjacency = DEFAULT_ADJACENCY
 
     @property
     def total_steps(self) -> int:
@@ -184,14 +194,17 @@ class PrivacyPlan:
 
 
 def plan(target_epsilon: float, delta: float, rounds: int, sample_rate: float,
-         local_steps: int, accountant: str = DEFAULT_ACCOUNTANT) -> PrivacyPlan:
-    """Calibrate sigma for the whole run and list the cumulative epsilon after each round."""
+         local_steps: int, accountant: str = DEFAULT_ACCOUNTANT,
+         adjacency: str = DEFAULT_ADJACENCY) -> PrivacyPlan:
+    """Calibrate sigma for the whole run and list the cumulative epsilon after each round
+    (all under ``adjacency``)."""
     name = validate_accountant(accountant)
+    adj = validate_adjacency(adjacency)
     sigma = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, local_steps,
-                                       rounds, name)
+                                       rounds, name, adj)
     per_round = tuple(
-        _eps(float(sample_rate), sigma, local_steps * r, float(delta), name)
+        _eps(float(sample_rate), sigma, local_steps * r, float(delta), name, adj)
         for r in range(1, rounds + 1)
     )
     return PrivacyPlan(float(target_epsilon), float(delta), rounds, float(sample_rate),
-                       local_steps, name, sigma, per_round)
+                       local_steps, name, sigma, per_round, adj)

@@ -11,7 +11,11 @@ import json
 import sys
 from typing import Any
 
-from privacy.accounting.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from privacy.accounting.accountant import ACCOUNTANTS, ADJACENCIES, DEFAULT_ACCOUNTANT
+
+#: ``--adjacency`` choices on the command line (dashes) -> the accounting names (underscores).
+ADJACENCY_CHOICES: dict[str, str] = {a.replace("_", "-"): a for a in sorted(ADJACENCIES,
+                                                                          reverse=True)}
 
 
 def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,6 +34,9 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="expected batch size / local dataset size")
     p.add_argument("--local-steps", type=int, required=True, help="DP-SGD steps per round")
     p.add_argument("--accountant", choices=list(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT)
+    p.add_argument("--adjacency", choices=list(ADJACENCY_CHOICES), default="replace-one",
+                   help="neighbouring relation: replace-one (default; the client releases its "
+                        "dataset size n through q and sigma) or add-remove (n stays private)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
@@ -45,20 +52,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print sigma and the cumulative epsilon after each round; return the exit code."""
     from privacy.accounting.calibrate import plan
 
+    adjacency = ADJACENCY_CHOICES.get(args.adjacency, args.adjacency)
     result = plan(args.target_epsilon, args.delta, args.rounds, args.sample_rate,
-                  args.local_steps, args.accountant)
+                  args.local_steps, args.accountant, adjacency)
+    shown = result.adjacency.replace("_", "-")  # JSON keeps the accounting name
     if args.json:
         print(json.dumps({
             "noise_multiplier": result.noise_multiplier,
             "target_epsilon": result.target_epsilon, "delta": result.delta,
             "rounds": result.rounds, "sample_rate": result.sample_rate,
             "local_steps": result.local_steps, "total_steps": result.total_steps,
-            "accountant": result.accountant,
+            "accountant": result.accountant, "adjacency": result.adjacency,
             "epsilon_per_round": list(result.epsilon_per_round),
         }, indent=2))
         return 0
     print(f"noise multiplier: {result.noise_multiplier:.6g}  (accountant {result.accountant}, "
-          f"target epsilon {result.target_epsilon:g} at delta {result.delta:g}, "
+          f"adjacency {shown}, target epsilon {result.target_epsilon:g} at delta "
+          f"{result.delta:g}, "
           f"{result.total_steps} steps = {result.rounds} rounds x {result.local_steps}, "
           f"q={result.sample_rate:g})")
     print("round  cumulative epsilon")

@@ -33,6 +33,20 @@ class LedgerLockedError(LedgerError):
     """Another process holds the ledger's writer lock."""
 
 
+class LedgerRollbackError(LedgerError):
+    """The ledger is older than, or not a continuation of, what was recorded outside it.
+
+    Raised when the ledger's anchor (kept in a separate directory) or a coordinator receipt
+    names a record the ledger does not contain: the ledger was deleted and restarted, or
+    restored from an older copy. Training must be refused (fail closed); restore the newest
+    ledger, never reset it.
+    """
+
+
+class LedgerReceiptError(LedgerError):
+    """A ledger receipt (``"<count>:<hash>"`` head string) is malformed."""
+
+
 class BudgetExhaustedError(AccountingError):
     """The proposed round would exceed the client's privacy budget."""
 

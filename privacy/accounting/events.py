@@ -15,8 +15,22 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Literal
 
 from privacy.accounting.errors import EventValidationError
+
+#: Neighbouring relation a DP guarantee is stated for. ``"add_remove"``: datasets differing
+#: by adding or removing one record (the dataset size itself is private). ``"replace_one"``:
+#: datasets of the same size differing in one record (what holds when the size n is released).
+Adjacency = Literal["add_remove", "replace_one"]
+ADJACENCIES: tuple[Adjacency, ...] = ("add_remove", "replace_one")
+
+#: How a client's Poisson batch sampling randomness was drawn. ``"csprng"``: from an
+#: OS-keyed CSPRNG (unpredictable to the coordinator). ``"seeded"``: reproducible from a seed
+#: the coordinator knows, so the coordinator can tell which records were in each batch and
+#: subsampling amplification does not hold against it.
+Sampling = Literal["csprng", "seeded"]
+SAMPLINGS: tuple[Sampling, ...] = ("csprng", "seeded")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
@@ -88,6 +102,30 @@ def validate_identifier(value: str, *, name: str) -> str:
     return value
 
 
+def validate_adjacency(adjacency: str, *, name: str = "adjacency") -> Adjacency:
+    """Return ``adjacency`` if it is ``"add_remove"`` or ``"replace_one"``."""
+    if adjacency == "add_remove":
+        return "add_remove"
+    if adjacency == "replace_one":
+        return "replace_one"
+    raise EventValidationError(
+        f"{name}={adjacency!r} must be one of {list(ADJACENCIES)} ('replace_one' when the "
+        "client releases its dataset size, 'add_remove' when the size stays private)."
+    )
+
+
+def validate_sampling(sampling: str, *, name: str = "sampling") -> Sampling:
+    """Return ``sampling`` if it is ``"csprng"`` or ``"seeded"``."""
+    if sampling == "csprng":
+        return "csprng"
+    if sampling == "seeded":
+        return "seeded"
+    raise EventValidationError(
+        f"{name}={sampling!r} must be one of {list(SAMPLINGS)} ('csprng' when batches come "
+        "from an OS-keyed CSPRNG, 'seeded' when they are reproducible from a seed)."
+    )
+
+
 def sample_rate_from(expected_batch_size: int, dataset_size: int) -> float:
     """Poisson sample rate ``q = expected_batch_size / dataset_size``, validated to (0, 1)."""
     if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
@@ -143,7 +181,11 @@ class EventMetadata:
     """What the ledger records about an event besides the mechanism itself.
 
     ``delta`` is the delta the client accounts at; ``clip_norm`` is the per-sample L2 clip C
-    (it does not enter epsilon, only the noise scale sigma * C).
+    (it does not enter epsilon, only the noise scale sigma * C). ``adjacency`` is the
+    neighbouring relation the event's guarantee holds for (:data:`Adjacency`; default
+    ``"replace_one"``, the conservative choice when the dataset size is released) and
+    ``sampling`` how its Poisson batches were drawn (:data:`Sampling`; ``"seeded"`` means
+    the round is not private against whoever knows the seed).
     """
 
     round_number: int
@@ -153,6 +195,8 @@ class EventMetadata:
     run_id: str
     event_id: str = field(default_factory=new_event_id)
     timestamp: str = field(default_factory=utc_now)
+    adjacency: str = "replace_one"
+    sampling: str = "csprng"
 
     def __post_init__(self) -> None:
         if (isinstance(self.round_number, bool) or not isinstance(self.round_number, int)
@@ -174,3 +218,5 @@ class EventMetadata:
         validate_identifier(self.event_id, name="event_id")
         if not isinstance(self.timestamp, str) or not self.timestamp:
             raise EventValidationError(f"timestamp={self.timestamp!r} must be a non-empty string.")
+        validate_adjacency(self.adjacency)
+        validate_sampling(self.sampling)

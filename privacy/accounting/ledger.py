@@ -1,38 +1,125 @@
 """Append-only, hash-chained, crash-safe privacy ledger of mechanism events (one per client).
 
+Format
+------
 File ``<name>.ledger.jsonl``: one canonical JSON object per line (sorted keys, no spaces,
-ASCII). Line 1 is a header (client id, budget); then ``reserve`` records (the event and its
-metadata, written and fsynced *before* training) and ``commit`` records (after training).
-Every record carries ``seq``, ``prev`` (hash of the previous record) and
+ASCII). Line 1 is a header (format, version, client id, budget); then ``reserve`` records
+(the event and its metadata, written and fsynced *before* training) and ``commit`` records
+(after training). Every record carries ``seq``, ``prev`` (hash of the previous record) and
 ``hash = sha256(prev + canonical_json(record without "hash"))``: editing, deleting,
 reordering or inserting any line breaks the chain.
 
-A sidecar ``<ledger>.head`` (replaced atomically after every append) holds the record count
-and last hash, so truncating whole lines at the end is detected too. A torn final line
-(crash mid-append) is proven never acknowledged when the head does not count it; only then
-is it dropped (with a logged warning) -- otherwise loading raises
-:class:`LedgerCorruptedError` and training is refused. Never reset a ledger to "fix" it.
+Version 2 (:data:`FORMAT_VERSION`) reserve records also carry ``adjacency``
+(``"add_remove"`` | ``"replace_one"``: the neighbouring relation the event's guarantee holds
+for) and ``sampling`` (``"csprng"`` | ``"seeded"``: whether the client's Poisson batches came
+from an OS-keyed CSPRNG or were reproducible from a seed). Version 1 files are still read,
+and their reserve records are read as what really happened when they were written:
+adjacency ``"replace_one"`` (every v1 client released its dataset size n, so only the
+replace-one guarantee holds) and sampling ``"seeded"`` (v1 batch sampling was derived from
+the public run seed, so those rounds are not private against the coordinator). A v1 ledger
+opened by this code is continued, never rewritten: new reserve records are appended in the
+v2 form (after the first one, v1-form reserve records are refused).
 
 Accounting rules: a reserved event without commit counts as SPENT (the noisy update may have
 been released); commit is idempotent by event id; reserving an existing id is an error.
 Epsilon is always recomputed from events; a cached epsilon in a commit record is labelled
-display-only and never read back as truth.
+display-only and never read back as truth. A ledger composes under ``"replace_one"`` if any
+of its events is replace-one, else ``"add_remove"`` (:attr:`LedgerSnapshot.adjacency`): the
+more conservative relation wins, never the optimistic one.
 
-Integrity here protects against crashes, disk faults and careless edits; it is not a MAC:
-someone who can rewrite both files consistently can forge a history (the data owner's device
-is trusted to protect its own data).
+Crash safety
+------------
+A sidecar ``<ledger>.head`` (replaced atomically after every append) holds the record count
+and last hash, so truncating whole lines at the end is detected too. A torn final line
+(crash mid-append) is proven never acknowledged when the head does not count it; only then
+is it truncated away in place (with a logged warning) -- otherwise loading raises
+:class:`LedgerCorruptedError` and training is refused. A complete record the head does not
+count yet (crash between append and head update) is kept. An empty ledger file without a
+head and without an anchor (crash right after creating the file) counts as new. Never reset
+a ledger to "fix" it.
+
+Writer lock
+-----------
+A :class:`Ledger` holds an exclusive ``fcntl.flock`` on the ledger file's own inode (the
+open file description it appends through), not on a side file, so deleting any side file
+(``.head``, an anchor, or the ``.lock`` file older versions used, which is now ignored)
+cannot let a second writer in. The file is never replaced after creation: it is created
+with ``O_CREAT | O_EXCL`` (or an existing one is opened), locked, and only then is the
+header appended and fsynced; after locking, the writer checks that the path still names the
+locked inode (``os.fstat`` vs ``os.stat``) and retries otherwise (a racing creator, or a file
+unlinked or replaced in between), giving up with :class:`LedgerLockedError`. Every append
+re-checks this, before and after writing, and refuses if the ledger was deleted or replaced
+under the writer. Two processes creating the ledger at once: exactly one creates the file
+(``O_EXCL``), the other opens it; whichever locks first writes the header, the other gets
+:class:`LedgerLockedError` or, after the first closed, opens the finished ledger. flock is
+advisory: it excludes writers that use this class, not other programs. Processes of older
+versions locked only the ``.lock`` file; do not run them against the same ledger.
+
+Anchors (rollback and reset detection on the device)
+----------------------------------------------------
+With ``anchor_dir`` (the client always passes one; ``None`` keeps the anchor-less behaviour
+for library users), an anchor file in that separate directory records the ledger's
+``(count, last_hash)``, the hash of its header (which ledger this is), the client id and the
+resolved ledger path. It is written atomically (tmp + fsync + replace + directory fsync)
+after the head, at creation and after every append. Its file name is keyed by
+``sha256(resolved ledger path, client id)`` (:func:`anchor_path`), so two ledgers in
+different directories with the same client id do not collide. On open:
+
+* anchor present, ledger missing or empty (both ledger and head deleted): refused with
+  :class:`LedgerRollbackError` (it would otherwise restart at epsilon 0);
+* the ledger has fewer records than the anchor, its record ``count - 1`` has another hash,
+  or its header is not the anchored one: refused ("restored from an older copy" or a
+  different ledger);
+* the ledger is ahead by exactly one record: the crash window between the head and the
+  anchor write (or between the append and the head), repaired;
+* ahead by more than one: refused as well. No crash explains it (the anchor is rewritten
+  after every single append), so the anchor itself was restored from an older backup, or
+  the ledger was written by a process not given this anchor directory. Either way the
+  anchor can no longer vouch that this ledger is the newest copy, and a restore of the
+  ledger directory and the anchor directory from backups taken at different times (the
+  honest way to roll a ledger back by mistake) looks exactly like this; failing closed is
+  the only choice that never forgets spending. If you know the ledger is the newest, move
+  the anchor aside: a missing anchor is re-created from the ledger (with a warning).
+
+:func:`read_ledger` with ``anchor_dir`` makes the same checks without repairing anything.
+An anchor can only refuse; it never enters accounting.
+
+Receipts (rollback and reset detection by the coordinator)
+----------------------------------------------------------
+:meth:`Ledger.head` returns a :class:`LedgerHead` ``(count, last_hash)``, sent to the
+coordinator as ``"<count>:<hash>"`` (:meth:`LedgerHead.as_wire`). The coordinator keeps the
+last one each client reported and sends it back the next round; the client parses it with
+:meth:`LedgerHead.parse` and calls :meth:`Ledger.verify_receipt` before reserving:
+:class:`LedgerRollbackError` if the ledger does not contain that record. A receipt is never
+trusted for accounting: it can only cause a refusal, never lower or raise epsilon.
+
+Limits
+------
+Integrity here protects against crashes, disk faults, careless edits and honest mistakes
+(deleting the ledger, restoring an old copy); it is not a MAC, and the device owner can
+still forge with enough effort: someone who deletes the ledger, its head and its anchor
+starts a fresh ledger the device cannot tell apart from a new client (only a coordinator
+receipt catches it, from the next round on, if the coordinator still holds one for that
+client); someone who restores a consistent older copy of the ledger, head *and* anchor
+defeats the anchor (again only a receipt catches it); someone who rewrites all files
+consistently, or answers the coordinator with a forged head, defeats both. Anchors and
+receipts detect accidental and casual rollback and reset; they do not make the device's
+ledger tamper-proof against its owner (the data owner's device is trusted to protect its
+own data).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,10 +131,14 @@ from privacy.accounting.errors import (
     LedgerCorruptedError,
     LedgerError,
     LedgerLockedError,
+    LedgerReceiptError,
+    LedgerRollbackError,
 )
 from privacy.accounting.events import (
+    Adjacency,
     EventMetadata,
     PoissonSampledGaussianEvent,
+    Sampling,
     utc_now,
     validate_identifier,
 )
@@ -56,20 +147,36 @@ LOGGER = logging.getLogger(__name__)
 
 LEDGER_SUFFIX = ".ledger.jsonl"
 FORMAT_NAME = "fedpeft-privacy-ledger"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads (v1: reserve records without adjacency/sampling).
+SUPPORTED_VERSIONS = (1, 2)
+#: How v1 reserve records are read (see the module docstring).
+V1_ADJACENCY: Adjacency = "replace_one"
+V1_SAMPLING: Sampling = "seeded"
 GENESIS_HASH = "0" * 64
 CACHED_EPSILON_KEY = "cached_epsilon_display_only"
+ANCHOR_SUFFIX = ".anchor.json"
+ANCHOR_FORMAT = "fedpeft-privacy-ledger-anchor"
+ANCHOR_VERSION = 1
+#: Longest receipt string :meth:`LedgerHead.parse` accepts ("<count>:<64 hex>").
+RECEIPT_MAX_CHARS = 96
 _READ_ATTEMPTS = 3
+_OPEN_ATTEMPTS = 5
 
 EntryStatus = Literal["pending", "committed"]
 
 _HEADER_KEYS = frozenset({"kind", "seq", "prev", "hash", "format", "version", "client_id",
                           "created", "budget_epsilon", "budget_delta"})
-_RESERVE_KEYS = frozenset({"kind", "seq", "prev", "hash", "event_id", "sample_rate",
-                           "noise_multiplier", "steps", "round_number", "dataset_size", "delta",
-                           "clip_norm", "run_id", "timestamp"})
+_RESERVE_KEYS_V1 = frozenset({"kind", "seq", "prev", "hash", "event_id", "sample_rate",
+                              "noise_multiplier", "steps", "round_number", "dataset_size",
+                              "delta", "clip_norm", "run_id", "timestamp"})
+_RESERVE_KEYS = _RESERVE_KEYS_V1 | {"adjacency", "sampling"}
 _COMMIT_KEYS = frozenset({"kind", "seq", "prev", "hash", "event_id", "timestamp",
                           CACHED_EPSILON_KEY})
+_ANCHOR_KEYS = frozenset({"format", "version", "client_id", "ledger_path", "ledger_id",
+                          "count", "last_hash"})
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_RECEIPT_RE = re.compile(r"([1-9][0-9]{0,17}):([0-9a-f]{64})")
 
 
 def canonical_json(record: dict[str, Any]) -> str:
@@ -88,9 +195,80 @@ def head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
-def lock_path(path: Path) -> Path:
-    """Path of the advisory writer lock file of ledger ``path``."""
-    return path.with_name(path.name + ".lock")
+def anchor_path(ledger: str | os.PathLike[str], client_id: str,
+                anchor_dir: str | os.PathLike[str]) -> Path:
+    """Anchor file of ``ledger`` (of ``client_id``) in ``anchor_dir``.
+
+    Named ``<client>.<sha256(resolved ledger path, client id)[:32]>.anchor.json`` so that
+    ledgers in different directories with the same client id get different anchors.
+    """
+    validate_identifier(client_id, name="client_id")
+    resolved = os.fsencode(Path(ledger).resolve())
+    key = hashlib.sha256(resolved + b"\n" + client_id.encode("ascii")).hexdigest()[:32]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", client_id)
+    return Path(anchor_dir) / f"{safe}.{key}{ANCHOR_SUFFIX}"
+
+
+def composition_adjacency(metadata: Iterable[EventMetadata]) -> Adjacency:
+    """``"replace_one"`` if any event is replace-one, else ``"add_remove"``.
+
+    Replace-one is the more conservative relation: composing a mixed ledger under it never
+    reports less than the truth; composing under add/remove could.
+    """
+    return ("replace_one" if any(m.adjacency == "replace_one" for m in metadata)
+            else "add_remove")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v)))
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """A ledger position: ``count`` records, the last of which hashes to ``last_hash``.
+
+    Clients report it to the coordinator as :meth:`as_wire`; the coordinator sends it back
+    as a receipt, checked with :meth:`Ledger.verify_receipt`.
+    """
+
+    count: int
+    last_hash: str
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.count) or self.count < 1:
+            raise LedgerReceiptError(f"count={self.count!r} must be an integer >= 1 (a ledger "
+                                     "always has its header record).")
+        if not isinstance(self.last_hash, str) or not _HEX64_RE.fullmatch(self.last_hash):
+            raise LedgerReceiptError(f"last_hash={self.last_hash!r} must be 64 lowercase hex "
+                                     "digits (a sha256 record hash).")
+
+    def as_wire(self) -> str:
+        """``"<count>:<last_hash>"``, e.g. ``"7:ab12..."``."""
+        return f"{self.count}:{self.last_hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> LedgerHead:
+        """Parse :meth:`as_wire` output; :class:`LedgerReceiptError` if malformed.
+
+        At most :data:`RECEIPT_MAX_CHARS` characters; the count has no sign, no leading zeros
+        and at most 18 digits; the hash is 64 lowercase hex digits.
+        """
+        if not isinstance(text, str):
+            raise LedgerReceiptError(f"ledger receipt of type {type(text).__name__} must be a "
+                                     "string '<count>:<64 hex digits>'.")
+        if len(text) > RECEIPT_MAX_CHARS:
+            raise LedgerReceiptError(f"ledger receipt {text[:24]!r}... has {len(text)} "
+                                     f"characters; at most {RECEIPT_MAX_CHARS} are allowed.")
+        match = _RECEIPT_RE.fullmatch(text)
+        if match is None:
+            raise LedgerReceiptError(f"ledger receipt {text!r} is malformed; expected "
+                                     "'<count>:<64 lowercase hex digits>'.")
+        return cls(int(match.group(1)), match.group(2))
 
 
 @dataclass(frozen=True)
@@ -105,7 +283,11 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class LedgerSnapshot:
-    """A verified, read-only view of a ledger file."""
+    """A verified, read-only view of a ledger file.
+
+    ``format_version`` is the header's version (a v1 ledger may hold v2 records appended
+    later); ``head`` is its last record.
+    """
 
     path: Path
     client_id: str
@@ -113,10 +295,22 @@ class LedgerSnapshot:
     budget: Budget | None
     entries: tuple[LedgerEntry, ...]
     notes: tuple[str, ...]
+    head: LedgerHead
+    format_version: int
 
     def spent_events(self) -> tuple[PoissonSampledGaussianEvent, ...]:
         """Every reserved event, committed or pending (pending counts as spent)."""
         return tuple(e.event for e in self.entries)
+
+    @property
+    def adjacency(self) -> Adjacency:
+        """Adjacency to compose under (:func:`composition_adjacency` of all entries)."""
+        return composition_adjacency(e.metadata for e in self.entries)
+
+    @property
+    def private_against_coordinator(self) -> bool:
+        """False if any event's batches were seeded (reproducible by the coordinator)."""
+        return not any(e.metadata.sampling == "seeded" for e in self.entries)
 
 
 @dataclass
@@ -125,6 +319,16 @@ class _Parsed:
     line_ends: list[int]  # byte offset just after each complete line
     torn_tail: bool
     head_stale: bool
+    fresh: bool = False  # no complete record and no head: being created / crashed creating
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    client_id: str
+    ledger_path: str
+    ledger_id: str
+    count: int
+    last_hash: str
 
 
 class _Corrupt(Exception):
@@ -144,6 +348,15 @@ def _corrupted(path: Path, line: int | None, reason: str) -> LedgerCorruptedErro
     )
 
 
+def _rolled_back(path: Path, found: str) -> LedgerRollbackError:
+    return LedgerRollbackError(
+        f"privacy ledger {str(path)!r} was rolled back or reset: {found}. Training is "
+        "refused because privacy already spent would be forgotten. Restore the NEWEST copy "
+        "of the ledger and its .head file; never delete, reset or replace a ledger with an "
+        "older copy to regain budget."
+    )
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -157,11 +370,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
 
 
+def _strict_json(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def _parse_line(raw: bytes, line: int) -> dict[str, Any]:
     try:
         text = raw.decode("ascii")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
+        obj = _strict_json(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _Corrupt(line, f"not a valid JSON record ({exc})") from None
     if not isinstance(obj, dict):
@@ -169,15 +385,6 @@ def _parse_line(raw: bytes, line: int) -> dict[str, Any]:
     if canonical_json(obj) != text:
         raise _Corrupt(line, "record is not in canonical form (the line was edited)")
     return obj
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v)))
 
 
 def _check_chain(records: list[dict[str, Any]]) -> None:
@@ -196,21 +403,24 @@ def _check_chain(records: list[dict[str, Any]]) -> None:
         prev = rec["hash"]
 
 
-def _entry_from_reserve(rec: dict[str, Any], line: int) -> LedgerEntry:
-    if set(rec) != _RESERVE_KEYS:
-        raise _Corrupt(line, f"reserve record has keys {sorted(rec)}")
+def _entry_from_reserve(rec: dict[str, Any], line: int, *, v1_form: bool) -> LedgerEntry:
     if not (_is_num(rec["sample_rate"]) and _is_num(rec["noise_multiplier"])
             and _is_int(rec["steps"]) and _is_int(rec["round_number"])
             and _is_int(rec["dataset_size"]) and _is_num(rec["delta"])
             and _is_num(rec["clip_norm"])):
         raise _Corrupt(line, "reserve record has fields of the wrong type")
+    if v1_form:
+        adjacency, sampling = V1_ADJACENCY, V1_SAMPLING
+    else:
+        adjacency, sampling = rec["adjacency"], rec["sampling"]
     try:
         event = PoissonSampledGaussianEvent(float(rec["sample_rate"]),
                                             float(rec["noise_multiplier"]), rec["steps"])
         meta = EventMetadata(round_number=rec["round_number"],
                              dataset_size=rec["dataset_size"], delta=float(rec["delta"]),
                              clip_norm=float(rec["clip_norm"]), run_id=rec["run_id"],
-                             event_id=rec["event_id"], timestamp=rec["timestamp"])
+                             event_id=rec["event_id"], timestamp=rec["timestamp"],
+                             adjacency=adjacency, sampling=sampling)
     except EventValidationError as exc:
         raise _Corrupt(line, f"invalid event: {exc}") from None
     return LedgerEntry(event, meta, "pending")
@@ -222,13 +432,24 @@ def _interpret(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Ledg
     header = records[0]
     if header.get("kind") != "header" or set(header) != _HEADER_KEYS:
         raise _Corrupt(1, "first record is not a valid header")
-    if header["format"] != FORMAT_NAME or header["version"] != FORMAT_VERSION:
-        raise _Corrupt(1, f"unsupported format {header['format']!r} v{header['version']!r}")
+    version = header["version"]
+    if header["format"] != FORMAT_NAME or not _is_int(version) or (
+            version not in SUPPORTED_VERSIONS):
+        raise _Corrupt(1, f"unsupported format {header['format']!r} v{version!r} (this "
+                          f"version reads {FORMAT_NAME!r} v{SUPPORTED_VERSIONS})")
+    v1_allowed = version == 1  # until the first v2-form reserve record
     entries: dict[str, LedgerEntry] = {}
     for i, rec in enumerate(records[1:], start=2):
         kind = rec.get("kind")
         if kind == "reserve":
-            entry = _entry_from_reserve(rec, i)
+            keys = set(rec)
+            if keys == _RESERVE_KEYS_V1 and v1_allowed:
+                entry = _entry_from_reserve(rec, i, v1_form=True)
+            elif keys == _RESERVE_KEYS:
+                entry = _entry_from_reserve(rec, i, v1_form=False)
+                v1_allowed = False
+            else:
+                raise _Corrupt(i, f"reserve record has keys {sorted(rec)} (ledger v{version})")
             if entry.metadata.event_id in entries:
                 raise _Corrupt(i, f"event_id={entry.metadata.event_id!r} reserved twice")
             entries[entry.metadata.event_id] = entry
@@ -287,6 +508,12 @@ def _parse_file(path: Path, data: bytes, head: tuple[int, str] | None) -> _Parse
     except _Corrupt as exc:
         raise _corrupted(path, exc.line, exc.reason) from None
     n = len(records)
+    if head is None and n == 0:
+        # Created (O_EXCL) but the header was never completed: nothing was ever recorded.
+        if tail and not _plausible_torn(tail):
+            raise _corrupted(path, 1, "the file has no complete record and no head file, but "
+                                      "holds bytes that are not a ledger record")
+        return _Parsed([], [], bool(tail), False, fresh=True)
     head_stale = False
     if head is None:
         if not (n == 1 and not tail):
@@ -314,6 +541,14 @@ def _parse_file(path: Path, data: bytes, head: tuple[int, str] | None) -> _Parse
     return _Parsed(records, line_ends, torn, head_stale)
 
 
+def _missing_ledger(path: Path) -> LedgerError:
+    if head_path(path).exists():
+        return _corrupted(path, None, "the ledger file is missing but its head file exists "
+                                      "(the ledger was deleted)")
+    return LedgerError(f"privacy ledger path={str(path)!r} does not exist; pass a ledger file "
+                       f"ending in {LEDGER_SUFFIX!r}.")
+
+
 def _read_consistent(path: Path) -> _Parsed:
     # The head is read before the file: a writer appends to the file first, so a concurrent
     # reader sees at least as many records as the head counts. If a writer appended more
@@ -325,11 +560,7 @@ def _read_consistent(path: Path) -> _Parsed:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            if head is not None or head_path(path).exists():
-                raise _corrupted(path, None, "the ledger file is missing but its head file "
-                                             "exists (the ledger was deleted)") from None
-            raise LedgerError(f"privacy ledger path={str(path)!r} does not exist; pass a "
-                              f"ledger file ending in {LEDGER_SUFFIX!r}.") from None
+            raise _missing_ledger(path) from None
         try:
             return _parse_file(path, data, head)
         except LedgerCorruptedError:
@@ -338,8 +569,7 @@ def _read_consistent(path: Path) -> _Parsed:
             time.sleep(0.05)
 
 
-def _load(path: Path) -> tuple[_Parsed, LedgerSnapshot]:
-    parsed = _read_consistent(path)
+def _snapshot(path: Path, parsed: _Parsed) -> LedgerSnapshot:
     try:
         header, entries = _interpret(parsed.records)
     except _Corrupt as exc:
@@ -355,17 +585,149 @@ def _load(path: Path) -> tuple[_Parsed, LedgerSnapshot]:
         notes.append("dropped a torn, never-acknowledged final line")
     if parsed.head_stale:
         notes.append("head file was one append behind (interrupted write); repaired on open")
-    snap = LedgerSnapshot(path, str(header["client_id"]), str(header["created"]), budget,
-                          tuple(entries), tuple(notes))
-    return parsed, snap
+    return LedgerSnapshot(path, str(header["client_id"]), str(header["created"]), budget,
+                          tuple(entries), tuple(notes),
+                          LedgerHead(len(parsed.records), parsed.records[-1]["hash"]),
+                          int(header["version"]))
 
 
-def read_ledger(path: str | os.PathLike[str]) -> LedgerSnapshot:
+def _not_yet_created(path: Path) -> LedgerError:
+    return LedgerError(f"privacy ledger {str(path)!r} has no records yet (it is being "
+                       "created, or the creating process stopped before writing its "
+                       "header); open it with Ledger(...) to finish creating it.")
+
+
+# -- anchors -------------------------------------------------------------------------------
+def _read_anchor(path: Path, file: Path) -> _Anchor | None:
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        obj = _strict_json(raw.decode("ascii"))
+        if not isinstance(obj, dict) or set(obj) != _ANCHOR_KEYS:
+            raise ValueError("wrong keys")
+        if obj["format"] != ANCHOR_FORMAT or obj["version"] != ANCHOR_VERSION:
+            raise ValueError(f"unsupported anchor format {obj['format']!r} "
+                             f"v{obj['version']!r}")
+        count, last, lid = obj["count"], obj["last_hash"], obj["ledger_id"]
+        if not (_is_int(count) and count >= 1 and isinstance(last, str)
+                and _HEX64_RE.fullmatch(last) and isinstance(lid, str)
+                and _HEX64_RE.fullmatch(lid) and isinstance(obj["client_id"], str)
+                and isinstance(obj["ledger_path"], str)):
+            raise ValueError("fields of the wrong type")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LedgerCorruptedError(
+            f"privacy ledger anchor {str(file)!r} of ledger {str(path)!r} is unreadable "
+            f"({exc}). Training is refused because the ledger cannot be checked against it. "
+            "Restore the anchor from a backup; only if you are certain the ledger is its "
+            "newest copy, move the anchor aside (it is then re-created from the ledger)."
+        ) from None
+    return _Anchor(obj["client_id"], obj["ledger_path"], lid, count, last)
+
+
+def _anchor_rollback(path: Path, anchor_file: Path, found: str) -> LedgerRollbackError:
+    return _rolled_back(path, f"{found} (anchor {str(anchor_file)!r})")
+
+
+def _check_anchor(path: Path, anchor_file: Path, anchor: _Anchor, client_id: str,
+                  records: list[dict[str, Any]]) -> bool:
+    """Verify ``records`` against ``anchor``; True if the anchor is one record behind."""
+    resolved = str(path.resolve())
+    if anchor.client_id != client_id or anchor.ledger_path != resolved:
+        raise _anchor_rollback(path, anchor_file, (
+            f"the anchor belongs to client {anchor.client_id!r} at {anchor.ledger_path!r}, "
+            f"not to client {client_id!r} at {resolved!r} (copied or edited)"))
+    n = len(records)
+    if n == 0:
+        raise _anchor_rollback(path, anchor_file, (
+            f"the ledger is empty but its anchor records {anchor.count} records (the ledger "
+            "was deleted and restarted)"))
+    if records[0]["hash"] != anchor.ledger_id:
+        raise _anchor_rollback(path, anchor_file, (
+            "the ledger's header is not the anchored ledger's header (the ledger was deleted "
+            "and restarted, or replaced by another ledger)"))
+    if n < anchor.count:
+        raise _anchor_rollback(path, anchor_file, (
+            f"the ledger has {n} records but its anchor records {anchor.count} (restored "
+            "from an older copy)"))
+    if records[anchor.count - 1]["hash"] != anchor.last_hash:
+        raise _anchor_rollback(path, anchor_file, (
+            f"record {anchor.count} of the ledger differs from the anchored one (restored "
+            "from an older copy, or a different history)"))
+    if n == anchor.count:
+        return False
+    if n == anchor.count + 1:
+        return True  # crash between the head (or the append) and the anchor write
+    raise _anchor_rollback(path, anchor_file, (
+        f"the ledger has {n} records, {n - anchor.count} more than its anchor records "
+        f"({anchor.count}); no crash explains more than one, so the anchor was itself restored "
+        "from an older copy or the ledger was written without this anchor directory, and it "
+        "cannot vouch that this is the newest ledger. If you are certain it is, move the "
+        "anchor aside (it is re-created from the ledger)"))
+
+
+def _check_receipt(path: Path, records: list[dict[str, Any]], receipt: LedgerHead) -> None:
+    if not isinstance(receipt, LedgerHead):
+        raise LedgerReceiptError(f"receipt={receipt!r} must be a LedgerHead; parse the "
+                                 "coordinator's string with LedgerHead.parse.")
+    n = len(records)
+    if receipt.count > n:
+        raise _rolled_back(path, (
+            f"the coordinator holds a receipt for record {receipt.count} but the ledger has "
+            f"only {n} records (deleted and restarted, or restored from an older copy)"))
+    if records[receipt.count - 1]["hash"] != receipt.last_hash:
+        raise _rolled_back(path, (
+            f"record {receipt.count} of the ledger differs from the one the coordinator "
+            "acknowledged (deleted and restarted, or restored from another copy)"))
+
+
+def read_ledger(path: str | os.PathLike[str], *,
+                anchor_dir: str | os.PathLike[str] | None = None,
+                client_id: str | None = None) -> LedgerSnapshot:
     """Load and verify a ledger without locking or modifying it (for reports).
 
-    Raises :class:`LedgerCorruptedError` if any integrity check fails.
+    Raises :class:`LedgerCorruptedError` if any integrity check fails. With ``anchor_dir``,
+    also raises :class:`LedgerRollbackError` if the ledger is older than or not a
+    continuation of its anchor (an anchor one record behind is accepted, not repaired), or,
+    when ``client_id`` is given too (it names the anchor of a ledger that is gone), if the
+    ledger is missing while its anchor exists. ``client_id``, if given, must match the
+    ledger's.
     """
-    return _load(Path(path))[1]
+    p = Path(path)
+    if client_id is not None:
+        validate_identifier(client_id, name="client_id")
+    try:
+        parsed = _read_consistent(p)
+    except LedgerError:
+        if anchor_dir is not None and client_id is not None and not p.exists():
+            afile = anchor_path(p, client_id, anchor_dir)
+            anchor = _read_anchor(p, afile)
+            if anchor is not None:
+                raise _anchor_rollback(p, afile, (
+                    f"the ledger file is missing but its anchor records {anchor.count} "
+                    "records (the ledger was deleted)")) from None
+        raise
+    if parsed.fresh:
+        if anchor_dir is not None and client_id is not None:
+            afile = anchor_path(p, client_id, anchor_dir)
+            anchor = _read_anchor(p, afile)
+            if anchor is not None:
+                _check_anchor(p, afile, anchor, client_id, [])
+        raise _not_yet_created(p)
+    snap = _snapshot(p, parsed)
+    if client_id is not None and snap.client_id != client_id:
+        raise LedgerError(f"client_id={client_id!r} does not match the ledger's client "
+                          f"{snap.client_id!r} in {str(p)!r}.")
+    if anchor_dir is not None:
+        afile = anchor_path(p, snap.client_id, anchor_dir)
+        anchor = _read_anchor(p, afile)
+        if anchor is None:
+            snap = dataclasses.replace(snap, notes=snap.notes + (
+                f"no anchor in {str(anchor_dir)!r}: not checked for rollback",))
+        else:
+            _check_anchor(p, afile, anchor, snap.client_id, parsed.records)
+    return snap
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -383,6 +745,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -395,22 +768,43 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class Ledger:
-    """Writer handle on a client's ledger; holds an exclusive ``flock`` until closed.
+    """Writer handle on a client's ledger; holds an exclusive ``flock`` on it until closed.
 
     Use as a context manager. ``budget`` is stored in the header when the ledger is created;
-    reopening with a different budget is refused.
+    reopening with a different budget is refused. With ``anchor_dir`` (a directory separate
+    from the ledger's, the same on every open), the ledger is checked against its anchor on
+    open and the anchor is updated after every append (see the module docstring); a ledger
+    that was deleted or rolled back raises :class:`LedgerRollbackError`.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, client_id: str,
-                 budget: Budget | None = None, create: bool = True) -> None:
+                 budget: Budget | None = None, create: bool = True,
+                 anchor_dir: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
         if not self.path.name.endswith(LEDGER_SUFFIX):
             raise LedgerError(f"path={str(self.path)!r} must end with {LEDGER_SUFFIX!r} so "
                               "reports can find it.")
         validate_identifier(client_id, name="client_id")
-        self._lock_fd: int | None = None
-        self._acquire_lock()
+        self._fd: int | None = None
+        self._records: list[dict[str, Any]] = []
+        self._entries: dict[str, LedgerEntry] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._anchor_file: Path | None = None
+        if anchor_dir is not None:
+            adir = Path(anchor_dir)
+            adir.mkdir(parents=True, exist_ok=True)
+            if adir.resolve() == self.path.parent.resolve():
+                raise LedgerError(f"anchor_dir={str(anchor_dir)!r} is the ledger's own "
+                                  "directory; anchors must live elsewhere so that deleting "
+                                  "or restoring the ledger directory is detected.")
+            self._anchor_file = anchor_path(self.path, client_id, adir)
+        self._precheck(create)
+        self._fd = self._lock(create)
         try:
             self._open(client_id, budget, create)
         except BaseException:
@@ -418,26 +812,87 @@ class Ledger:
             raise
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _acquire_lock(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LedgerLockedError(
-                f"privacy ledger {str(self.path)!r} is locked by another writer (lock file "
-                f"{str(lock_path(self.path))!r}); run one client process per ledger."
-            ) from None
-        self._lock_fd = fd
+    def _precheck(self, create: bool) -> None:
+        """Refuse a missing ledger that has left traces, before creating anything."""
+        if self.path.exists():
+            return
+        head_exists = head_path(self.path).exists()
+        anchor = None
+        if self._anchor_file is not None:
+            anchor = _read_anchor(self.path, self._anchor_file)
+        if (head_exists or anchor is not None) and self.path.exists():
+            return  # created concurrently (file, then head, then anchor): checked under lock
+        if head_exists:
+            raise _missing_ledger(self.path)
+        if anchor is not None and self._anchor_file is not None:
+            raise _anchor_rollback(self.path, self._anchor_file, (
+                f"the ledger file and its head are missing but its anchor records "
+                f"{anchor.count} records for client {anchor.client_id!r} (both were deleted; "
+                "starting over would reset epsilon to 0)"))
+        if not create:
+            raise LedgerError(f"privacy ledger path={str(self.path)!r} does not exist and "
+                              "create=False.")
+
+    def _lock(self, create: bool) -> int:
+        """Open (or O_EXCL-create) the ledger and flock its inode; return the fd."""
+        flags = os.O_RDWR | os.O_APPEND
+        for _ in range(_OPEN_ATTEMPTS):
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                if not create:
+                    raise LedgerError(f"privacy ledger path={str(self.path)!r} does not "
+                                      "exist and create=False.") from None
+                try:
+                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    continue  # another process created it just now: open theirs
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LedgerLockedError(
+                    f"privacy ledger {str(self.path)!r} is locked by another writer; run one "
+                    "client process per ledger."
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                # Still the file at the path? (It may have been unlinked or replaced between
+                # our open and our flock; its lock would then protect nothing.)
+                try:
+                    current: os.stat_result | None = os.stat(self.path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and _same_file(current, os.fstat(fd)):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # unlinked or replaced between open and flock: lock the new one
+        raise LedgerLockedError(
+            f"privacy ledger {str(self.path)!r} kept being replaced or deleted while opening "
+            f"it ({_OPEN_ATTEMPTS} attempts); make sure only one client process uses it.")
 
     def _open(self, client_id: str, budget: Budget | None, create: bool) -> None:
-        if not self.path.exists() and not head_path(self.path).exists():
+        fd = self._require_open()
+        head = _read_head(self.path)
+        parsed = _parse_file(self.path, _read_all(fd), head)
+        anchor = None
+        if self._anchor_file is not None:
+            anchor = _read_anchor(self.path, self._anchor_file)
+        if parsed.fresh:
+            if anchor is not None and self._anchor_file is not None:
+                _check_anchor(self.path, self._anchor_file, anchor, client_id, [])
             if not create:
-                raise LedgerError(f"privacy ledger path={str(self.path)!r} does not exist "
-                                  "and create=False.")
+                raise _not_yet_created(self.path)
+            if parsed.torn_tail:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
             self._create(client_id, budget)
-        parsed, snap = _load(self.path)
+            return
+        snap = _snapshot(self.path, parsed)
         if snap.client_id != client_id:
             raise LedgerError(f"client_id={client_id!r} does not match the ledger's client "
                               f"{snap.client_id!r} in {str(self.path)!r}.")
@@ -445,20 +900,33 @@ class Ledger:
             raise LedgerError(f"budget={budget!r} differs from the budget {snap.budget!r} "
                               f"recorded in {str(self.path)!r}; budgets are fixed when a "
                               "ledger is created.")
+        notes = list(snap.notes)
+        write_anchor = False
+        if self._anchor_file is not None:
+            if anchor is None:
+                LOGGER.warning("privacy ledger %s: no anchor %s yet; creating it from the "
+                               "ledger (first use of this anchor directory)", self.path,
+                               self._anchor_file)
+                notes.append("anchor created from the ledger (none existed)")
+                write_anchor = True
+            elif _check_anchor(self.path, self._anchor_file, anchor, client_id,
+                               parsed.records):
+                notes.append("anchor was one append behind (interrupted write); repaired on "
+                             "open")
+                write_anchor = True
         if parsed.torn_tail:
-            os.truncate(self.path, parsed.line_ends[-1])
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.ftruncate(fd, parsed.line_ends[-1])
+            os.fsync(fd)
         self._records = parsed.records
         if parsed.head_stale or parsed.torn_tail:
             self._write_head()
-        self._snapshot = snap
-        self._entries: dict[str, LedgerEntry] = {e.metadata.event_id: e for e in snap.entries}
+        if write_anchor:
+            self._write_anchor()
+        self._snapshot = dataclasses.replace(snap, notes=tuple(notes))
+        self._entries = {e.metadata.event_id: e for e in snap.entries}
 
     def _create(self, client_id: str, budget: Budget | None) -> None:
+        fd = self._require_open()
         body: dict[str, Any] = {
             "kind": "header", "seq": 0, "prev": GENESIS_HASH, "format": FORMAT_NAME,
             "version": FORMAT_VERSION, "client_id": client_id, "created": utc_now(),
@@ -466,18 +934,24 @@ class Ledger:
             "budget_delta": None if budget is None else budget.delta,
         }
         record = dict(body, hash=record_hash(GENESIS_HASH, body))
-        _atomic_write(self.path, (canonical_json(record) + "\n").encode("ascii"))
+        _write_all(fd, (canonical_json(record) + "\n").encode("ascii"))
+        os.fsync(fd)
+        _fsync_dir(self.path.parent)
         self._records = [record]
         self._write_head()
+        self._write_anchor()
+        self._snapshot = LedgerSnapshot(self.path, client_id, body["created"], budget, (), (),
+                                        self.head(), FORMAT_VERSION)
+        self._entries = {}
 
     def close(self) -> None:
         """Release the writer lock (idempotent)."""
-        if self._lock_fd is not None:
+        if self._fd is not None:
             try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> Ledger:
         return self
@@ -487,27 +961,53 @@ class Ledger:
         self.close()
 
     # -- writing ---------------------------------------------------------------------------
-    def _require_open(self) -> None:
-        if self._lock_fd is None:
+    def _require_open(self) -> int:
+        if self._fd is None:
             raise LedgerError(f"privacy ledger {str(self.path)!r} is closed; open a new "
                               "Ledger to write.")
+        return self._fd
+
+    def _check_identity(self, fd: int) -> None:
+        """Refuse if the ledger path no longer names the inode this writer locked."""
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not _same_file(current, os.fstat(fd)):
+            self.close()
+            raise LedgerCorruptedError(
+                f"privacy ledger {str(self.path)!r} was deleted or replaced while this writer "
+                "held it. Training is refused: what this writer recorded is no longer in the "
+                "ledger at that path. Restore the newest ledger; do not replace or delete a "
+                "ledger in use.")
 
     def _write_head(self) -> None:
         head = {"count": len(self._records), "last_hash": self._records[-1]["hash"]}
         _atomic_write(head_path(self.path), (canonical_json(head) + "\n").encode("ascii"))
 
+    def _write_anchor(self) -> None:
+        if self._anchor_file is None:
+            return
+        anchor = {"format": ANCHOR_FORMAT, "version": ANCHOR_VERSION,
+                  "client_id": str(self._records[0]["client_id"]),
+                  "ledger_path": str(self.path.resolve()),
+                  "ledger_id": self._records[0]["hash"], "count": len(self._records),
+                  "last_hash": self._records[-1]["hash"]}
+        _atomic_write(self._anchor_file, (canonical_json(anchor) + "\n").encode("ascii"))
+
     def _append(self, body: dict[str, Any]) -> None:
+        fd = self._require_open()
+        self._check_identity(fd)
         prev = self._records[-1]["hash"]
         body = dict(body, seq=len(self._records), prev=prev)
         record = dict(body, hash=record_hash(prev, body))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            _write_all(fd, (canonical_json(record) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_all(fd, (canonical_json(record) + "\n").encode("ascii"))
+        os.fsync(fd)
         self._records.append(record)
+        self._check_identity(fd)
+        # Order matters for recovery: file, then head, then anchor (each may lag by one).
         self._write_head()
+        self._write_anchor()
 
     def reserve(self, event: PoissonSampledGaussianEvent, metadata: EventMetadata) -> LedgerEntry:
         """Durably record ``event`` as PENDING (spent) before training; returns the entry.
@@ -528,7 +1028,8 @@ class Ledger:
             "steps": event.steps, "round_number": metadata.round_number,
             "dataset_size": metadata.dataset_size, "delta": metadata.delta,
             "clip_norm": metadata.clip_norm, "run_id": metadata.run_id,
-            "timestamp": metadata.timestamp,
+            "timestamp": metadata.timestamp, "adjacency": metadata.adjacency,
+            "sampling": metadata.sampling,
         })
         entry = LedgerEntry(event, metadata, "pending")
         self._entries[metadata.event_id] = entry
@@ -539,13 +1040,22 @@ class Ledger:
                               accountant: str = "prv") -> BudgetDecision:
         """Check the budget (the header's unless given) and reserve only if allowed.
 
-        Raises :class:`BudgetExhaustedError` (nothing written) if the round would exceed it.
+        The composition (ledger events plus the proposed one) is accounted under
+        :func:`composition_adjacency` of all their metadata, so one replace-one event makes
+        the whole ledger replace-one. Raises :class:`BudgetExhaustedError` (nothing
+        written) if the round would exceed the budget.
         """
+        self._require_open()
+        if not isinstance(metadata, EventMetadata):
+            raise EventValidationError(f"metadata={metadata!r} must be an EventMetadata.")
         use = budget if budget is not None else self._snapshot.budget
         if use is None:
             raise LedgerError(f"privacy ledger {str(self.path)!r} has no budget; pass "
                               "budget= or create the ledger with one.")
-        decision = require_round(self.spent_events(), event, use, accountant)
+        adjacency = composition_adjacency(
+            [e.metadata for e in self._entries.values()] + [metadata])
+        decision = require_round(self.spent_events(), event, use, accountant,
+                                 adjacency=adjacency)
         self.reserve(event, metadata)
         return decision
 
@@ -571,6 +1081,20 @@ class Ledger:
         self._entries[event_id] = LedgerEntry(entry.event, entry.metadata, "committed", cached)
         return True
 
+    # -- receipts --------------------------------------------------------------------------
+    def head(self) -> LedgerHead:
+        """The ledger's current position (report it to the coordinator after commit)."""
+        return LedgerHead(len(self._records), self._records[-1]["hash"])
+
+    def verify_receipt(self, head: LedgerHead) -> None:
+        """Refuse (:class:`LedgerRollbackError`) unless the ledger contains record ``head``.
+
+        ``head`` is the position the coordinator last acknowledged (:meth:`LedgerHead.parse`
+        of what it sent back). The receipt is never used for accounting: it can only cause
+        a refusal. Raises :class:`LedgerReceiptError` if ``head`` is not a LedgerHead.
+        """
+        _check_receipt(self.path, self._records, head)
+
     # -- reading ---------------------------------------------------------------------------
     @property
     def client_id(self) -> str:
@@ -587,6 +1111,26 @@ class Ledger:
         """Recovery actions taken when the ledger was opened."""
         return self._snapshot.notes
 
+    @property
+    def format_version(self) -> int:
+        """Format version of the ledger's header (1 for a continued v1 ledger)."""
+        return self._snapshot.format_version
+
+    @property
+    def anchor_file(self) -> Path | None:
+        """This ledger's anchor file (None without ``anchor_dir``)."""
+        return self._anchor_file
+
+    @property
+    def adjacency(self) -> Adjacency:
+        """Adjacency the ledger's events compose under (:func:`composition_adjacency`)."""
+        return composition_adjacency(e.metadata for e in self._entries.values())
+
+    @property
+    def private_against_coordinator(self) -> bool:
+        """False if any recorded event's batches were seeded (coordinator-reproducible)."""
+        return not any(e.metadata.sampling == "seeded" for e in self._entries.values())
+
     def entries(self) -> tuple[LedgerEntry, ...]:
         """All reserved events in reserve order, with their status."""
         return tuple(self._entries.values())
@@ -598,6 +1142,10 @@ class Ledger:
     def spent_events(self) -> tuple[PoissonSampledGaussianEvent, ...]:
         """Every reserved event, committed or pending: what the accountant composes."""
         return tuple(e.event for e in self._entries.values())
+
+    def snapshot(self) -> LedgerSnapshot:
+        """A read-only view of the ledger as this writer holds it now."""
+        return dataclasses.replace(self._snapshot, entries=self.entries(), head=self.head())
 
     def __iter__(self) -> Iterator[LedgerEntry]:
         return iter(self.entries())

@@ -1,7 +1,10 @@
 """Per-client and federation-wide privacy reports, computed from ledger files alone.
 
 Epsilon is recomputed from the ledger's events (pending reservations count as spent); cached
-display values in the ledger are ignored.
+display values in the ledger are ignored. Each ledger is composed under its own adjacency
+(:attr:`LedgerSnapshot.adjacency`: ``"replace_one"`` if any of its events is replace-one,
+else ``"add_remove"``). A client with any seeded-sampling event (all v1 ledgers) is marked
+NOT private against the coordinator: the coordinator knows the seed its batches came from.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from typing import Any
 from privacy.accounting.accountant import DEFAULT_ACCOUNTANT, compute_epsilon
 from privacy.accounting.budget import check_round
 from privacy.accounting.errors import LedgerError
+from privacy.accounting.events import ADJACENCIES
 from privacy.accounting.ledger import LEDGER_SUFFIX, LedgerSnapshot, read_ledger
+
+#: Text marking a client whose ledger has seeded-sampling events.
+NOT_PRIVATE_AGAINST_COORDINATOR = "NOT private against the coordinator (seeded batch sampling)"
 
 #: Delta used when a ledger has neither a budget nor any event to take delta from.
 FALLBACK_DELTA = 1e-5
@@ -30,6 +37,9 @@ class ClientPrivacyReport:
 
     ``epsilon_curve`` holds ``(round_number, cumulative PRV epsilon)`` after each round the
     client joined. ``exhausted`` means another round like its last one would exceed the budget.
+    ``adjacency`` is the neighbouring relation all epsilons here are composed under;
+    ``private_against_coordinator`` is False if any round's batches were seeded (reproducible
+    by the coordinator), so those epsilons do not hold against it.
     """
 
     client_id: str
@@ -48,17 +58,26 @@ class ClientPrivacyReport:
     pending_events: int
     epsilon_curve: tuple[tuple[int, float], ...]
     notes: tuple[str, ...]
+    adjacency: str
+    private_against_coordinator: bool
 
 
 @dataclass(frozen=True)
 class FederationSummary:
-    """Federation-wide aggregation of client reports (PRV epsilons)."""
+    """Federation-wide aggregation of client reports (PRV epsilons).
+
+    ``adjacency`` is ``"add_remove"`` or ``"replace_one"`` when every client's epsilon is
+    composed under it, ``"mixed"`` otherwise (``"-"`` without clients);
+    ``not_private_against_coordinator`` counts clients with seeded-sampling events.
+    """
 
     clients: int
     epsilon_min: float
     epsilon_median: float
     epsilon_max: float
     exhausted: int
+    adjacency: str
+    not_private_against_coordinator: int
 
 
 def _unique(values: Sequence[float]) -> tuple[float, ...]:
@@ -69,26 +88,30 @@ def client_report(snapshot: LedgerSnapshot) -> ClientPrivacyReport:
     """Report for one verified ledger snapshot."""
     entries = snapshot.entries
     events = snapshot.spent_events()
+    adjacency = snapshot.adjacency
     if snapshot.budget is not None:
         delta = snapshot.budget.delta
     elif entries:
         delta = min(e.metadata.delta for e in entries)  # smallest delta: strongest claim
     else:
         delta = FALLBACK_DELTA
-    prv = compute_epsilon(events, delta, "prv").epsilon
-    rdp = compute_epsilon(events, delta, "rdp").epsilon
+    prv = compute_epsilon(events, delta, "prv", adjacency=adjacency).epsilon
+    rdp = compute_epsilon(events, delta, "rdp", adjacency=adjacency).epsilon
     rounds = sorted({e.metadata.round_number for e in entries})
     curve: list[tuple[int, float]] = []
     for r in rounds:
         prefix = [e.event for e in entries if e.metadata.round_number <= r]
-        curve.append((r, compute_epsilon(prefix, delta, DEFAULT_ACCOUNTANT).epsilon))
+        # The whole ledger's adjacency (the conservative one), so the curve ends at epsilon_prv.
+        curve.append((r, compute_epsilon(prefix, delta, DEFAULT_ACCOUNTANT,
+                                         adjacency=adjacency).epsilon))
     budget_eps = None if snapshot.budget is None else snapshot.budget.epsilon_max
     budget_left = None
     exhausted = False
     if snapshot.budget is not None:
         budget_left = max(0.0, snapshot.budget.epsilon_max - prv) if math.isfinite(prv) else 0.0
         if entries:
-            exhausted = not check_round(events, entries[-1].event, snapshot.budget).allowed
+            exhausted = not check_round(events, entries[-1].event, snapshot.budget,
+                                        adjacency=adjacency).allowed
         else:
             exhausted = False
     return ClientPrivacyReport(
@@ -108,6 +131,8 @@ def client_report(snapshot: LedgerSnapshot) -> ClientPrivacyReport:
         pending_events=sum(1 for e in entries if e.status == "pending"),
         epsilon_curve=tuple(curve),
         notes=snapshot.notes,
+        adjacency=adjacency,
+        private_against_coordinator=snapshot.private_against_coordinator,
     )
 
 
@@ -121,18 +146,27 @@ def find_ledgers(path: str | os.PathLike[str]) -> list[Path]:
     raise LedgerError(f"path={str(p)!r} is neither a ledger file nor a directory.")
 
 
-def reports_from_path(path: str | os.PathLike[str]) -> list[ClientPrivacyReport]:
-    """Reports for every ledger at ``path``; any corrupted ledger raises (fail closed)."""
-    return [client_report(read_ledger(p)) for p in find_ledgers(path)]
+def reports_from_path(path: str | os.PathLike[str], *,
+                      anchor_dir: str | os.PathLike[str] | None = None
+                      ) -> list[ClientPrivacyReport]:
+    """Reports for every ledger at ``path``; any corrupted ledger raises (fail closed).
+
+    With ``anchor_dir``, each ledger is also checked against its anchor there (a rolled-back
+    ledger raises :class:`LedgerRollbackError`).
+    """
+    return [client_report(read_ledger(p, anchor_dir=anchor_dir)) for p in find_ledgers(path)]
 
 
 def summarize(reports: Sequence[ClientPrivacyReport]) -> FederationSummary:
     """Min/median/max PRV epsilon and number of exhausted clients."""
     if not reports:
-        return FederationSummary(0, math.nan, math.nan, math.nan, 0)
+        return FederationSummary(0, math.nan, math.nan, math.nan, 0, "-", 0)
     eps = [r.epsilon_prv for r in reports]
+    kinds = {r.adjacency for r in reports}
+    adjacency = kinds.pop() if len(kinds) == 1 else "mixed"
     return FederationSummary(len(reports), min(eps), float(statistics.median(eps)), max(eps),
-                             sum(1 for r in reports if r.exhausted))
+                             sum(1 for r in reports if r.exhausted), adjacency,
+                             sum(1 for r in reports if not r.private_against_coordinator))
 
 
 def _json_safe(value: Any) -> Any:
@@ -176,26 +210,47 @@ def _fmt_many(values: tuple[float, ...]) -> str:
     return ",".join(_fmt(v, ".4g") for v in values) if values else "-"
 
 
-TABLE_COLUMNS = ("client", "rounds joined", "steps", "q", "sigma", "epsilon PRV",
-                 "epsilon RDP", "delta", "budget left")
+TABLE_COLUMNS = ("client", "rounds joined", "steps", "q", "sigma", "adjacency",
+                 "epsilon PRV", "epsilon RDP", "delta", "budget left")
+
+
+def _adjacency_line(s: FederationSummary, reports: Sequence[ClientPrivacyReport]) -> str:
+    if s.adjacency == "mixed":
+        counts = {a: sum(1 for r in reports if r.adjacency == a) for a in ADJACENCIES}
+        per = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+        return (f"adjacency: mixed ({per}); each client's epsilon is composed under its own "
+                "(replace_one if any of its rounds is replace_one)")
+    return f"adjacency: every client's epsilon is composed under {s.adjacency}"
 
 
 def render_table(reports: Sequence[ClientPrivacyReport]) -> str:
-    """Plain-text table (one row per client) plus a federation summary line."""
+    """Plain-text table (one row per client), warnings, and federation summary lines.
+
+    Clients with seeded-sampling events are marked ``*`` and listed under the table as
+    :data:`NOT_PRIVATE_AGAINST_COORDINATOR`.
+    """
     rows = [TABLE_COLUMNS] + [
-        (r.client_id, str(r.rounds_joined), str(r.total_steps), _fmt_many(r.sample_rates),
-         _fmt_many(r.noise_multipliers), _fmt(r.epsilon_prv), _fmt(r.epsilon_rdp),
-         format(r.delta, ".3g"),
+        (r.client_id + ("" if r.private_against_coordinator else " *"),
+         str(r.rounds_joined), str(r.total_steps), _fmt_many(r.sample_rates),
+         _fmt_many(r.noise_multipliers), r.adjacency, _fmt(r.epsilon_prv),
+         _fmt(r.epsilon_rdp), format(r.delta, ".3g"),
          _fmt(r.budget_left) + (" (exhausted)" if r.exhausted else ""))
         for r in reports
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    seeded = [r for r in reports if not r.private_against_coordinator]
+    if seeded:
+        lines.append("")
+        lines.extend(f"* {r.client_id}: {NOT_PRIVATE_AGAINST_COORDINATOR}; its epsilon holds "
+                     "only against other parties" for r in seeded)
     s = summarize(reports)
     lines.append("")
     lines.append(f"clients: {s.clients}  epsilon PRV min/median/max: {_fmt(s.epsilon_min)}/"
-                 f"{_fmt(s.epsilon_median)}/{_fmt(s.epsilon_max)}  exhausted: {s.exhausted}")
+                 f"{_fmt(s.epsilon_median)}/{_fmt(s.epsilon_max)}  exhausted: {s.exhausted}  "
+                 f"not private against the coordinator: {s.not_private_against_coordinator}")
+    lines.append(_adjacency_line(s, reports))
     return "\n".join(lines)
 
 
@@ -221,8 +276,9 @@ def plot_epsilon(reports: Sequence[ClientPrivacyReport],
         ax.set_xlabel("round")
         ax.set_ylabel("cumulative epsilon (PRV upper bound)")
         deltas = sorted({r.delta for r in reports})
+        adjacency = summarize(reports).adjacency
         ax.set_title("Privacy spent per client (delta=" + ",".join(f"{d:.3g}" for d in deltas)
-                     + ")")
+                     + f", adjacency={adjacency})")
         if reports and len(reports) <= 20:
             ax.legend(fontsize="small")
         ax.grid(True, alpha=0.3)

@@ -1,4 +1,5 @@
-"""Ledger tests: round trip, tamper detection, crash recovery, locking, monotonicity."""
+"""Ledger tests: round trip, tamper detection, crash recovery, locking, monotonicity, format v2
+(adjacency and sampling in reserve records; v1 files read as replace_one + seeded)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting.accountant import epsilon
+from privacy.accounting.accountant import compute_epsilon, epsilon
 from privacy.accounting.budget import Budget
 from privacy.accounting.errors import (
     BudgetExhaustedError,
+    EventValidationError,
     LedgerCorruptedError,
     LedgerError,
     LedgerLockedError,
 )
 from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent
-from privacy.accounting.ledger import Ledger, head_path, read_ledger
+from privacy.accounting.ledger import (
+    FORMAT_VERSION,
+    GENESIS_HASH,
+    Ledger,
+    canonical_json,
+    composition_adjacency,
+    head_path,
+    read_ledger,
+    record_hash,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
 
 
-def meta(round_number: int, event_id: str | None = None) -> EventMetadata:
+def meta(round_number: int, event_id: str | None = None, *, adjacency: str = "replace_one",
+         sampling: str = "csprng") -> EventMetadata:
     kw = {} if event_id is None else {"event_id": event_id}
     return EventMetadata(round_number=round_number, dataset_size=1000, delta=DELTA,
-                         clip_norm=1.0, run_id="run-1", **kw)
+                         clip_norm=1.0, run_id="run-1", adjacency=adjacency,
+                         sampling=sampling, **kw)
 
 
 def ev(steps: int = 10, sigma: float = 1.0, q: float = 0.05) -> PoissonSampledGaussianEvent:
@@ -66,6 +79,13 @@ def test_round_trip(ledger_path: Path) -> None:
         assert led.budget == Budget(8.0, DELTA)
     assert len(lines(ledger_path)) == 7
     assert json.loads(head_path(ledger_path).read_text())["count"] == 7
+    header, reserve = json.loads(lines(ledger_path)[0]), json.loads(lines(ledger_path)[1])
+    assert header["version"] == FORMAT_VERSION == 2
+    assert (reserve["adjacency"], reserve["sampling"]) == ("replace_one", "csprng")
+    assert snap.format_version == 2 and snap.head.count == 7
+    assert snap.adjacency == "replace_one" and snap.private_against_coordinator
+    # The writer lock is on the ledger itself: no side lock file is created any more.
+    assert not ledger_path.with_name(ledger_path.name + ".lock").exists()
 
 
 def test_reopen_with_other_client_or_budget_refused(ledger_path: Path) -> None:
@@ -163,6 +183,7 @@ TAMPERS = {
     "delete-head": (_delete_head, "head file .* missing"),
     "delete-ledger": (_delete_ledger, "ledger was deleted"),
     "whitespace-edit": (_whitespace_edit, "line 4"),
+    "truncate-to-empty": (lambda p: p.write_bytes(b""), "head file records"),
 }
 
 
@@ -342,3 +363,176 @@ def test_reader_during_concurrent_appends_sees_consistent_prefix(tmp_path: Path)
     thread.join()
     assert not errors
     assert len(read_ledger(path).entries) == 40
+
+
+# -- format v2: adjacency and sampling ----------------------------------------------------
+V1_TIME = "2024-05-01T12:00:00.000000+00:00"
+
+
+def write_v1_ledger(path: Path, client_id: str, events: list[PoissonSampledGaussianEvent],
+                    budget: Budget | None = Budget(8.0, DELTA)) -> None:
+    """A ledger exactly as format v1 wrote it (no adjacency/sampling), valid hash chain."""
+    records: list[dict[str, object]] = []
+
+    def add(body: dict[str, object]) -> None:
+        prev = str(records[-1]["hash"]) if records else GENESIS_HASH
+        body = dict(body, seq=len(records), prev=prev)
+        records.append(dict(body, hash=record_hash(prev, body)))
+
+    add({"kind": "header", "format": "fedpeft-privacy-ledger", "version": 1,
+         "client_id": client_id, "created": V1_TIME,
+         "budget_epsilon": None if budget is None else budget.epsilon_max,
+         "budget_delta": None if budget is None else budget.delta})
+    for i, e in enumerate(events):
+        add({"kind": "reserve", "event_id": f"v1-{i}", "sample_rate": e.sample_rate,
+             "noise_multiplier": e.noise_multiplier, "steps": e.steps, "round_number": i,
+             "dataset_size": 1000, "delta": DELTA, "clip_norm": 1.0, "run_id": "run-v1",
+             "timestamp": V1_TIME})
+        add({"kind": "commit", "event_id": f"v1-{i}", "timestamp": V1_TIME,
+             "cached_epsilon_display_only": None})
+    path.write_bytes(b"".join((canonical_json(r) + "\n").encode("ascii") for r in records))
+    head_path(path).write_text(canonical_json({"count": len(records),
+                                               "last_hash": records[-1]["hash"]}) + "\n")
+
+
+def _append_record(path: Path, body: dict[str, object]) -> None:
+    """Append a correctly chained record by hand and update the head."""
+    last = json.loads(lines(path)[-1])
+    seq: int = last["seq"] + 1
+    body = dict(body, seq=seq, prev=last["hash"])
+    rec = dict(body, hash=record_hash(last["hash"], body))
+    with path.open("ab") as f:
+        f.write((canonical_json(rec) + "\n").encode("ascii"))
+    head_path(path).write_text(canonical_json({"count": seq + 1,
+                                               "last_hash": rec["hash"]}) + "\n")
+
+
+def test_v1_ledger_reads_as_replace_one_and_seeded(tmp_path: Path) -> None:
+    from privacy.accounting.report import (
+        NOT_PRIVATE_AGAINST_COORDINATOR,
+        client_report,
+        render_table,
+    )
+
+    path = tmp_path / "old.ledger.jsonl"
+    write_v1_ledger(path, "old", [ev(10), ev(20)])
+    snap = read_ledger(path)
+    assert snap.format_version == 1
+    assert [(e.metadata.adjacency, e.metadata.sampling) for e in snap.entries] == [
+        ("replace_one", "seeded")] * 2
+    assert snap.adjacency == "replace_one"
+    assert snap.private_against_coordinator is False
+    report = client_report(snap)
+    assert report.adjacency == "replace_one"
+    assert report.private_against_coordinator is False
+    table = render_table([report])
+    assert f"old: {NOT_PRIVATE_AGAINST_COORDINATOR}" in table
+    assert "replace_one" in table.splitlines()[2]  # the client's row
+
+    # A v1 ledger is continued (never rewritten): new reserve records are v2-form.
+    before = path.read_bytes()
+    with Ledger(path, client_id="old", budget=Budget(8.0, DELTA)) as led:
+        assert led.format_version == 1 and not led.private_against_coordinator
+        led.reserve(ev(5), meta(2, "new", adjacency="add_remove"))
+    assert path.read_bytes().startswith(before)
+    new = json.loads(lines(path)[-1])
+    assert (new["adjacency"], new["sampling"]) == ("add_remove", "csprng")
+    again = read_ledger(path)
+    assert [e.metadata.sampling for e in again.entries] == ["seeded", "seeded", "csprng"]
+    assert again.adjacency == "replace_one"  # still: the v1 events are replace-one
+
+
+def test_v1_form_record_after_v2_form_or_in_v2_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.ledger.jsonl"
+    write_v1_ledger(path, "old", [ev(10)])
+    with Ledger(path, client_id="old") as led:
+        led.reserve(ev(5), meta(1, "v2rec"))
+    v1_body: dict[str, object] = {
+        "kind": "reserve", "event_id": "late-v1", "sample_rate": 0.05,
+        "noise_multiplier": 1.0, "steps": 3, "round_number": 2, "dataset_size": 1000,
+        "delta": DELTA, "clip_norm": 1.0, "run_id": "run-v1", "timestamp": V1_TIME}
+    _append_record(path, v1_body)
+    with pytest.raises(LedgerCorruptedError, match="line 5: reserve record has keys"):
+        read_ledger(path)
+
+    v2 = tmp_path / "new.ledger.jsonl"
+    Ledger(v2, client_id="new").close()
+    _append_record(v2, v1_body)
+    with pytest.raises(LedgerCorruptedError, match=r"line 2: reserve record has keys .*v2"):
+        read_ledger(v2)
+
+
+def test_invalid_adjacency_or_sampling_in_a_record_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "x.ledger.jsonl"
+    with Ledger(path, client_id="x") as led:
+        led.reserve(ev(5), meta(0, "a"))
+    body = json.loads(lines(path)[1])
+    for key, bad in (("adjacency", "substitute"), ("sampling", "urandom"), ("sampling", 1)):
+        p = tmp_path / f"{key}-{bad}.ledger.jsonl"
+        Ledger(p, client_id="x").close()
+        rec = {k: v for k, v in body.items() if k not in ("seq", "prev", "hash")}
+        _append_record(p, dict(rec, **{key: bad}))
+        with pytest.raises(LedgerCorruptedError, match=f"invalid event: {key}="):
+            read_ledger(p)
+
+
+def test_event_metadata_validates_adjacency_and_sampling() -> None:
+    m = meta(0)
+    assert (m.adjacency, m.sampling) == ("replace_one", "csprng")
+    with pytest.raises(EventValidationError, match="adjacency='add-remove'"):
+        meta(0, adjacency="add-remove")
+    with pytest.raises(EventValidationError, match="sampling='random'"):
+        meta(0, sampling="random")
+
+
+def test_composition_adjacency_is_replace_one_if_any() -> None:
+    assert composition_adjacency([]) == "add_remove"
+    assert composition_adjacency([meta(0, adjacency="add_remove")] * 3) == "add_remove"
+    assert composition_adjacency([meta(0, adjacency="add_remove"),
+                                  meta(1, adjacency="replace_one")]) == "replace_one"
+
+
+def test_reserve_within_budget_composes_under_the_conservative_adjacency(
+        tmp_path: Path) -> None:
+    path = tmp_path / "adj.ledger.jsonl"
+    budget = Budget(50.0, DELTA)
+    with Ledger(path, client_id="adj", budget=budget) as led:
+        first = led.reserve_within_budget(ev(40), meta(0, "a", adjacency="add_remove"),
+                                          accountant="rdp")
+        assert first.epsilon_after == compute_epsilon(
+            [ev(40)], DELTA, "rdp", adjacency="add_remove").epsilon
+        assert led.adjacency == "add_remove"
+        # The proposed replace-one event makes the whole composition replace-one.
+        second = led.reserve_within_budget(ev(40), meta(1, "b", adjacency="replace_one"),
+                                           accountant="rdp")
+        assert second.epsilon_after == compute_epsilon(
+            [ev(40), ev(40)], DELTA, "rdp", adjacency="replace_one").epsilon
+        assert second.epsilon_after > compute_epsilon(
+            [ev(40), ev(40)], DELTA, "rdp", adjacency="add_remove").epsilon
+        assert led.snapshot().adjacency == "replace_one"
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.01, 0.05, 0.2]),
+                          st.sampled_from([0.8, 1.0, 2.0]),
+                          st.integers(1, 100),
+                          st.sampled_from(["add_remove", "replace_one"])),
+                min_size=1, max_size=5))
+def test_mixed_adjacency_is_never_composed_below_add_remove(
+        tmp_path_factory: pytest.TempPathFactory,
+        spec: list[tuple[float, float, int, str]]) -> None:
+    path = tmp_path_factory.mktemp("adj") / "a.ledger.jsonl"
+    with Ledger(path, client_id="a") as led:
+        for i, (q, sigma, steps, adjacency) in enumerate(spec):
+            led.reserve(PoissonSampledGaussianEvent(q, sigma, steps),
+                        meta(i, adjacency=adjacency))
+    snap = read_ledger(path)
+    events = snap.spent_events()
+    as_ledger = compute_epsilon(events, DELTA, "rdp", adjacency=snap.adjacency).epsilon
+    optimistic = compute_epsilon(events, DELTA, "rdp", adjacency="add_remove").epsilon
+    conservative = compute_epsilon(events, DELTA, "rdp", adjacency="replace_one").epsilon
+    assert as_ledger >= optimistic
+    if any(a == "replace_one" for *_, a in spec):
+        assert snap.adjacency == "replace_one" and as_ledger == conservative
+    else:
+        assert snap.adjacency == "add_remove"

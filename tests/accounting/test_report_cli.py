@@ -15,6 +15,7 @@ from privacy.accounting.errors import LedgerCorruptedError
 from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent as E
 from privacy.accounting.ledger import Ledger
 from privacy.accounting.report import (
+    NOT_PRIVATE_AGAINST_COORDINATOR,
     TABLE_COLUMNS,
     plot_epsilon,
     render_table,
@@ -57,8 +58,10 @@ def test_reports_from_directory(tmp_path: Path) -> None:
     alice, bob, carol = reports
     assert alice.rounds_joined == 3 and alice.total_steps == 50
     assert alice.sample_rates == (0.02, 0.04) and alice.noise_multipliers == (1.0, 1.2)
-    assert alice.epsilon_prv == epsilon(spec["alice"], DELTA, "prv")
-    assert alice.epsilon_rdp == epsilon(spec["alice"], DELTA, "rdp")
+    # EventMetadata defaults to replace_one: the ledger composes under it.
+    assert alice.adjacency == "replace_one" and alice.private_against_coordinator
+    assert alice.epsilon_prv == epsilon(spec["alice"], DELTA, "prv", adjacency="replace_one")
+    assert alice.epsilon_rdp == epsilon(spec["alice"], DELTA, "rdp", adjacency="replace_one")
     assert alice.budget_left == pytest.approx(3.0 - alice.epsilon_prv)
     assert [rn for rn, _ in alice.epsilon_curve] == [1, 2, 3]
     assert alice.epsilon_curve[-1][1] == alice.epsilon_prv
@@ -74,14 +77,72 @@ def test_reports_from_directory(tmp_path: Path) -> None:
     for col in TABLE_COLUMNS:
         assert col in header
     assert "alice" in table and "(exhausted)" in table
+    assert "adjacency: every client's epsilon is composed under replace_one" in table
+    assert NOT_PRIVATE_AGAINST_COORDINATOR not in table
 
     out = write_report_json(reports, tmp_path / "out" / "report.json")
     data = json.loads(out.read_text())
     assert data["summary"]["clients"] == 3
     assert data["clients"][0]["epsilon_prv"] == alice.epsilon_prv
+    assert data["clients"][0]["adjacency"] == "replace_one"
+    assert data["clients"][0]["private_against_coordinator"] is True
+    assert data["summary"]["adjacency"] == "replace_one"
+    assert data["summary"]["not_private_against_coordinator"] == 0
 
     png = plot_epsilon(reports, tmp_path / "out" / "eps.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ledger(root: Path, cid: str, rounds: list[tuple[E, str, str]]) -> None:
+    with Ledger(root / f"{cid}.ledger.jsonl", client_id=cid, budget=Budget(20.0, DELTA)) as led:
+        for r, (ev, adjacency, sampling) in enumerate(rounds):
+            m = EventMetadata(round_number=r, dataset_size=2000, delta=DELTA, clip_norm=1.0,
+                              run_id="run-8", adjacency=adjacency, sampling=sampling)
+            led.reserve(ev, m)
+            led.commit(m.event_id)
+
+
+def test_report_adjacency_and_seeded_sampling(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    e = E(0.02, 1.0, 100)
+    _ledger(tmp_path, "ann", [(e, "add_remove", "csprng")] * 2)
+    _ledger(tmp_path, "ben", [(e, "add_remove", "csprng"), (e, "replace_one", "csprng")])
+    _ledger(tmp_path, "cat", [(e, "add_remove", "seeded"), (e, "add_remove", "csprng")])
+    ann, ben, cat = reports_from_path(tmp_path)
+    assert (ann.adjacency, ann.private_against_coordinator) == ("add_remove", True)
+    assert (ben.adjacency, ben.private_against_coordinator) == ("replace_one", True)
+    assert (cat.adjacency, cat.private_against_coordinator) == ("add_remove", False)
+    # Each client is composed under its own adjacency; mixed never composes optimistically.
+    assert ann.epsilon_prv == epsilon([e, e], DELTA, "prv", adjacency="add_remove")
+    assert ben.epsilon_prv == epsilon([e, e], DELTA, "prv", adjacency="replace_one")
+    assert ben.epsilon_prv > ann.epsilon_prv
+    assert ben.epsilon_rdp == epsilon([e, e], DELTA, "rdp", adjacency="replace_one")
+    assert ben.epsilon_curve[-1][1] == ben.epsilon_prv
+    s = summarize([ann, ben, cat])
+    assert s.adjacency == "mixed" and s.not_private_against_coordinator == 1
+    assert summarize([ann, cat]).adjacency == "add_remove"
+
+    table = render_table([ann, ben, cat])
+    rows = table.splitlines()
+    assert "adjacency" in rows[0]
+    assert "add_remove" in rows[2] and "replace_one" in rows[3]
+    assert rows[4].startswith("cat *") and not rows[2].startswith("ann *")
+    assert f"* cat: {NOT_PRIVATE_AGAINST_COORDINATOR}" in table
+    assert "ann: NOT" not in table and "ben: NOT" not in table
+    assert "adjacency: mixed (2 add_remove, 1 replace_one)" in table
+    assert "not private against the coordinator: 1" in table
+
+    data = json.loads(write_report_json([ann, ben, cat], tmp_path / "r.json").read_text())
+    assert [(c["client_id"], c["adjacency"], c["private_against_coordinator"])
+            for c in data["clients"]] == [("ann", "add_remove", True),
+                                          ("ben", "replace_one", True),
+                                          ("cat", "add_remove", False)]
+    assert data["summary"]["adjacency"] == "mixed"
+    assert data["summary"]["not_private_against_coordinator"] == 1
+
+    args = _parser().parse_args(["privacy", "report", str(tmp_path)])
+    assert args.func(args) == 0
+    assert NOT_PRIVATE_AGAINST_COORDINATOR in capsys.readouterr().out
 
 
 def test_report_fails_closed_on_corrupted_ledger(tmp_path: Path) -> None:

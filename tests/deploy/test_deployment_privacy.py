@@ -179,7 +179,7 @@ def _phase_private_secure(link: SuperLink, nodes: dict[str, ClientNode], run_dir
         assert snap.client_id == name
         assert [e.metadata.round_number for e in snap.entries] == [1, 2]
         assert all(e.status == "committed" for e in snap.entries)
-        eps = compute_epsilon(snap.spent_events(), DELTA, "prv").epsilon
+        eps = compute_epsilon(snap.spent_events(), DELTA, "prv", adjacency=snap.adjacency).epsilon
         reported = next(c["dp-epsilon"] for c in rows[2]["clients"] if c["client-id"] == name)
         assert 0 < eps < 8.0
         assert eps == pytest.approx(reported, rel=1e-9)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from fedpeft.models import ModelConfig
 from fedpeft.tokenize import Encoded
 from peft_methods.base import AdaptedModel
+from privacy.csprng import DPRandomness
 from peft_methods.lora import LoraSettings
 from peft_methods.prompt import PromptSettings
 from peft_methods.registry import AdapterConfig, build
@@ -72,3 +74,51 @@ def make_data(model: str, n: int, seed: int = 0, *, pad: bool = True) -> Encoded
 @pytest.fixture
 def model_factory() -> Callable[[str, str], AdaptedModel]:
     return get_model
+
+
+def seeded(seed: int) -> DPRandomness:
+    """Reproducible DP randomness (tests only: the coordinator could rebuild it from ``seed``)."""
+    return DPRandomness.from_seed(seed)
+
+
+@contextmanager
+def swapped(model: nn.Module, suffix: str, new: nn.Module) -> Iterator[str]:
+    """Replace the first submodule whose name ends with ``suffix`` by ``new``; restore it after.
+
+    Yields the replaced module's full name. The cached models are shared between tests, so
+    the original is always put back.
+    """
+    name = next(n for n, _ in model.named_modules() if n.endswith(suffix))
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    try:
+        yield name
+    finally:
+        setattr(parent, attr, old)
+
+
+class OverHidden(nn.Module):
+    """Applies a frozen ``(N, C, L)`` layer (BatchNorm1d, InstanceNorm1d) to ``(B, T, H)``."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return out
+
+
+class CountsRows(nn.Module):
+    """A frozen identity layer that counts the rows it saw in train mode (hidden state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += x.shape[0]
+        return x

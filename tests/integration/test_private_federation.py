@@ -51,7 +51,9 @@ def test_epsilon_grows_matches_ledger_and_survives_restart(tmp_path: Path) -> No
         assert eps[0] < eps[1] < eps[2] <= 8.0, eps  # grows each round, never above the target
         snap = read_ledger(tmp_path / "ledgers" / f"{client}.ledger.jsonl")
         assert len(snap.spent_events()) == 3
-        from_file = compute_epsilon(snap.spent_events(), 1e-5, "prv").epsilon
+        from_file = compute_epsilon(snap.spent_events(), 1e-5, "prv",
+                                    adjacency="replace_one").epsilon
+        assert snap.adjacency == "replace_one" and snap.private_against_coordinator
         assert from_file == pytest.approx(eps[2], rel=1e-9)
     # under DP, raw training losses stay on the device
     assert all("train-loss" not in c for r in rows for c in r["clients"])  # type: ignore[union-attr]
@@ -66,7 +68,7 @@ def test_client_over_budget_sits_out_and_run_stops_cleanly(tmp_path: Path) -> No
     # client-2's device has a smaller budget: between its epsilon after round 1 and round 2
     from privacy.accounting import plan
 
-    p = plan(8.0, 1e-5, rounds=2, sample_rate=4 / 32, local_steps=2)
+    p = plan(8.0, 1e-5, rounds=2, sample_rate=4 / 32, local_steps=2, adjacency="replace_one")
     budget = (p.epsilon_per_round[0] + p.epsilon_per_round[1]) / 2
     ident = dataclasses.replace(transport.runtimes[2].identity, epsilon_budget=budget)
     transport.runtimes[2] = ClientRuntime(run, ident)
