@@ -164,9 +164,16 @@ class ClientRuntime:
             log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
             reply = {"status": STATUS_ERROR, "reason": self.public_reason(exc),
                      "client-id": self.identity.client_id}
+        except Exception as exc:  # noqa: BLE001 - an unexpected error (I/O, torch, Opacus)
+            # security: never let the framework send an untyped error's text (an OOM size
+            # or a loss value can depend on the sampled records): type only under DP
+            state.pop(SECAGG_STATE, None)
+            log.exception("client %s: %s failed unexpectedly", self.identity.client_id, kind)
+            reply = {"status": STATUS_ERROR, "reason": self.public_reason(exc),
+                     "client-id": self.identity.client_id}
         return reply
 
-    def public_reason(self, exc: FedPeftError) -> str:
+    def public_reason(self, exc: Exception) -> str:
         """The fault reason a reply may carry: the full message without DP; under DP only the
         error type for errors whose message could depend on private records (a loss value,
         the step at which training diverged), the details staying in this client's log."""
@@ -318,7 +325,7 @@ class ClientRuntime:
                 return {"status": BUDGET_EXHAUSTED_STATUS, "client-id": self.identity.client_id,
                         "reason": str(exc), "dp-epsilon": exc.epsilon_before,
                         "dp-budget": float(exc.epsilon_max),
-                        "dp-adjacency": ledger.adjacency}
+                        "dp-adjacency": ledger.adjacency if ledger.entries() else dp.adjacency}
             model.train()
             result = dp_local_train(model, data, self._train_config(server_round), dp,
                                     noise_multiplier=sigma, randomness=randomness,

@@ -251,11 +251,21 @@ class Coordinator:
             # What happened to DP this round: clients that trained spent privacy (their
             # ledgers hold the event) even when nothing was aggregated.
             spent = sum(1 for r in client_rows if "dp-epsilon" in r)
+            seen = {str(r.get("node")) for r in client_rows}
+            # a client that faulted or never replied may have trained (and spent) first
+            maybe = len({f["node"] for f in faults if f.get("node") not in seen
+                         and f.get("status") != BUDGET_EXHAUSTED_STATUS})
             row["dp_spent"] = spent
+            row["dp_maybe_spent"] = maybe
             if result is None:
-                reason += (f"; {spent} clients trained with DP and spent privacy budget on "
-                           "updates that were discarded (their ledgers record it)" if spent else
-                           "; no client trained: no privacy was spent")
+                if spent:
+                    reason += (f"; {spent} clients trained with DP and spent privacy budget on "
+                               "updates that were discarded (their ledgers record it)")
+                if maybe:
+                    reason += (f"; {maybe} selected clients faulted or did not reply and may "
+                               "have spent privacy budget (their ledgers are authoritative)")
+                if not spent and not maybe:
+                    reason += "; no client trained: no privacy was spent"
         return result, reason
 
     def _privacy_rows(self, client_rows: list[dict[str, Any]], faults: list[dict[str, str]],

@@ -160,3 +160,22 @@ def test_no_training_under_dp_is_not_reported_as_dp_off(tmp_path: Path,
     print_privacy_report(tmp_path)
     out = capsys.readouterr().out
     assert "was off" not in out and "differential privacy was on" in out
+
+
+def test_an_untyped_error_reports_its_type_only_under_dp(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = parse_run_config(_flat(tmp_path))
+    rt = InMemoryTransport(run, 2).runtimes[0]
+
+    def oom(*_a: object) -> None:
+        raise RuntimeError("Tried to allocate 123 MiB")
+
+    monkeypatch.setattr(rt, "_train_round", oom)
+    state = {"secagg": b"x"}
+    reply = rt.handle("train", {}, state)
+    assert reply["status"] == "error" and "123" not in str(reply["reason"])
+    assert str(reply["reason"]).startswith("RuntimeError: details stay on the device")
+    assert state == {}  # the SecAgg session is dropped
+    plain = ClientRuntime(parse_run_config(_flat(tmp_path, dp=False)), rt.identity)
+    monkeypatch.setattr(plain, "_train_round", oom)
+    assert "123 MiB" in str(plain.handle("train", {}, {})["reason"])
