@@ -41,7 +41,7 @@ from privacy.accounting import (
     compute_epsilon,
 )
 from privacy.accounting.errors import AccountingError
-from privacy.accounting.ledger import LedgerHead
+from privacy.accounting.ledger import LedgerHead, composition_adjacency
 from privacy.csprng import DPRandomness
 from privacy.dp_sgd import dp_local_train
 from privacy.secagg.client import SecAggClient
@@ -325,7 +325,9 @@ class ClientRuntime:
                 return {"status": BUDGET_EXHAUSTED_STATUS, "client-id": self.identity.client_id,
                         "reason": str(exc), "dp-epsilon": exc.epsilon_before,
                         "dp-budget": float(exc.epsilon_max),
-                        "dp-adjacency": ledger.adjacency if ledger.entries() else dp.adjacency}
+                        # what the refused decision was accounted under
+                        "dp-adjacency": composition_adjacency(
+                            [*(e.metadata for e in ledger.entries()), meta])}
             model.train()
             result = dp_local_train(model, data, self._train_config(server_round), dp,
                                     noise_multiplier=sigma, randomness=randomness,
@@ -418,9 +420,8 @@ class ClientRuntime:
         return {"status": STATUS_OK, "client-id": self.identity.client_id, "message": out}
 
     def _mark_unmask_answered(self, session_id: bytes) -> None:
-        base = Path(self.run.ledger_dir or self.identity.state_dir
-                    or str(Path(self.run.run_dir) / "ledgers"))
-        marker = base / "secagg-unmasked" / f"{self.identity.client_id}-{session_id.hex()}"
+        marker = (self.ledger_path().parent / "secagg-unmasked"
+                  / f"{self.identity.client_id}-{session_id.hex()}")
         marker.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

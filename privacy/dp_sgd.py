@@ -83,6 +83,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus.grad_sample import (  # type: ignore[import-untyped]
     GradSampleModule,
@@ -209,12 +210,10 @@ def _check_stateful_layers(model: nn.Module) -> None:
         hint = _STATEFUL_HINT.format(name=name)
         if isinstance(module, _BatchNorm):
             if module.training:
-                reason = _opacus_reason(module, "BatchNorm mixes the examples of a batch")
                 raise UnsupportedLayerError(
                     f"{label} is in train mode, trainable or not: it normalises with the "
                     "statistics of the batch, which mixes examples and voids per-example "
-                    "clipping, and updates its running statistics from private data "
-                    f"(Opacus: {reason}). {hint}")
+                    f"clipping, and updates its running statistics from private data. {hint}")
             if not module.track_running_stats or module.running_mean is None:
                 raise UnsupportedLayerError(
                     f"{label} has no running statistics, so it normalises with the statistics "
@@ -222,19 +221,9 @@ def _check_stateful_layers(model: nn.Module) -> None:
                     "per-example clipping. Replace it with GroupNorm/LayerNorm")
         elif isinstance(module, _InstanceNorm) and module.track_running_stats \
                 and module.training:
-            reason = _opacus_reason(module, "running statistics are not supported")
             raise UnsupportedLayerError(
                 f"{label} tracks running statistics in train mode: they are updated from the "
-                f"private batch without noise (Opacus: {reason}). {hint}, or set "
-                "track_running_stats=False")
-
-
-def _opacus_reason(module: nn.Module, default: str) -> str:
-    """The first sentence of Opacus' own validator message for ``module``'s type, if any."""
-    validator = ModuleValidator.VALIDATORS.get(type(module))
-    errors = validator(module) if validator is not None else []
-    text = str(errors[0]) if errors else default
-    return text.split(". ")[0].rstrip(".")
+                f"private batch without noise. {hint}, or set track_running_stats=False")
 
 
 BufferVersions = dict[str, tuple[int, int]]
@@ -332,7 +321,7 @@ def poisson_batches(n: int, q: float, steps: int,
     """
     for _ in range(steps):
         u = sampling.uniform(n)
-        yield [int(i) for i in (u < q).nonzero()[0]]  # security: membership from the CSPRNG
+        yield np.flatnonzero(u < q).tolist()  # security: membership from the CSPRNG
 
 
 def _add_csprng_noise(opt: Any, noise_multiplier: float) -> None:

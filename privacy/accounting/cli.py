@@ -52,7 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print sigma and the cumulative epsilon after each round; return the exit code."""
     from privacy.accounting.calibrate import plan
 
-    adjacency = ADJACENCY_CHOICES.get(args.adjacency, args.adjacency)
+    adjacency = ADJACENCY_CHOICES[args.adjacency]  # argparse allowed only these keys
     result = plan(args.target_epsilon, args.delta, args.rounds, args.sample_rate,
                   args.local_steps, args.accountant, adjacency)
     shown = result.adjacency.replace("_", "-")  # JSON keeps the accounting name

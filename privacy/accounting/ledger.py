@@ -1123,13 +1123,13 @@ class Ledger:
 
     @property
     def adjacency(self) -> Adjacency:
-        """Adjacency the ledger's events compose under (:func:`composition_adjacency`)."""
-        return composition_adjacency(e.metadata for e in self._entries.values())
+        """Adjacency the ledger's events compose under (:attr:`LedgerSnapshot.adjacency`)."""
+        return self.snapshot().adjacency
 
     @property
     def private_against_coordinator(self) -> bool:
         """False if any recorded event's batches were seeded (coordinator-reproducible)."""
-        return not any(e.metadata.sampling == "seeded" for e in self._entries.values())
+        return self.snapshot().private_against_coordinator
 
     def entries(self) -> tuple[LedgerEntry, ...]:
         """All reserved events in reserve order, with their status."""
