@@ -5,7 +5,7 @@ SuperNodes (``fedpeft.deploy.runner``), runs the same small federation twice:
 
 * ``cold``: ``flower-supernode --isolation subprocess`` (flwr 1.42 default: every message
   starts a new ``flwr-clientapp`` process that imports torch and loads the model again);
-* ``warm``: ``--isolation process`` + ``client.warm_app`` (one long-lived
+* ``warm``: ``--isolation process`` + ``fedpeft.client.warm_app`` (one long-lived
   ClientApp process per node; model and data stay loaded).
 
 Per round (from the coordinator's ``metrics.jsonl``):

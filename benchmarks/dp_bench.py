@@ -1,4 +1,4 @@
-"""DP-SGD step cost: ``privacy.dp_sgd.dp_local_train`` against non-private ``local_train``.
+"""DP-SGD step cost: ``fedpeft.privacy.dp_sgd.dp_local_train`` against non-private ``local_train``.
 
 LoRA (r=8, q/v projections; classification also trains the head) on SmolLM2-135M (causal LM)
 and all-MiniLM-L6 (classification), batch 32 x 32 tokens, SGD. Modes: non-private, and the
@@ -11,7 +11,7 @@ time is normalised to 32 examples (time * 32 / actual batch size) before the med
 Peak memory is the process's peak RSS (``resource.getrusage``) during training minus the
 peak after the model was loaded and one warm-up step ran.
 
-``--noise`` measures instead what the CSPRNG noise costs (``privacy.csprng``: ChaCha20
+``--noise`` measures instead what the CSPRNG noise costs (``fedpeft.privacy.csprng``: ChaCha20
 Box-Muller with Opacus' secure-mode 4-draw mitigation) against the old ``torch.normal`` noise
 from a ``torch.Generator`` (Opacus' non-secure path): (a) the DP step of the 2-layer models
 (mode ``--noise-mode``, default ``ew`` as in the run config), old and new interleaved in one
@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,10 @@ def _model_and_data(model_name: str, layers: int | None) -> tuple[Any, Any]:
     """The LoRA r=8 model and ROWS random rows of SEQ tokens the DP step benchmarks train."""
     import torch
 
-    from fedpeft.models import ModelConfig
-    from fedpeft.tokenize import Encoded
-    from peft_methods.lora import LoraSettings
-    from peft_methods.registry import AdapterConfig, build
+    from fedpeft.core.models import ModelConfig
+    from fedpeft.data.tokenize import Encoded
+    from fedpeft.peft_methods.lora import LoraSettings
+    from fedpeft.peft_methods.registry import AdapterConfig, build
 
     task = MODELS[model_name]
     model = build(ModelConfig(model_name, task=task, num_hidden_layers=layers),  # type: ignore[arg-type]
@@ -81,10 +82,10 @@ def run_one(model_name: str, mode: str, layers: int | None, steps: int, warmup: 
     import torch
 
     torch.set_num_threads(threads)
-    from client.trainer import local_train
-    from fedpeft.config import TrainConfig
-    from privacy.csprng import DPRandomness
-    from privacy.dp_sgd import DPConfig, dp_local_train
+    from fedpeft.privacy.csprng import DPRandomness
+    from fedpeft.privacy.dp_sgd import DPConfig, dp_local_train
+    from fedpeft.training.config import TrainConfig
+    from fedpeft.training.trainer import local_train
 
     model, data = _model_and_data(model_name, layers)
     total = warmup + steps
@@ -111,8 +112,8 @@ def run_one(model_name: str, mode: str, layers: int | None, steps: int, warmup: 
     stamps.clear()
     t0 = time.perf_counter()
     sizes = train(total)
-    times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
-    norm = [t * BATCH / max(s, 1) for t, s in zip(times, sizes)][warmup:]
+    times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+    norm = [t * BATCH / max(s, 1) for t, s in zip(times, sizes, strict=True)][warmup:]
     return {"model": model_name, "mode": mode, "layers": layers or "full",
             "median_step_s": statistics.median(norm), "step_s": norm,
             "batch_sizes": sizes[warmup:], "peak_rss_mb": _rss_mb(),
@@ -158,9 +159,9 @@ def run_noise_step(model_name: str, mode: str, layers: int, steps: int, reps: in
     import torch
 
     torch.set_num_threads(threads)
-    from fedpeft.config import TrainConfig
-    from privacy.csprng import DPRandomness
-    from privacy.dp_sgd import DPConfig, dp_local_train
+    from fedpeft.privacy.csprng import DPRandomness
+    from fedpeft.privacy.dp_sgd import DPConfig, dp_local_train
+    from fedpeft.training.config import TrainConfig
 
     model, data = _model_and_data(model_name, layers)
     dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -183,8 +184,9 @@ def run_noise_step(model_name: str, mode: str, layers: int, steps: int, reps: in
                              randomness=DPRandomness(sampling=sampling, noise=noise,
                                                      kind="seeded"),
                              progress=lambda step, n, loss: stamps.append(time.perf_counter()))
-        step_t = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
-        times[variant] += [t * BATCH / max(k, 1) for t, k in zip(step_t, res.batch_sizes)]
+        step_t = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+        times[variant] += [t * BATCH / max(k, 1)
+                           for t, k in zip(step_t, res.batch_sizes, strict=True)]
         noise_s[variant].append(noise.seconds / steps)
 
     train("new", -1)  # warm-up (allocator, kernels), not measured
@@ -209,7 +211,7 @@ def noise_only(reps: int, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from privacy.csprng import DPRandomness
+    from fedpeft.privacy.csprng import DPRandomness
 
     def med(fn: Any) -> float:
         fn()  # warm-up
@@ -220,18 +222,17 @@ def noise_only(reps: int, threads: int) -> dict[str, Any]:
             out.append(time.perf_counter() - t0)
         return statistics.median(out)
 
+    def draw(src: Any, shapes: list[tuple[int, int]], secure: bool) -> None:
+        for shape in shapes:
+            src.gaussian(shape, 1.0, torch.float32, secure=secure)
+
     res: dict[str, Any] = {}
     for name, shapes in (("chat-lora", CHAT_LORA_SHAPES), ("chat-prompt", CHAT_PROMPT_SHAPES)):
         old = TorchNormalNoise(int.from_bytes(os.urandom(8), "little"))
         new = DPRandomness.from_os().noise
-
-        def draw(src: Any, secure: bool) -> None:
-            for shape in shapes:
-                src.gaussian(shape, 1.0, torch.float32, secure=secure)
-
-        t_old = med(lambda: draw(old, False))
-        t_plain = med(lambda: draw(new, False))
-        t_secure = med(lambda: draw(new, True))
+        t_old = med(partial(draw, old, shapes, False))
+        t_plain = med(partial(draw, new, shapes, False))
+        t_secure = med(partial(draw, new, shapes, True))
         res[name] = {"coordinates": sum(a * b for a, b in shapes), "tensors": len(shapes),
                      "torch_normal_s": t_old, "csprng_plain_s": t_plain,
                      "csprng_secure_s": t_secure, "ratio_secure_over_torch": t_secure / t_old,
@@ -239,8 +240,10 @@ def noise_only(reps: int, threads: int) -> dict[str, Any]:
     for n in (ROWS, 10_000):
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         stream = DPRandomness.from_os().sampling
-        res[f"sampling-n{n}"] = {"torch_rand_s": med(lambda: torch.rand(n, generator=gen) < 0.5),
-                                 "csprng_s": med(lambda: stream.uniform(n) < 0.5)}
+        # Default arguments bind this iteration's values (med calls them right away).
+        res[f"sampling-n{n}"] = {
+            "torch_rand_s": med(lambda n=n, gen=gen: torch.rand(n, generator=gen) < 0.5),
+            "csprng_s": med(lambda n=n, stream=stream: stream.uniform(n) < 0.5)}
     return res
 
 

@@ -1,7 +1,7 @@
 """Edge footprint of one DP client: peak RSS and time per local DP-SGD step.
 
 Each configuration runs in its own subprocess (so ``ru_maxrss`` is that client's peak alone):
-a :class:`client.runtime.ClientRuntime` with DP on (Opacus hooks mode, Poisson batches of
+a :class:`fedpeft.client.runtime.ClientRuntime` with DP on (Opacus hooks mode, Poisson batches of
 expected size 8, sequences padded/truncated to ``max-length``) answers two ``train`` messages
 from the initial global adapter, exactly as it would in a federation (ledger in a temporary
 state directory, no secure aggregation: masking is a few ms and a few MB, see secagg.json).
@@ -53,6 +53,13 @@ COMMON: dict[str, Any] = {
 TARGETS_MB = {"minilm-l6 LoRA r=8": 1024.0, "smollm2-135m LoRA r=8": 2560.0}
 
 
+
+def _num(value: object) -> float:
+    """A reply/metrics field read as a number (a benchmark bug if it is not one)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"expected a number, got {value!r}")
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -62,10 +69,10 @@ def child(flat: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
 
-    from client.runtime import ClientIdentity, ClientRuntime
-    from fedpeft.config import parse_run_config
-    from fedpeft.wire import encode as encode_tensors
-    from peft_methods.registry import initial_adapter_state
+    from fedpeft.client.runtime import ClientIdentity, ClientRuntime
+    from fedpeft.core.wire import encode as encode_tensors
+    from fedpeft.peft_methods.registry import initial_adapter_state
+    from fedpeft.runconfig.config import parse_run_config
 
     rss_imports = _maxrss_mb()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as state_dir:
@@ -92,15 +99,15 @@ def child(flat: dict[str, Any]) -> dict[str, Any]:
         "rss_after_load_mb": round(rss_load, 1),
         "peak_rss_mb": round(_maxrss_mb(), 1),
         "load_seconds": round(load_s, 2),
-        "seconds_per_step": round(float(last["train-seconds"]) / int(last["steps"]), 3),
-        "first_round_seconds_per_step": round(float(rounds[0]["train-seconds"])
-                                              / int(rounds[0]["steps"]), 3),
-        "steps_per_round": int(last["steps"]),
+        "seconds_per_step": round(_num(last["train-seconds"]) / _num(last["steps"]), 3),
+        "first_round_seconds_per_step": round(_num(rounds[0]["train-seconds"])
+                                              / _num(rounds[0]["steps"]), 3),
+        "steps_per_round": int(_num(last["steps"])),
         "examples": len(data), "seq_len": int(data.input_ids.shape[1]),
         "trainable_params": int(trainable),
         "base_params": int(sum(p.numel() for p in info.model.parameters())),
         "num_hidden_layers": int(info.model.config.num_hidden_layers),
-        "dp_epsilon_after_2_rounds": float(last["dp-epsilon"]),
+        "dp_epsilon_after_2_rounds": _num(last["dp-epsilon"]),
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -28,9 +28,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "foundation.json"
 
 
 def bytes_table() -> list[dict[str, object]]:
-    from fedpeft.models import ModelConfig
-    from fedpeft.wire import encode
-    from peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
+    from fedpeft.core.models import ModelConfig
+    from fedpeft.core.wire import encode
+    from fedpeft.peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
 
     rows = []
     for model in (ModelConfig("smollm2-135m", task="causal_lm"),
@@ -55,10 +55,10 @@ def bytes_table() -> list[dict[str, object]]:
 
 def round_time(preset: str, clients: int, flat_extra: dict[str, object],
                label: str = "") -> dict[str, object]:
-    from coordinator.server import Coordinator
-    from fedpeft.config import DEFAULTS, parse_run_config
-    from simulations.inmemory import InMemoryTransport
-    from simulations.presets import get_preset
+    from fedpeft.coordinator.server import Coordinator
+    from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+    from fedpeft.runconfig.presets import get_preset
+    from fedpeft.simulations.inmemory import InMemoryTransport
 
     p = get_preset(preset)
     with tempfile.TemporaryDirectory() as d:
@@ -67,7 +67,7 @@ def round_time(preset: str, clients: int, flat_extra: dict[str, object],
         run = parse_run_config(flat)
         transport = InMemoryTransport(run, clients)
         coord = Coordinator(run, transport, Path(d))
-        coord.model  # load once, outside the timed round
+        _ = coord.model  # load once, outside the timed round
         coord.eval_data(clients)
         t = time.perf_counter()
         coord.run_federation()
@@ -75,8 +75,10 @@ def round_time(preset: str, clients: int, flat_extra: dict[str, object],
         rows = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     r1 = rows[-1]
     # under DP the clients keep their timings on the device (ClientRuntime.last_local)
-    train = sum(float(rt.last_local.get("train-seconds", 0.0))  # type: ignore[arg-type]
-                for rt in transport.runtimes.values())
+    train = 0.0
+    for rt in transport.runtimes.values():
+        seconds = rt.last_local.get("train-seconds", 0.0)
+        train += float(seconds) if isinstance(seconds, (int, float)) else 0.0
     return {"preset": label or preset, "clients": clients, "round_seconds": r1["seconds"],
             "dp": run.dp.enabled, "secagg": run.secagg is not None,
             "client_train_seconds_total": train, "with_initial_eval_seconds": total,
@@ -99,9 +101,9 @@ RSS_CHILD = r"""
 import json, sys, tempfile, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from coordinator.server import Coordinator
-from fedpeft.config import DEFAULTS, parse_run_config
-from simulations.inmemory import InMemoryTransport
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+from fedpeft.simulations.inmemory import InMemoryTransport
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -135,7 +137,7 @@ print(json.dumps({"clients": n, "rss_before_round_mb": base, "peak_rss_round_mb"
 LOAD_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from fedpeft.models import EMBEDDED, ModelConfig, dequantised_dir, load_fresh
+from fedpeft.core.models import EMBEDDED, ModelConfig, dequantised_dir, load_fresh
 t = time.perf_counter(); dequantised_dir(EMBEDDED["smollm2-135m"]); first = time.perf_counter() - t
 t = time.perf_counter(); load_fresh(ModelConfig("smollm2-135m")); load = time.perf_counter() - t
 print(json.dumps({"cache_check_seconds": first, "load_from_cache_seconds": load}))
@@ -165,18 +167,15 @@ def main() -> None:
     parser.add_argument("--only-rss", action="store_true", help="rerun only the memory part")
     parser.add_argument("--only-rounds", action="store_true", help="rerun only the round times")
     args = parser.parse_args()
-    if args.only_rounds:
-        results = json.loads(RESULTS.read_text())
-        results["round_time"] = round_times(args.quick)
-        RESULTS.write_text(json.dumps(results, indent=2))
-        print(json.dumps(results["round_time"], indent=2))
-        return
-    if args.only_rss:
-        results = json.loads(RESULTS.read_text())
-        results["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
-        results["smollm2_load"] = load_time()
-        RESULTS.write_text(json.dumps(results, indent=2))
-        print(json.dumps(results["rss"], indent=2))
+    if args.only_rounds or args.only_rss:
+        saved: dict[str, object] = json.loads(RESULTS.read_text())
+        if args.only_rounds:
+            saved["round_time"] = round_times(args.quick)
+        else:
+            saved["rss"] = rss_scaling([1, 10] if args.quick else [1, 10, 100])
+            saved["smollm2_load"] = load_time()
+        RESULTS.write_text(json.dumps(saved, indent=2))
+        print(json.dumps(saved["round_time" if args.only_rounds else "rss"], indent=2))
         return
     results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                   "quick": args.quick}

@@ -1,4 +1,4 @@
-"""Benchmark of privacy.secagg (SecAgg+) next to Flower 1.42's own SecAgg+ primitives.
+"""Benchmark of fedpeft.secagg (SecAgg+) next to Flower 1.42's own SecAgg+ primitives.
 
 Ours: the full protocol through ``run_in_memory`` (every client and the server, real bytes).
 Flower: its client-mod stage functions (``_setup``, ``_share_keys``, ``_collect_masked_vectors``,
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from privacy.secagg import SecAggConfig, Stage, run_in_memory  # noqa: E402
-from privacy.secagg.config import abort_probability  # noqa: E402
+from fedpeft.secagg import SecAggConfig, Stage, run_in_memory  # noqa: E402
+from fedpeft.secagg.config import abort_probability  # noqa: E402
 
 
 def _drop_set(ids: list[int], rate: float, seed: int) -> list[int]:
@@ -54,7 +54,8 @@ def bench_ours(n: int, rate: float, length: int, base: np.ndarray, clip: float) 
     return {
         "n": n, "dropout": rate, "dropped": len(drop), "vector_length": length,
         "degree": run.server.degree, "threshold": run.server.threshold,
-        "abort_probability_bound_at_20pct": abort_probability(n, run.server.degree, run.server.threshold, 0.2),
+        "abort_probability_bound_at_20pct": abort_probability(n, run.server.degree,
+                                                              run.server.threshold, 0.2),
         "client_seconds_mean": float(np.mean(client_s)), "client_seconds_max": float(np.max(client_s)),
         "server_seconds_by_stage": run.server_seconds,
         "server_seconds_total": float(sum(run.server_seconds.values())),
@@ -66,17 +67,21 @@ def bench_ours(n: int, rate: float, length: int, base: np.ndarray, clip: float) 
 
 def bench_flower(n: int, rate: float, length: int, base: np.ndarray, degree: int, threshold: int,
                  neighbours: dict[int, frozenset[int]]) -> dict[str, Any]:
+    import importlib
+
     from flwr.app import ConfigRecord
     from flwr.common import ndarray_to_bytes, ndarrays_to_parameters
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-        get_parameters_shape, parameters_addition, parameters_mod, parameters_subtraction)
+        get_parameters_shape,
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
     from flwr.common.secure_aggregation.secaggplus_constants import Key
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
-
-    import importlib
 
     fm = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     ids = list(range(1, n + 1))
@@ -181,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"k={ours['degree']} t={ours['threshold']} up x{ours['upload_ratio_vs_float32']:.4f}",
                   flush=True)
             if not args.no_flower:
-                from privacy.secagg.graph import neighbour_graph
+                from fedpeft.secagg.graph import neighbour_graph
                 g = neighbour_graph(list(range(1, n + 1)), ours["degree"], bytes(32))
                 fl = bench_flower(n, rate, length, base, ours["degree"], ours["threshold"], g)
                 row["flower"] = fl
                 print(f"{'':17s} flower: client {fl['client_seconds_mean']:.3f}s unmask "
-                      f"{fl['server_unmask_seconds']:.3f}s up x{fl['upload_ratio_vs_float32']:.4f}", flush=True)
+                      f"{fl['server_unmask_seconds']:.3f}s "
+                      f"up x{fl['upload_ratio_vs_float32']:.4f}", flush=True)
             rows.append(row)
     meta = {"python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "quick": args.quick, "vector_length": length, "clip": clip}

@@ -1,6 +1,6 @@
 """Flower ``ClientApp`` adapter (Message API): converts messages to flat dicts and back.
 
-All work happens in :class:`client.runtime.ClientRuntime`. Runtimes are kept per process and
+All work happens in :class:`fedpeft.client.runtime.ClientRuntime`. Runtimes are kept per process and
 per node, so the frozen base model (shared through ``peft_methods.get_adapted``) and each
 client's tokenised data are loaded once, not per round.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import ClientIdentity, ClientRuntime
-from fedpeft.config import RunConfig, parse_run_config
+from fedpeft.client.runtime import ClientIdentity, ClientRuntime
+from fedpeft.core.protocol import KIND_SECAGG, KIND_TRAIN, RECORD
+from fedpeft.runconfig.config import RunConfig, parse_run_config
 
-RECORD = "fedpeft"
 STATE = "fedpeft-state"
 app = ClientApp()
 _RUNTIMES: dict[tuple[tuple[object, ...], str, int, int], ClientRuntime] = {}
@@ -56,9 +56,9 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle("train", msg, context)
+    return _handle(KIND_TRAIN, msg, context)
 
 
-@app.query("secagg")
+@app.query(KIND_SECAGG)
 def secagg(msg: Message, context: Context) -> Message:
-    return _handle("secagg", msg, context)
+    return _handle(KIND_SECAGG, msg, context)

@@ -1,38 +1,61 @@
 """One client's work for a round, framework-free: load -> train -> privatize -> mask -> send.
 
 The Flower ``ClientApp`` (``client/app.py``) only converts messages to and from the flat
-dictionaries used here, so the whole client is testable without Flower. The frozen base model
-and its adapter are shared by every client in the process (``peft_methods.get_adapted``); a
-runtime holds only its own data and identity.
+dictionaries used here (:mod:`fedpeft.core.protocol`), so the whole client is testable without
+Flower. The frozen base model and its adapter are shared by every client in the process
+(``peft_methods.get_adapted``); a runtime holds only its own data and identity. Under secure
+aggregation the masking and the later SecAgg+ stages are :mod:`fedpeft.client.secagg_session`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
-from client.trainer import Progress, TrainResult, for_round, local_train
-from fedpeft.config import RunConfig, TrainConfig
-from fedpeft.errors import ClientFault, ConfigError, FedPeftError, PayloadError
-from fedpeft.federation_data import client_corpus
-from fedpeft.tokenize import Encoded, encode
-from fedpeft.vector import flatten, with_clip_stats
-from fedpeft.wire import decode
-from fedpeft.wire import encode as encode_tensors
-from peft_methods import get_adapted
-from peft_methods.base import AdaptedModel
-from privacy.accounting import (
-    BUDGET_EXHAUSTED_STATUS,
+from fedpeft.client.secagg_session import (
+    UNMASK_MARKERS,
+    answer_stage,
+    end_session,
+    start_session,
+)
+from fedpeft.core.errors import ClientFault, ConfigError, FedPeftError, PayloadError
+from fedpeft.core.protocol import (
+    ADAPTER_KEY,
+    CLIENT_ID_KEY,
+    FINGERPRINT_KEY,
+    KIND_SECAGG,
+    KIND_TRAIN,
+    LEDGER_HEAD_KEY,
+    NUM_EXAMPLES_KEY,
+    REASON_KEY,
+    RECEIPT_KEY,
+    ROUND_KEY,
+    SECAGG_ADVERTISE_KEY,
+    SECAGG_MESSAGE_KEY,
+    SECAGG_SETUP_KEY,
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_ERROR,
+    STATUS_KEY,
+    STATUS_OK,
+    UPDATE_BYTES_KEY,
+    UPDATE_KEY,
+    Content,
+    Value,
+    require_field,
+)
+from fedpeft.core.wire import decode
+from fedpeft.core.wire import encode as encode_tensors
+from fedpeft.data.federation import client_corpus
+from fedpeft.data.tokenize import Encoded, encode
+from fedpeft.peft_methods import get_adapted
+from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.privacy.accounting import (
     Budget,
     BudgetExhaustedError,
     EventMetadata,
@@ -40,26 +63,16 @@ from privacy.accounting import (
     PoissonSampledGaussianEvent,
     compute_epsilon,
 )
-from privacy.accounting.errors import AccountingError
-from privacy.accounting.ledger import LedgerHead, composition_adjacency
-from privacy.csprng import DPRandomness
-from privacy.dp_sgd import dp_local_train
-from privacy.secagg.client import SecAggClient
-from privacy.secagg.stages import Stage
+from fedpeft.privacy.accounting.errors import AccountingError
+from fedpeft.privacy.accounting.ledger import LedgerHead, composition_adjacency
+from fedpeft.privacy.csprng import DPRandomness
+from fedpeft.privacy.dp_sgd import dp_local_train
+from fedpeft.runconfig.config import RunConfig
+from fedpeft.training.config import TrainConfig
+from fedpeft.training.trainer import Progress, TrainResult, for_round, local_train
 
 log = logging.getLogger(__name__)
 
-Value = bool | int | float | str | bytes
-Content = dict[str, Value]
-
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-SECAGG_STATE = "secagg"
-FINAL_STAGES = (Stage.DONE, Stage.ABORTED)
-#: Train-message field: the coordinator's receipt of this client's ledger head (last round).
-RECEIPT_KEY = "dp-ledger-receipt"
-#: Reply field: this client's ledger head after the round (the coordinator keeps it).
-LEDGER_HEAD_KEY = "dp-ledger-head"
 #: File (in the client's state) holding what stays on the device under DP: timings, losses.
 LOCAL_METRICS_FILE = "client-metrics.jsonl"
 
@@ -100,7 +113,6 @@ class ClientIdentity:
     state_dir: str = ""
     epsilon_budget: float = 0.0  # > 0: this device's own budget, overriding the run's
 
-
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ConfigError("client_id is empty; give each client a stable id")
@@ -109,16 +121,6 @@ class ClientIdentity:
                               f"[0, num-partitions={self.num_partitions})")
         if self.epsilon_budget < 0:
             raise ConfigError(f"epsilon-budget={self.epsilon_budget} must be >= 0 (0: the run's)")
-
-
-def _require(content: Mapping[str, Value], key: str, kind: type) -> Value:
-    if key not in content:
-        raise PayloadError(f"message lacks {key!r}; coordinator and client versions differ")
-    value = content[key]
-    if not isinstance(value, kind):
-        raise PayloadError(f"message field {key!r} is {type(value).__name__}, expected "
-                           f"{kind.__name__}")
-    return value
 
 
 class ClientRuntime:
@@ -151,26 +153,26 @@ class ClientRuntime:
         the device. Errors become an ``error`` status, never an exception to the framework."""
         state = {} if state is None else state
         try:
-            if kind == "train":
+            if kind == KIND_TRAIN:
                 reply = self._train_round(content, state)
-            elif kind == "secagg":
+            elif kind == KIND_SECAGG:
                 reply = self._secagg_step(content, state)
             else:
                 raise PayloadError(f"unknown message kind {kind!r}")
             if self.run.dp.enabled:
                 check_dp_reply(reply)
         except FedPeftError as exc:
-            state.pop(SECAGG_STATE, None)
+            end_session(state)
             log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
-            reply = {"status": STATUS_ERROR, "reason": self.public_reason(exc),
-                     "client-id": self.identity.client_id}
+            reply = {STATUS_KEY: STATUS_ERROR, REASON_KEY: self.public_reason(exc),
+                     CLIENT_ID_KEY: self.identity.client_id}
         except Exception as exc:  # noqa: BLE001 - an unexpected error (I/O, torch, Opacus)
             # security: never let the framework send an untyped error's text (an OOM size
             # or a loss value can depend on the sampled records): type only under DP
-            state.pop(SECAGG_STATE, None)
+            end_session(state)
             log.exception("client %s: %s failed unexpectedly", self.identity.client_id, kind)
-            reply = {"status": STATUS_ERROR, "reason": self.public_reason(exc),
-                     "client-id": self.identity.client_id}
+            reply = {STATUS_KEY: STATUS_ERROR, REASON_KEY: self.public_reason(exc),
+                     CLIENT_ID_KEY: self.identity.client_id}
         return reply
 
     def public_reason(self, exc: Exception) -> str:
@@ -184,14 +186,14 @@ class ClientRuntime:
 
     # -- the round pipeline: load -> train -> privatize -> mask -> send -------------------------
     def _train_round(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
-        fingerprint = str(_require(content, "fingerprint", str))
+        fingerprint = str(require_field(content, FINGERPRINT_KEY, str))
         if fingerprint != self.run.fingerprint():
             raise ConfigError(f"coordinator's model/adapter fingerprint {fingerprint} differs "
                               f"from this client's {self.run.fingerprint()}: both must run the "
                               "same model and adapter config")
-        server_round = int(_require(content, "round", int))
-        payload = _require(content, "adapter", bytes)
-        wants_secagg = "secagg-setup" in content
+        server_round = int(require_field(content, ROUND_KEY, int))
+        payload = require_field(content, ADAPTER_KEY, bytes)
+        wants_secagg = SECAGG_SETUP_KEY in content
         if self.run.secagg is not None and not wants_secagg:
             # security: fail closed: a client configured for secure aggregation never sends
             # its update in the clear
@@ -201,7 +203,7 @@ class ClientRuntime:
             raise ConfigError("the coordinator runs secure aggregation but this client has "
                               "secagg=false; use the same run config on both sides")
         model = self.model
-        global_state = decode(payload, model.spec())  # type: ignore[arg-type]
+        global_state = decode(payload, model.spec())
         model.load_adapter_state(global_state)
         data = self.data()
         if self.run.dp.enabled:
@@ -215,8 +217,8 @@ class ClientRuntime:
             result, privacy = private
         else:
             result, privacy = self._train(model, data, server_round), {}
+        # already private: record-level DP happens inside training (DP-SGD)
         delta = {k: v - global_state[k] for k, v in model.adapter_state().items()}
-        delta = self._privatize(delta)
         reply = self._metrics(result, server_round)
         reply.update(privacy)
         masked, local = self._mask(delta, content, state)
@@ -228,7 +230,7 @@ class ClientRuntime:
         """Shuffling for non-private training only: reproducible from the run seed.
 
         Never used under DP: DP-SGD's Poisson batches come from a CSPRNG keyed by the OS per
-        client and round (:class:`privacy.csprng.DPRandomness`), so that the coordinator, who
+        client and round (:class:`fedpeft.privacy.csprng.DPRandomness`), so that the coordinator, who
         knows the seed, cannot rebuild them (amplification by subsampling needs that).
         """
         return torch.Generator().manual_seed(
@@ -322,8 +324,9 @@ class ClientRuntime:
                 else:
                     ledger.reserve(event, meta)
             except BudgetExhaustedError as exc:
-                return {"status": BUDGET_EXHAUSTED_STATUS, "client-id": self.identity.client_id,
-                        "reason": str(exc), "dp-epsilon": exc.epsilon_before,
+                return {STATUS_KEY: STATUS_BUDGET_EXHAUSTED,
+                        CLIENT_ID_KEY: self.identity.client_id,
+                        REASON_KEY: str(exc), "dp-epsilon": exc.epsilon_before,
                         "dp-budget": float(exc.epsilon_max),
                         # what the refused decision was accounted under
                         "dp-adjacency": composition_adjacency(
@@ -370,75 +373,36 @@ class ClientRuntime:
         # round) must be in the ledger, else the ledger was deleted or restored: refuse
         ledger.verify_receipt(LedgerHead.parse(head))
 
-    def _privatize(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Record-level DP happens inside training (DP-SGD), so the update is already private."""
-        return delta
-
     def _mask(self, delta: dict[str, torch.Tensor], content: Mapping[str, Value],
               state: dict[str, bytes]) -> tuple[Content, Content]:
-        """Plain: the update as safetensors. Secure aggregation: only the first protocol reply
-        leaves; the update stays in ``state`` until it is sent masked.
+        """Plain: the update as safetensors. Secure aggregation: start the SecAgg+ session
+        (:func:`fedpeft.client.secagg_session.start_session`); the update stays in ``state``
+        until it is sent masked.
 
-        Returns (what is sent, what stays on the device). Under SecAgg the count of update
-        coordinates beyond ``secagg-clip`` is summed inside the masked vector
-        (:func:`fedpeft.vector.with_clip_stats`), never sent per client.
+        Returns (what is sent, what stays on the device).
         """
-        if "secagg-setup" not in content:
+        if SECAGG_SETUP_KEY not in content:
             blob = encode_tensors(delta)
-            return {"update": blob, "update-bytes": len(blob)}, {}
+            return {UPDATE_KEY: blob, UPDATE_BYTES_KEY: len(blob)}, {}
         cfg = self.run.secagg
         if cfg is None:  # checked by the caller
             raise ConfigError("secure aggregation requested without secagg settings")
-        vec = flatten(delta, self.model.spec())
-        clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
-        vec = with_clip_stats(vec, clipped, cfg.clip)
-        client = SecAggClient(int(_require(content, "secagg-id", int)),
-                              bytes(_require(content, "secagg-session", bytes)),  # type: ignore[arg-type]
-                              cfg, expected_vector_length=int(vec.shape[0]))
-        client.set_update(cast("npt.NDArray[np.floating[npt.NBitBase]]", vec))
-        advertise = client.handle(bytes(_require(content, "secagg-setup", bytes)))  # type: ignore[arg-type]
-        state[SECAGG_STATE] = client.export_state()
-        return {"secagg": advertise}, {"secagg-clipped": clipped}
+        return start_session(delta, self.model.spec(), cfg, content, state)
 
     def _secagg_step(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
         if self.run.secagg is None:
             raise ConfigError("secure aggregation message, but this client has secagg=false")
-        blob = state.get(SECAGG_STATE)
-        if blob is None:
-            raise PayloadError("no secure-aggregation session in this client's state (it "
-                               "restarted or missed the start of the round); it counts as dropped")
-        client = SecAggClient.import_state(blob, self.run.secagg)
-        if client.stage is Stage.COLLECT_MASKED:
-            # security: answer at most one unmask request per session, durably, before the reply
-            # leaves: a replayed request with another survivor set could reveal a peer's update
-            self._mark_unmask_answered(client.session_id)
-        out = client.handle(bytes(_require(content, "message", bytes)))  # type: ignore[arg-type]
-        if client.stage in FINAL_STAGES:
-            state.pop(SECAGG_STATE, None)
-        else:
-            state[SECAGG_STATE] = client.export_state()
-        return {"status": STATUS_OK, "client-id": self.identity.client_id, "message": out}
-
-    def _mark_unmask_answered(self, session_id: bytes) -> None:
-        marker = (self.ledger_path().parent / "secagg-unmasked"
-                  / f"{self.identity.client_id}-{session_id.hex()}")
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            raise PayloadError(f"secure-aggregation session {session_id.hex()[:16]}... already "
-                               "answered an unmask request; refusing a second one") from None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        out = answer_stage(content, self.run.secagg, state, client_id=self.identity.client_id,
+                           marker_dir=self.ledger_path().parent / UNMASK_MARKERS)
+        return {STATUS_KEY: STATUS_OK, CLIENT_ID_KEY: self.identity.client_id,
+                SECAGG_MESSAGE_KEY: out}
 
     def _metrics(self, result: TrainResult, server_round: int) -> Content:
         out: Content = {
-            "status": STATUS_OK,
-            "client-id": self.identity.client_id,
-            "round": server_round,
-            "num-examples": result.examples,
+            STATUS_KEY: STATUS_OK,
+            CLIENT_ID_KEY: self.identity.client_id,
+            ROUND_KEY: server_round,
+            NUM_EXAMPLES_KEY: result.examples,
             "steps": result.steps,
         }
         if not self.run.dp.enabled:
@@ -463,13 +427,13 @@ def check_dp_reply(reply: Mapping[str, Value]) -> None:
 
     Raises :class:`ClientFault` (an internal error: the reply is not sent) naming the fields.
     """
-    if "secagg" in reply:
+    if SECAGG_ADVERTISE_KEY in reply:
         kind = "secagg"
-    elif "update" in reply:
+    elif UPDATE_KEY in reply:
         kind = "update"
-    elif "message" in reply:
+    elif SECAGG_MESSAGE_KEY in reply:
         kind = "secagg-step"
-    elif reply.get("status") == BUDGET_EXHAUSTED_STATUS:
+    elif reply.get(STATUS_KEY) == STATUS_BUDGET_EXHAUSTED:
         kind = "exhausted"
     else:
         kind = "error"

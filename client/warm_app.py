@@ -47,7 +47,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-log = logging.getLogger("client.warm_app")
+log = logging.getLogger("fedpeft.client.warm_app")
 
 PRELOAD = ("torch", "transformers", "peft", "safetensors")
 
@@ -207,7 +207,7 @@ def serve(endpoint: RuntimeEndpoint, *, poll_interval: float = 0.2,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m client.warm_app",
+        prog="python -m fedpeft.client.warm_app",
         description="Long-lived ClientApp executor for flower-supernode --isolation process")
     parser.add_argument("--runtime-api-address", required=True,
                         help="the SuperNode's Runtime API, host:port (its --host/--port)")

@@ -1,8 +1,9 @@
 """Aggregation of adapter updates: pure functions on name -> tensor dicts (no I/O, no Flower).
 
 FedAvg (McMahan et al., AISTATS 2017) averages client updates, uniformly or weighted by the
-number of local examples. Secure aggregation yields only a sum; :func:`mean_from_sum` turns it
-into the same mean.
+number of local examples (:func:`weighted_mean`, the plain rounds' aggregate). Secure rounds
+never see the updates: their mean comes from the SecAgg+ server's unmasked sum
+(``fedpeft.secagg.server``, used by ``fedpeft.coordinator.secure_round``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedpeft.errors import ConfigError
+from fedpeft.core.errors import ConfigError
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -50,12 +51,12 @@ def weighted_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[
     total = float(sum(weights))
     if total <= 0:
         raise ConfigError(f"weights sum to {total}; at least one must be positive")
-    summed = weighted_sum(updates, weights)
-    return {k: (v / total).to(updates[0][k].dtype) for k, v in summed.items()}
+    return mean_from_sum(weighted_sum(updates, weights), total, updates[0])
 
 
 def mean_from_sum(total: Tensors, count: float, like: Tensors) -> dict[str, torch.Tensor]:
-    """Mean from a (securely aggregated) sum and the summed weight."""
+    """``total / count`` per tensor, in float64, returned in the dtype of ``like``'s tensors:
+    :func:`weighted_mean`'s last step (``total`` its weighted sum, ``count`` the weights' sum)."""
     if count <= 0:
         raise ConfigError(f"cannot average over a weight of {count}")
     return {k: (v.to(torch.float64) / count).to(like[k].dtype) for k, v in total.items()}

@@ -9,17 +9,18 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.server import Coordinator
-from coordinator.transport import Content, Reply
-from fedpeft.config import parse_run_config
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.coordinator.transport import Reply
+from fedpeft.core.protocol import KIND_SECAGG, KIND_TRAIN, RECORD, Content
+from fedpeft.runconfig.config import parse_run_config
 
-RECORD = "fedpeft"
-KINDS = {"train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+#: Flower message type of each message kind (the client app registers the same handlers).
+MESSAGE_TYPES = {KIND_TRAIN: MessageType.TRAIN, KIND_SECAGG: f"{MessageType.QUERY}.{KIND_SECAGG}"}
 app = ServerApp()
 
 
 class GridTransport:
-    """:class:`coordinator.transport.Transport` over a Flower Grid."""
+    """:class:`fedpeft.coordinator.transport.Transport` over a Flower Grid."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -28,7 +29,7 @@ class GridTransport:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
     def exchange(self, kind: str, messages: Mapping[int, Content], timeout: float) -> dict[int, Reply]:
-        message_type = KINDS.get(kind, f"{MessageType.QUERY}.{kind}")
+        message_type = MESSAGE_TYPES.get(kind, f"{MessageType.QUERY}.{kind}")
         out = [Message(RecordDict({RECORD: ConfigRecord(dict(c))}), dst_node_id=node,
                        message_type=message_type)
                for node, c in messages.items()]

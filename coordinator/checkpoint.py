@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpeft.errors import ConfigError, FedPeftError
-from peft_methods.base import AdaptedModel
+from fedpeft.core.errors import ConfigError, FedPeftError
+from fedpeft.peft_methods.base import AdaptedModel
 
 
 class CheckpointError(FedPeftError):

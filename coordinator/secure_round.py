@@ -1,6 +1,6 @@
 """One round under secure aggregation: the SecAgg+ server state machine driven over a Transport.
 
-Stages (``privacy/secagg``): the ``train`` message carries the global adapter and the SecAgg
+Stages (:mod:`fedpeft.secagg`): the ``train`` message carries the global adapter and the SecAgg
 setup; each client trains, keeps its update on the device and answers with its advertised
 keys. Three ``secagg`` exchanges follow (share keys, masked input, unmask). The coordinator
 learns only the sum of the survivors' quantised updates, and from it their mean.
@@ -15,12 +15,22 @@ from typing import Any
 
 import torch
 
-from coordinator.transport import Content, Reply, Transport
-from fedpeft.errors import FedPeftError
-from fedpeft.vector import CLIP_STATS, split_clip_stats, unflatten, vector_length
-from fedpeft.wire import TensorSpec
-from privacy.secagg.config import SecAggConfig
-from privacy.secagg.server import SecAggServer
+from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
+from fedpeft.core.errors import FedPeftError
+from fedpeft.core.protocol import (
+    KIND_SECAGG,
+    KIND_TRAIN,
+    SECAGG_ADVERTISE_KEY,
+    SECAGG_ID_KEY,
+    SECAGG_MESSAGE_KEY,
+    SECAGG_SESSION_KEY,
+    SECAGG_SETUP_KEY,
+    Content,
+)
+from fedpeft.core.vector import CLIP_STATS, split_clip_stats, unflatten, vector_length
+from fedpeft.core.wire import TensorSpec
+from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.server import SecAggServer
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +53,12 @@ class SecureRoundResult:
 
 def _ok_messages(chosen: list[int], replies: Mapping[int, Reply], key: str, stage: str,
                  result: SecureRoundResult) -> dict[int, bytes]:
+    """The ``key`` bytes of each chosen node's ok reply; every other reply is a fault."""
     got: dict[int, bytes] = {}
     for node in chosen:
-        reply = replies.get(node)
-        if reply is None:
-            result.faults.append({"node": str(node), "stage": stage,
-                                  "reason": "no reply before the round timeout"})
-            continue
-        content = reply.content
-        if not reply.ok or content is None:
-            result.faults.append({"node": str(node), "stage": stage,
-                                  "reason": reply.error or "empty reply"})
-            continue
-        if content.get("status") != "ok":
-            result.faults.append({"node": str(node), "stage": stage,
-                                  "client": str(content.get("client-id", node)),
-                                  "status": str(content.get("status")),
-                                  "reason": str(content.get("reason", content.get("status")))})
+        content = classify_reply(node, replies.get(node), stage=stage)
+        if isinstance(content, Fault):
+            result.faults.append(content)
             continue
         blob = content.get(key)
         if not isinstance(blob, bytes):
@@ -69,6 +68,14 @@ def _ok_messages(chosen: list[int], replies: Mapping[int, Reply], key: str, stag
         got[node] = blob
         result.bytes_up += len(blob)
     return got
+
+
+def _stage(transport: Transport, outgoing: Mapping[int, bytes], stage: str, timeout: float,
+           result: SecureRoundResult) -> dict[int, bytes]:
+    """One ``secagg`` exchange: send each node its SecAgg+ message, collect the answers."""
+    replies = transport.exchange(
+        KIND_SECAGG, {n: {SECAGG_MESSAGE_KEY: m} for n, m in outgoing.items()}, timeout)
+    return _ok_messages(sorted(outgoing), replies, SECAGG_MESSAGE_KEY, stage, result)
 
 
 def secure_round(transport: Transport, chosen: list[int], train_message: Content,
@@ -87,24 +94,19 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
         server = SecAggServer(resolved, chosen, vector_length(spec) + CLIP_STATS, session_id,
                               drop_invalid=True)
         setup = server.start()
-        messages = {node: {**train_message, **extras.get(node, {}),
-                           "secagg-setup": setup[node], "secagg-id": node,
-                           "secagg-session": session_id} for node in chosen}
-        replies = transport.exchange("train", messages, timeout)
-        adverts = _ok_messages(chosen, replies, "secagg", "train", result)
-        for node, blob in adverts.items():
+        messages: dict[int, Content] = {
+            node: {**train_message, **extras.get(node, {}), SECAGG_SETUP_KEY: setup[node],
+                   SECAGG_ID_KEY: node, SECAGG_SESSION_KEY: session_id} for node in chosen}
+        replies = transport.exchange(KIND_TRAIN, messages, timeout)
+        adverts = _ok_messages(chosen, replies, SECAGG_ADVERTISE_KEY, KIND_TRAIN, result)
+        for node in adverts:
             content = replies[node].content or {}
-            result.client_rows.append({**{k: v for k, v in content.items() if k != "secagg"},
-                                       "node": node})
+            result.client_rows.append({**{k: v for k, v in content.items()
+                                          if k != SECAGG_ADVERTISE_KEY}, "node": node})
         outgoing = server.on_advertise(adverts)
         for stage, step in (("share-keys", server.on_shares), ("masked-input", server.on_masked)):
-            replies = transport.exchange("secagg", {n: {"message": m} for n, m in outgoing.items()},
-                                         timeout)
-            outgoing = step(_ok_messages(sorted(outgoing), replies, "message", stage, result))
-        replies = transport.exchange("secagg", {n: {"message": m} for n, m in outgoing.items()},
-                                     timeout)
-        aggregate = server.on_unmask(_ok_messages(sorted(outgoing), replies, "message", "unmask",
-                                                  result))
+            outgoing = step(_stage(transport, outgoing, stage, timeout, result))
+        aggregate = server.on_unmask(_stage(transport, outgoing, "unmask", timeout, result))
     except FedPeftError as exc:
         result.abort_reason = f"secure aggregation aborted: {type(exc).__name__}: {exc}"
         log.warning("%s", result.abort_reason)

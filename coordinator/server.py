@@ -20,22 +20,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.runtime import LEDGER_HEAD_KEY, RECEIPT_KEY
-from client.trainer import evaluate
-from coordinator.aggregate import weighted_mean
-from coordinator.checkpoint import latest_checkpoint, save_checkpoint
-from coordinator.secure_round import secure_round
-from coordinator.server_opt import ServerOptConfig, server_step
-from coordinator.transport import Content, Reply, Transport
-from fedpeft.config import RunConfig
-from fedpeft.errors import FedPeftError
-from fedpeft.federation_data import federated_split
-from fedpeft.tokenize import Encoded, encode
-from fedpeft.wire import decode, encode as encode_tensors
-from privacy.accounting.budget import BUDGET_EXHAUSTED_STATUS
-from peft_methods import get_adapted
-from peft_methods.registry import initial_adapter_state
-from peft_methods.base import AdaptedModel
+from fedpeft.coordinator.aggregate import weighted_mean
+from fedpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
+from fedpeft.coordinator.secure_round import secure_round
+from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
+from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
+from fedpeft.core.errors import FedPeftError
+from fedpeft.core.protocol import (
+    ADAPTER_KEY,
+    CLIENT_ID_KEY,
+    FINGERPRINT_KEY,
+    KIND_TRAIN,
+    LEDGER_HEAD_KEY,
+    NUM_EXAMPLES_KEY,
+    RECEIPT_KEY,
+    ROUND_KEY,
+    STATUS_BUDGET_EXHAUSTED,
+    UPDATE_BYTES_KEY,
+    UPDATE_KEY,
+    Content,
+)
+from fedpeft.core.wire import decode
+from fedpeft.core.wire import encode as encode_tensors
+from fedpeft.data.federation import federated_split
+from fedpeft.data.tokenize import Encoded, encode
+from fedpeft.peft_methods import get_adapted
+from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.peft_methods.registry import initial_adapter_state
+from fedpeft.runconfig.config import RunConfig
+from fedpeft.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +129,7 @@ class Coordinator:
         for r in client_rows:
             head, node = r.get(LEDGER_HEAD_KEY), r.get("node")
             if isinstance(head, str) and isinstance(node, int):
-                self.receipts[node] = (str(r.get("client-id", node)), head)
+                self.receipts[node] = (str(r.get(CLIENT_ID_KEY, node)), head)
                 changed = True
         if changed:
             doc = {str(n): {"client-id": c, "head": h} for n, (c, h) in sorted(self.receipts.items())}
@@ -166,8 +179,8 @@ class Coordinator:
                 break
             chosen = select_clients(nodes, fed.clients_per_round, self.run.seed, server_round)
             payload = encode_tensors(params)
-            message: Content = {"round": server_round, "fingerprint": self.run.fingerprint(),
-                                "adapter": payload}
+            message: Content = {ROUND_KEY: server_round, FINGERPRINT_KEY: self.run.fingerprint(),
+                                ADAPTER_KEY: payload}
             row: dict[str, Any] = {"round": server_round, "selected": len(chosen),
                                    "bytes_down": len(payload) * len(chosen)}
             delta, reason = self._round_updates(chosen, message, spec, server_round, row)
@@ -224,10 +237,10 @@ class Coordinator:
         else:
             receipts = self._receipt_fields(chosen)
             replies = self.transport.exchange(
-                "train", {n: {**message, **receipts.get(n, {})} for n in chosen},
+                KIND_TRAIN, {n: {**message, **receipts.get(n, {})} for n in chosen},
                 fed.round_timeout)
             updates, weights, faults, client_rows = self._collect(chosen, replies, spec)
-            row["bytes_up"] = sum(int(r.get("update-bytes", 0)) for r in client_rows)
+            row["bytes_up"] = sum(int(r.get(UPDATE_BYTES_KEY, 0)) for r in client_rows)
             ok = len(updates)
             result, reason = None, ""
             if ok >= fed.min_clients:
@@ -254,7 +267,7 @@ class Coordinator:
             seen = {str(r.get("node")) for r in client_rows}
             # a client that faulted or never replied may have trained (and spent) first
             maybe = len({f["node"] for f in faults if f.get("node") not in seen
-                         and f.get("status") != BUDGET_EXHAUSTED_STATUS})
+                         and f.get("status") != STATUS_BUDGET_EXHAUSTED})
             row["dp_spent"] = spent
             row["dp_maybe_spent"] = maybe
             if result is None:
@@ -274,10 +287,10 @@ class Coordinator:
         self._keep_receipts(client_rows)
         for r in client_rows:
             if "dp-epsilon" in r:
-                self.privacy[str(r.get("client-id"))] = {
-                    k: v for k, v in r.items() if k.startswith("dp-") or k == "round"}
+                self.privacy[str(r.get(CLIENT_ID_KEY))] = {
+                    k: v for k, v in r.items() if k.startswith("dp-") or k == ROUND_KEY}
         for f in faults:
-            if f.get("status") == BUDGET_EXHAUSTED_STATUS:
+            if f.get("status") == STATUS_BUDGET_EXHAUSTED:
                 self.exhausted.add(int(f["node"]))
                 prev = self.privacy.setdefault(f.get("client", f["node"]), {})
                 prev["exhausted"] = True
@@ -302,33 +315,26 @@ class Coordinator:
     def _collect(self, chosen: list[int], replies: dict[int, Reply], spec: Any
                  ) -> tuple[list[dict[str, torch.Tensor]], list[float], list[dict[str, str]],
                             list[dict[str, Any]]]:
+        """A plain round's usable updates, their example counts, the faults and the rows."""
         updates: list[dict[str, torch.Tensor]] = []
         weights: list[float] = []
         faults: list[dict[str, str]] = []
         rows: list[dict[str, Any]] = []
         for node in chosen:
-            reply = replies.get(node)
-            if reply is None:
-                faults.append({"node": str(node), "reason": "no reply before the round timeout"})
+            content = classify_reply(node, replies.get(node))
+            if isinstance(content, Fault):
+                faults.append(content)
                 continue
-            if not reply.ok or reply.content is None:
-                faults.append({"node": str(node), "reason": reply.error or "empty reply"})
-                continue
-            content = reply.content
-            client = str(content.get("client-id", node))
-            if content.get("status") != "ok":
-                faults.append({"node": str(node), "client": client,
-                               "status": str(content.get("status")),
-                               "reason": str(content.get("reason", content.get("status")))})
-                continue
+            client = str(content.get(CLIENT_ID_KEY, node))
             try:
-                blob = content.get("update")
+                blob = content.get(UPDATE_KEY)
                 if not isinstance(blob, bytes):
-                    raise FedPeftError("reply has no 'update' bytes")
+                    raise FedPeftError(f"reply has no {UPDATE_KEY!r} bytes")
                 delta = decode(blob, spec)
-                n = content.get("num-examples")
+                n = content.get(NUM_EXAMPLES_KEY)
                 if not isinstance(n, int) or n < 1:
-                    raise FedPeftError(f"reply has num-examples={n!r}; must be a positive int")
+                    raise FedPeftError(f"reply has {NUM_EXAMPLES_KEY}={n!r}; must be a "
+                                       "positive int")
             except FedPeftError as exc:
                 faults.append({"node": str(node), "client": client, "reason": str(exc)})
                 continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.errors import ConfigError
+from fedpeft.core.errors import ConfigError
 
 Tensors = Mapping[str, torch.Tensor]
 

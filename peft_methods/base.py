@@ -8,16 +8,18 @@ form the adapter's :func:`spec`, which every received payload is checked against
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedpeft.errors import PayloadError
-from fedpeft.models import BaseModel
-from fedpeft.wire import TensorSpec, spec_of
+from fedpeft.core.errors import ConfigError, PayloadError
+from fedpeft.core.models import BaseModel, load_fresh
+from fedpeft.core.protocol import Scalar
+from fedpeft.core.wire import TensorSpec, spec_of
 
 CLASSIFIER_HEADS = ("classifier", "score")
 
@@ -97,3 +99,57 @@ class AdaptedModel(nn.Module, ABC):
 
     def num_total(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# -- the method registry (each method module registers itself, as PEFT's register_peft_method) --
+@dataclass(frozen=True)
+class MethodEntry:
+    """One adapter method: its settings type, how it reads its run-config knobs, its builder.
+
+    ``knobs`` are the ``[tool.flwr.app.config]`` keys the method reads, with their defaults (the
+    one source for them: taken from the settings dataclass' own defaults). ``parse`` turns the
+    typed flat run config into the method's settings (validated by the settings dataclass).
+    """
+
+    name: str
+    settings_type: type[Any]
+    build: Callable[[Any, Any, int], AdaptedModel]
+    description: str
+    knobs: Mapping[str, Scalar]
+    parse: Callable[[Mapping[str, Scalar]], Any]
+    #: settings -> the canonical settings of this method (e.g. FFA-LoRA forces ``freeze_a``)
+    canonical: Callable[[Any], Any] = lambda settings: settings
+
+
+#: name -> method; filled by the method modules when :mod:`fedpeft.peft_methods` is imported.
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(entry: MethodEntry) -> MethodEntry:
+    """Add a method under ``entry.name``; a second method of the same name is an error."""
+    if entry.name in METHODS:
+        raise ConfigError(f"adapter method {entry.name!r} is registered twice")
+    METHODS[entry.name] = entry
+    return entry
+
+
+def method_knobs() -> dict[str, Scalar]:
+    """Every registered method's run-config knobs with their defaults (first definition wins
+    where methods share a knob, as LoRA and FFA-LoRA do; they must agree on its default)."""
+    out: dict[str, Scalar] = {}
+    for entry in METHODS.values():
+        for key, default in entry.knobs.items():
+            if key in out and out[key] != default:
+                raise ConfigError(f"methods disagree on the default of {key!r}")
+            out.setdefault(key, default)
+    return out
+
+
+def build_on_fresh_base(model_type: Callable[[BaseModel, Any], AdaptedModel], base_config: Any,
+                        settings: Any, seed: int = 0) -> AdaptedModel:
+    """Build ``model_type(base, settings)`` on a fresh copy of the base model (an adapter may
+    rewrite the module tree), with torch's global RNG seeded by ``seed`` and restored after."""
+    base = load_fresh(base_config, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_type(base, settings)

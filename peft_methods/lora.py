@@ -7,7 +7,8 @@ ICLR 2024), which keeps the aggregate of client updates an exact update of the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,9 +17,15 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from fedpeft.errors import ConfigError, ModelError
-from fedpeft.models import BaseModel, load_fresh
-from peft_methods.base import AdaptedModel
+from fedpeft.core.errors import ConfigError, ModelError
+from fedpeft.core.models import BaseModel
+from fedpeft.core.protocol import Scalar
+from fedpeft.peft_methods.base import (
+    AdaptedModel,
+    MethodEntry,
+    build_on_fresh_base,
+    register_method,
+)
 
 # Sensible defaults per architecture: attention query and value projections.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -114,9 +121,31 @@ class LoraModel(AdaptedModel):
         return path
 
 
-def build_lora(base_config: Any, settings: LoraSettings, seed: int = 0) -> LoraModel:
+def build_lora(base_config: Any, settings: LoraSettings, seed: int = 0) -> AdaptedModel:
     """Build a LoRA model on a fresh copy of the base (LoRA rewrites the module tree)."""
-    base = load_fresh(base_config, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LoraModel(base, settings)
+    return build_on_fresh_base(LoraModel, base_config, settings, seed)
+
+
+_DEFAULT = LoraSettings()
+#: The run-config knobs LoRA and FFA-LoRA read, defaults from :class:`LoraSettings`.
+KNOBS: dict[str, Scalar] = {"lora-r": _DEFAULT.r, "lora-alpha": _DEFAULT.alpha,
+                            "lora-dropout": _DEFAULT.dropout, "lora-targets": ""}
+
+
+def parse_knobs(v: Mapping[str, Scalar], *, freeze_a: bool = False) -> LoraSettings:
+    """LoRA settings from the typed flat run config (``lora-targets``: comma-separated)."""
+    targets = tuple(t.strip() for t in str(v["lora-targets"]).split(",") if t.strip())
+    return LoraSettings(r=int(v["lora-r"]), alpha=int(v["lora-alpha"]),
+                        dropout=float(v["lora-dropout"]), target_modules=targets or None,
+                        freeze_a=freeze_a)
+
+
+def _freeze_a(settings: LoraSettings) -> LoraSettings:
+    return settings if settings.freeze_a else replace(settings, freeze_a=True)
+
+
+register_method(MethodEntry("lora", LoraSettings, build_lora, "LoRA via Hugging Face peft",
+                            KNOBS, parse_knobs))
+register_method(MethodEntry("ffa-lora", LoraSettings, build_lora,
+                            "LoRA with A frozen, only B trained (FFA-LoRA)", KNOBS,
+                            lambda v: parse_knobs(v, freeze_a=True), canonical=_freeze_a))

@@ -12,6 +12,7 @@ zeros), so an exported adapter gives the same logits under ``PeftModel.from_pret
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -21,9 +22,16 @@ from peft import PromptTuningConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from fedpeft.errors import ConfigError
-from fedpeft.models import BaseModel, ModelConfig, load_fresh
-from peft_methods.base import AdaptedModel, head_name
+from fedpeft.core.errors import ConfigError
+from fedpeft.core.models import BaseModel, ModelConfig
+from fedpeft.core.protocol import Scalar
+from fedpeft.peft_methods.base import (
+    AdaptedModel,
+    MethodEntry,
+    build_on_fresh_base,
+    head_name,
+    register_method,
+)
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,22 @@ class PromptModel(AdaptedModel):
         return path
 
 
-def build_prompt(base_config: ModelConfig, settings: PromptSettings, seed: int = 0) -> PromptModel:
+def build_prompt(base_config: ModelConfig, settings: PromptSettings, seed: int = 0) -> AdaptedModel:
     """Build a prompt-tuning model on a fresh copy of the base (the head may become trainable)."""
-    base = load_fresh(base_config, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return PromptModel(base, settings)
+    return build_on_fresh_base(PromptModel, base_config, settings, seed)
+
+
+_DEFAULT = PromptSettings()
+#: The run-config knobs soft prompts read, defaults from :class:`PromptSettings`.
+KNOBS: dict[str, Scalar] = {"prompt-tokens": _DEFAULT.num_virtual_tokens,
+                            "prompt-init": _DEFAULT.init}
+
+
+def parse_knobs(v: Mapping[str, Scalar]) -> PromptSettings:
+    """Soft-prompt settings from the typed flat run config."""
+    return PromptSettings(num_virtual_tokens=int(v["prompt-tokens"]),
+                          init=str(v["prompt-init"]))  # type: ignore[arg-type]  # validated
+
+
+register_method(MethodEntry("prompt", PromptSettings, build_prompt,
+                            "soft prompt tuning with per-example gradients", KNOBS, parse_knobs))

@@ -1,4 +1,5 @@
-"""One registry of adapter methods: name -> (settings type, builder).
+"""Adapter configs over the method registry (methods register themselves in
+:data:`fedpeft.peft_methods.base.METHODS` when :mod:`fedpeft.peft_methods` is imported).
 
 :func:`get_adapted` returns the process-wide adapted model for a (model, adapter) config, built
 once and shared by every virtual client the process runs.
@@ -7,36 +8,19 @@ once and shared by every virtual client the process runs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from fedpeft.errors import ConfigError, UnknownNameError
-from fedpeft.models import ModelConfig
-from peft_methods.base import AdaptedModel
-from peft_methods.lora import LoraSettings, build_lora
-from peft_methods.prompt import PromptSettings, build_prompt
+from fedpeft.core.errors import ConfigError, UnknownNameError
+from fedpeft.core.models import ModelConfig
+from fedpeft.peft_methods.base import METHODS, AdaptedModel, method_knobs
+from fedpeft.peft_methods.lora import LoraSettings
+from fedpeft.peft_methods.prompt import PromptSettings
 
 Settings = LoraSettings | PromptSettings
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    name: str
-    settings_type: type[Any]
-    build: Callable[[ModelConfig, Any, int], AdaptedModel]
-    description: str
-
-
-METHODS: dict[str, MethodEntry] = {
-    "lora": MethodEntry("lora", LoraSettings, build_lora, "LoRA via Hugging Face peft"),
-    "ffa-lora": MethodEntry("ffa-lora", LoraSettings, build_lora,
-                            "LoRA with A frozen, only B trained (FFA-LoRA)"),
-    "prompt": MethodEntry("prompt", PromptSettings, build_prompt,
-                          "soft prompt tuning with per-example gradients"),
-}
+__all__ = ["METHODS", "AdapterConfig", "Settings", "build", "clear_cache", "get_adapted",
+           "initial_adapter_state", "method_knobs"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +38,9 @@ class AdapterConfig:
         if not isinstance(self.settings, entry.settings_type):
             raise ConfigError(f"method {self.method!r} takes {entry.settings_type.__name__}, "
                               f"got {type(self.settings).__name__}")
-        if self.method == "ffa-lora" and not getattr(self.settings, "freeze_a", False):
-            object.__setattr__(self, "settings", LoraSettings(
-                **{**self.settings.__dict__, "freeze_a": True}))
+        canonical = entry.canonical(self.settings)
+        if canonical != self.settings:
+            object.__setattr__(self, "settings", canonical)
 
 
 def build(model: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> AdaptedModel:

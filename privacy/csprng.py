@@ -11,11 +11,12 @@ PyTorch's generators are not fit for this: the CPU generator is a Mersenne Twist
 only the low 32 bits of its seed, so a 2^32 search recovers any seed; and a generator seeded
 from a public value (the run seed) is known to the coordinator outright.
 
-This module draws both from the ChaCha20 keystream (RFC 8439, via ``cryptography``), keyed by
-a 256-bit key and read sequentially (:class:`ChaChaStream`). One key serves both uses through
-two distinct nonces (domains, :data:`DOMAIN_SAMPLING` and :data:`DOMAIN_NOISE`), so the two
-streams are independent. :class:`DPRandomness` holds the pair and is passed explicitly to
-``privacy.dp_sgd.dp_local_train``:
+This module draws both from the ChaCha20 keystream (RFC 8439), keyed by a 256-bit key and read
+sequentially (:class:`ChaChaStream`, built on :class:`fedpeft.secagg.prg.ChaCha20Stream`, the
+one ChaCha20 primitive of fedpeft; this module does not import ``cryptography`` itself). One
+key serves both uses through two distinct nonces (domains, :data:`DOMAIN_SAMPLING` and
+:data:`DOMAIN_NOISE`), so the two streams are independent. :class:`DPRandomness` holds the
+pair and is passed explicitly to ``fedpeft.privacy.dp_sgd.dp_local_train``:
 
 * :meth:`DPRandomness.from_os` (production): a fresh key from the OS CSPRNG
   (``secrets.token_bytes``), ``kind="os"``.
@@ -54,9 +55,9 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from fedpeft.errors import ConfigError
+from fedpeft.core.errors import ConfigError
+from fedpeft.secagg.prg import MAX_KEYSTREAM_BYTES, ChaCha20Stream
 
 __all__ = [
     "CSPRNGError", "ChaChaStream", "DPRandomness", "GaussianSource", "RandomnessKind",
@@ -65,13 +66,14 @@ __all__ = [
 
 #: ChaCha20 key length (256 bits).
 KEY_BYTES = 32
-#: ``cryptography``'s ChaCha20 "nonce" argument: 4-byte little-endian block counter (starts
-#: at 0) + 12-byte nonce. Distinct nonces domain-separate the two streams of one key.
+#: The 16-byte ChaCha20 "nonce" argument of :class:`ChaCha20Stream`: 4-byte little-endian
+#: block counter (starts at 0) + 12-byte nonce. Distinct nonces domain-separate the two
+#: streams of one key.
 DOMAIN_SAMPLING = bytes(4) + b"fpdp-sample\x00"
 DOMAIN_NOISE = bytes(4) + b"fpdp-noise\x00\x00"
 _DOMAINS = {DOMAIN_SAMPLING: "sampling", DOMAIN_NOISE: "noise"}
 #: A stream never reads past its 32-bit block counter (2^32 blocks of 64 bytes = 256 GiB).
-MAX_STREAM_BYTES = 64 * (1 << 32)
+MAX_STREAM_BYTES = MAX_KEYSTREAM_BYTES
 #: ``from_seed`` key derivation tags (distinct for int and bytes seeds).
 _SEED_TAG_INT = b"fedpeft/dp-randomness/seed/int\x00"
 _SEED_TAG_BYTES = b"fedpeft/dp-randomness/seed/bytes\x00"
@@ -120,8 +122,11 @@ def _check_count(name: str, n: object) -> int:
     return n
 
 
-class ChaChaStream:
+class ChaChaStream(ChaCha20Stream):
     """Sequential reader of one ChaCha20 keystream (``key``, ``domain``).
+
+    A :class:`fedpeft.secagg.prg.ChaCha20Stream` (the keystream itself) whose bad input raises
+    :class:`CSPRNGError`, plus the DP draws: uniforms, normals and Gaussian noise.
 
     The reader keeps its position: reading ``a`` then ``b`` values gives the same values as
     reading ``a + b`` at once, for bytes, uniforms and normals alike (Box-Muller's second
@@ -136,28 +141,21 @@ class ChaChaStream:
             raise CSPRNGError("domain must be 16 bytes (4-byte counter + 12-byte nonce), e.g. "
                               "DOMAIN_SAMPLING or DOMAIN_NOISE")
         # security: ChaCha20 keystream = ChaCha20(key, domain) XOR 0; the key is not kept
-        self._enc = Cipher(algorithms.ChaCha20(key, domain), mode=None).encryptor()
+        super().__init__(key, domain)
         self._domain = _DOMAINS.get(domain, domain.hex())
-        self._position = 0
         self._spare: float | None = None  # second Box-Muller value of the last pair
 
     def __repr__(self) -> str:  # never the key
         return f"ChaChaStream(domain={self._domain!r}, position={self._position})"
 
-    @property
-    def position(self) -> int:
-        """Keystream bytes read so far."""
-        return self._position
-
     def read(self, nbytes: int) -> bytes:
         """The next ``nbytes`` bytes of the keystream."""
         nbytes = _check_count("nbytes", nbytes)
-        if self._position + nbytes > MAX_STREAM_BYTES:
+        if nbytes > self.remaining:  # security: the block counter never wraps
             raise CSPRNGError(f"keystream exhausted: reading {nbytes} bytes at position "
                               f"{self._position} passes the 2^32-block counter; use a fresh "
                               "DPRandomness (one per client and round)")
-        self._position += nbytes
-        return self._enc.update(bytes(nbytes))
+        return super().read(nbytes)
 
     def uniform(self, n: int) -> npt.NDArray[np.float64]:
         """``n`` uniforms in [0, 1) with 53 random bits each (multiples of 2^-53), float64."""
@@ -232,7 +230,7 @@ class DPRandomness:
     """The two random streams of one DP-SGD run: Poisson sampling and Gaussian noise.
 
     Build it with :meth:`from_os` in production (one per client and round) and pass it to
-    ``privacy.dp_sgd.dp_local_train``; record :attr:`kind` with the result. The streams are
+    ``fedpeft.privacy.dp_sgd.dp_local_train``; record :attr:`kind` with the result. The streams are
     consumed by use: a second training run with the same object continues both streams.
     Direct construction (any :class:`UniformSource` / :class:`GaussianSource`) is for tests
     and benchmarks.

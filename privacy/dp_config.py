@@ -1,9 +1,9 @@
-"""Configuration and typed errors of record-level DP-SGD on the adapter (``privacy.dp_sgd``).
+"""Configuration and typed errors of record-level DP-SGD on the adapter (``fedpeft.privacy.dp_sgd``).
 
 :class:`DPConfig` is validated at construction; every message names the parameter and its
 value. The noise multiplier is either given or calibrated (:meth:`DPConfig.resolve_noise_multiplier`)
 so that ``planned_rounds`` rounds of ``local_steps`` steps reach ``target_epsilon`` at ``delta``
-(Abadi et al., CCS 2016; accounting in ``privacy.accounting``). This module does not import
+(Abadi et al., CCS 2016; accounting in ``fedpeft.privacy.accounting``). This module does not import
 torch or Opacus.
 """
 
@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fedpeft.errors import ConfigError, FedPeftError, ModelError
-from privacy.accounting.calibrate import calibrate_noise_multiplier
-from privacy.accounting.events import ADJACENCIES, Adjacency, sample_rate_from
+from fedpeft.core.checks import is_real
+from fedpeft.core.errors import ConfigError, FedPeftError, ModelError
+from fedpeft.privacy.accounting.calibrate import calibrate_noise_multiplier
+from fedpeft.privacy.accounting.events import ADJACENCIES, Adjacency, sample_rate_from
 
 GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
 GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
@@ -35,12 +36,8 @@ class UnsupportedLayerError(DPTrainingError, ModelError):
     """A trainable layer has no exact per-example gradient under Opacus (the message names it)."""
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _positive(name: str, value: object, hint: str) -> None:
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:  # type: ignore[arg-type]
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:  # type: ignore[arg-type]
         raise DPConfigError(f"{name}={value!r} must be a finite number > 0 ({hint})")
 
 
@@ -54,7 +51,7 @@ class DPConfig:
     """Record-level DP-SGD settings of one client.
 
     Attributes:
-        enabled: train with DP-SGD (``privacy.dp_sgd.dp_local_train``) instead of plain SGD.
+        enabled: train with DP-SGD (``fedpeft.privacy.dp_sgd.dp_local_train``) instead of plain SGD.
         noise_multiplier: sigma (noise std / clip norm); ``None`` calibrates it from
             ``target_epsilon``. Exactly one of the two is set when ``enabled``.
         target_epsilon: epsilon to reach after ``planned_rounds`` rounds (calibration target).
@@ -69,7 +66,7 @@ class DPConfig:
             clipping: per-example norms only, no per-example gradients materialised).
         accountant: ``"prv"`` (default) or ``"rdp"``, used for calibration.
         planned_rounds: rounds the client may join; calibration spends the budget over them.
-        epsilon_max: optional hard budget enforced by the ledger (``privacy.accounting``).
+        epsilon_max: optional hard budget enforced by the ledger (``fedpeft.privacy.accounting``).
         adjacency: neighbouring relation of the guarantee, used for calibration:
             ``"replace_one"`` (default) or ``"add_remove"``. Replace-one because the client's
             local dataset size n is public: it is released through q = B/n and through sigma
@@ -94,7 +91,7 @@ class DPConfig:
             raise DPConfigError(f"enabled={self.enabled!r} must be True or False")
         if self.noise_multiplier is not None:
             nm = self.noise_multiplier
-            if not _is_real(nm) or not math.isfinite(float(nm)) or float(nm) < 0:
+            if not is_real(nm) or not math.isfinite(float(nm)) or float(nm) < 0:
                 raise DPConfigError(f"noise_multiplier={nm!r} must be a finite number >= 0 "
                                     "(0 adds no noise: epsilon = inf); or leave it unset and "
                                     "give target_epsilon")
@@ -102,7 +99,7 @@ class DPConfig:
             _positive("target_epsilon", self.target_epsilon, "e.g. 8.0")
         if self.epsilon_max is not None:
             _positive("epsilon_max", self.epsilon_max, "the client's total privacy budget")
-        if (not _is_real(self.delta) or not math.isfinite(float(self.delta))
+        if (not is_real(self.delta) or not math.isfinite(float(self.delta))
                 or not 0.0 < float(self.delta) < 1.0):
             raise DPConfigError(f"delta={self.delta!r} must be in (0, 1); choose it well below "
                                 "1/(local dataset size), e.g. 1e-5")

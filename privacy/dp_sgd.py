@@ -1,20 +1,20 @@
 """Record-level DP-SGD on the adapter tensors only (Abadi et al., CCS 2016), with Opacus.
 
-:func:`dp_local_train` mirrors :func:`client.trainer.local_train` but each of the
+:func:`dp_local_train` mirrors :func:`fedpeft.training.trainer.local_train` but each of the
 ``local_steps`` logical steps is one application of the Poisson-subsampled Gaussian mechanism:
 
 1. Poisson sampling: every local example joins the batch independently with probability
    ``q = expected_batch_size / n``, decided by CSPRNG uniforms (:func:`poisson_batches`, see
    "Randomness"). Batches have a random size and may be empty; an empty batch still yields a
    (pure-noise) step.
-2. Per-example gradients of the per-example losses (``client.trainer.per_example_loss``) of
+2. Per-example gradients of the per-example losses (``fedpeft.training.trainer.per_example_loss``) of
    the trainable adapter parameters only, by an Opacus ``GradSampleModule`` in the configured
    mode; frozen base weights get no per-example gradient.
 3. Each per-example gradient is clipped to L2 norm ``C``; the clipped gradients are summed,
    Gaussian noise of std ``sigma * C`` is added, and the sum is divided by the *expected*
    batch size ``B`` (Opacus ``DPOptimizer`` with ``loss_reduction="mean"``, its noise drawn
    from the CSPRNG, see "Randomness"), then the wrapped optimiser
-   (``client.trainer.make_optimizer``) steps.
+   (``fedpeft.training.trainer.make_optimizer``) steps.
 
 A logical batch larger than ``physical_batch_size`` is split into physical chunks exactly as
 Opacus ``BatchMemoryManager`` does (``DPOptimizer.signal_skip_step``): clipped gradients are
@@ -22,7 +22,7 @@ accumulated over the chunks and noise is added once per logical step.
 
 Opacus building blocks are used directly (``GradSampleModule`` + ``DPOptimizer``), not
 ``PrivacyEngine``: no Opacus accountant runs here. Accounting is the ledger's job
-(``privacy.accounting``): the returned :class:`DPTrainResult` carries the
+(``fedpeft.privacy.accounting``): the returned :class:`DPTrainResult` carries the
 ``PoissonSampledGaussianEvent`` that describes what was run.
 
 The shared model is left as it was found: hooks, ``grad_sample`` and the other attributes
@@ -32,7 +32,7 @@ model is left in eval mode (as ``local_train`` leaves it).
 Randomness
 ----------
 Both random choices come from the ``randomness`` argument, a
-:class:`privacy.csprng.DPRandomness`: two independent ChaCha20 keystreams (RFC 8439) of one
+:class:`fedpeft.privacy.csprng.DPRandomness`: two independent ChaCha20 keystreams (RFC 8439) of one
 256-bit key, domain-separated by nonce. Production passes ``DPRandomness.from_os()`` (a fresh
 key from the OS CSPRNG per client and round); tests pass ``DPRandomness.from_seed(seed)``
 (reproducible by anyone who knows the seed, never in production). The returned result records
@@ -46,7 +46,7 @@ mechanism).
   the batch iff the ``i``-th of the next ``n`` uniforms of ``randomness.sampling`` (53 random
   bits each) is ``< q``. The coordinator knows the run seed, the partition and the round but
   not the key, so it cannot rebuild the batches and amplification by subsampling holds
-  against it. (Non-private training, ``client.trainer.local_train``, still shuffles with the
+  against it. (Non-private training, ``fedpeft.training.trainer.local_train``, still shuffles with the
   seeded per-round ``torch.Generator``; that is utility only.)
 * **DP noise** (:class:`CSPRNGDPOptimizer`, :class:`CSPRNGDPOptimizerFastGradientClipping`,
   subclasses of Opacus' optimizers that override only ``add_noise``): for each parameter, in
@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,20 +103,20 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from client.trainer import (
+from fedpeft.core.errors import ClientFault, DataError
+from fedpeft.data.tokenize import Encoded
+from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent, validate_noise_multiplier
+from fedpeft.privacy.csprng import DPRandomness, GaussianSource, UniformSource
+from fedpeft.privacy.dp_config import DPConfig, DPConfigError, DPTrainingError, UnsupportedLayerError
+from fedpeft.training.config import TrainConfig
+from fedpeft.training.trainer import (
     Progress,
     TrainResult,
     length_sorted_chunks,
     make_optimizer,
     per_example_loss,
 )
-from fedpeft.config import TrainConfig
-from fedpeft.errors import ClientFault, DataError
-from fedpeft.tokenize import Encoded
-from peft_methods.base import AdaptedModel
-from privacy.accounting.events import PoissonSampledGaussianEvent, validate_noise_multiplier
-from privacy.csprng import DPRandomness, GaussianSource, UniformSource
-from privacy.dp_config import DPConfig, DPConfigError, DPTrainingError, UnsupportedLayerError
 
 __all__ = [
     "CSPRNGDPOptimizer", "CSPRNGDPOptimizerFastGradientClipping", "DPConfig", "DPConfigError",
@@ -325,12 +325,18 @@ def poisson_batches(n: int, q: float, steps: int,
 
 
 def _add_csprng_noise(opt: Any, noise_multiplier: float) -> None:
-    """Opacus' ``add_noise`` with the noise drawn from ``opt.noise_source`` (the CSPRNG)."""
+    """Opacus' ``add_noise`` with the noise drawn from ``opt.noise_source`` (the CSPRNG).
+
+    ``opt.noise_source`` is the ``DPRandomness.noise`` stream passed to the optimiser; Opacus'
+    ``_generate_noise`` (which would read ``opt.generator`` or torch's default generator) is
+    never called.
+    """
     std = noise_multiplier * opt.max_grad_norm
     for p in opt.params:
         _check_processed_flag(p.summed_grad)
         ref = p.summed_grad
-        # security: noise from the CSPRNG stream, secure-mode mitigation (4 draws summed / 2)
+        # security: noise from the CSPRNG stream, never a torch generator; with secure_mode (always
+        # on in dp_local_train) each value is the floating-point mitigation, 4 draws summed / 2
         noise = opt.noise_source.gaussian(ref.shape, std, ref.dtype, device=ref.device,
                                           secure=opt.secure_mode)
         p.grad = (p.summed_grad + noise).view_as(p)
@@ -340,8 +346,11 @@ def _add_csprng_noise(opt: Any, noise_multiplier: float) -> None:
 class CSPRNGDPOptimizer(DPOptimizer):  # type: ignore[misc]
     """Opacus ``DPOptimizer`` whose Gaussian noise comes from a CSPRNG stream.
 
-    Only :meth:`add_noise` differs from Opacus (no ``torch.Generator`` is used); ``secure_mode``
-    (default ``True``) is the 4-draw floating-point mitigation, applied to the CSPRNG's noise.
+    Only :meth:`add_noise` differs from Opacus: the noise is drawn from ``noise`` (in
+    :func:`dp_local_train`, ``DPRandomness.noise``, a ChaCha20 stream), never from a
+    ``torch.Generator``, torch's default generator or Opacus' own noise code, so Opacus'
+    ``generator`` is left ``None`` and never read. ``secure_mode`` (default ``True``) is the
+    4-draw floating-point mitigation, applied to the CSPRNG's noise.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise: GaussianSource,
@@ -356,8 +365,9 @@ class CSPRNGDPOptimizer(DPOptimizer):  # type: ignore[misc]
 class CSPRNGDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):  # type: ignore[misc]
     """Opacus' ghost-clipping optimiser with the noise of :class:`CSPRNGDPOptimizer`.
 
-    Like Opacus, the noise std uses ``_adjusted_noise_multiplier`` when it is set (adaptive
-    clipping), else ``noise_multiplier``.
+    The noise comes from ``noise`` (the CSPRNG), never from a torch generator. Like Opacus, the
+    noise std uses ``_adjusted_noise_multiplier`` when it is set (adaptive clipping), else
+    ``noise_multiplier``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise: GaussianSource,
@@ -393,10 +403,10 @@ def dp_local_train(
     :class:`DPTrainingError` (eval mode, no trainable parameters, ``randomness`` not a
     :class:`DPRandomness`), :class:`UnsupportedLayerError` (a layer Opacus cannot handle, or a
     stateful layer such as a BatchNorm in train mode anywhere in the model) and
-    :class:`fedpeft.errors.ClientFault` (non-finite loss).
+    :class:`fedpeft.core.errors.ClientFault` (non-finite loss).
     """
     if not dp_cfg.enabled:
-        raise DPConfigError("dp_cfg.enabled=False: call client.trainer.local_train for "
+        raise DPConfigError("dp_cfg.enabled=False: call fedpeft.training.trainer.local_train for "
                             "non-private training, or enable DP")
     n = len(data)
     if n == 0:
@@ -405,7 +415,7 @@ def dp_local_train(
     sigma = validate_noise_multiplier(noise_multiplier)
     if not isinstance(randomness, DPRandomness):
         raise DPTrainingError(f"randomness={type(randomness).__name__} must be a DPRandomness: "
-                              "pass privacy.csprng.DPRandomness.from_os() (one per client and "
+                              "pass fedpeft.privacy.csprng.DPRandomness.from_os() (one per client and "
                               "round; from_seed() only in tests)")
     _check_train_mode(model)
     _check_stateful_layers(model)

@@ -1,4 +1,5 @@
-"""Rewrite [tool.flwr.app.config] in pyproject.toml from fedpeft.config.DEFAULTS (its last table)."""
+"""Rewrite [tool.flwr.app.config] in pyproject.toml from fedpeft.runconfig.config.DEFAULTS
+(its last table)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fedpeft.config import DEFAULTS  # noqa: E402
+from fedpeft.runconfig.config import DEFAULTS  # noqa: E402
 
 HEADER = "[tool.flwr.app.config]"
 
 
 def render() -> str:
-    lines = [HEADER, "# Run knobs (parsed once by fedpeft.config.parse_run_config). "
+    lines = [HEADER, "# Run knobs (parsed once by fedpeft.runconfig.config.parse_run_config). "
              "Defaults = the chat-lora preset."]
     for k, v in DEFAULTS.items():
         s = ("true" if v else "false") if isinstance(v, bool) else (

@@ -1,16 +1,17 @@
 """An in-process federation: the coordinator talks to client runtimes by direct calls.
 
 Used by tests and benchmarks to exercise the whole round pipeline without Flower or Ray; the
-Flower simulation (``simulations.launcher``) runs the same coordinator and client code.
+Flower simulation (``fedpeft.simulations.launcher``) runs the same coordinator and client code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from client.runtime import ClientIdentity, ClientRuntime
-from coordinator.transport import Content, Reply
-from fedpeft.config import RunConfig
+from fedpeft.client.runtime import ClientIdentity, ClientRuntime
+from fedpeft.coordinator.transport import Reply
+from fedpeft.core.protocol import ROUND_KEY, Content
+from fedpeft.runconfig.config import RunConfig
 
 
 class InMemoryTransport:
@@ -25,9 +26,7 @@ class InMemoryTransport:
         }
         self.fault = fault
         self.states: dict[int, dict[str, bytes]] = {i: {} for i in self.runtimes}
-        self.calls = 0
         self.received: list[tuple[str, int, Content]] = []  # what the coordinator received
-        self.round = 0
 
     def node_ids(self) -> list[int]:
         return list(self.runtimes)
@@ -35,9 +34,8 @@ class InMemoryTransport:
     def exchange(self, kind: str, messages: Mapping[int, Content], timeout: float) -> dict[int, Reply]:
         replies: dict[int, Reply] = {}
         for node, content in messages.items():
-            self.calls += 1
             if self.fault is not None:
-                exc = self.fault(node, kind, int(content.get("round", 0)))
+                exc = self.fault(node, kind, int(content.get(ROUND_KEY, 0)))
                 if exc is not None:
                     replies[node] = Reply(node, error=f"{type(exc).__name__}: {exc}")
                     continue

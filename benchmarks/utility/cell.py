@@ -51,10 +51,10 @@ def run_cell(cell: Cell, run_dir: Path, threads: int) -> dict[str, Any]:
     """Train the cell's federation in this process and return its summary row."""
     import torch
 
-    from coordinator.server import Coordinator
-    from fedpeft.config import DEFAULTS, parse_run_config
-    from simulations.inmemory import InMemoryTransport
-    from simulations.presets import get_preset
+    from fedpeft.coordinator.server import Coordinator
+    from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+    from fedpeft.runconfig.presets import get_preset
+    from fedpeft.simulations.inmemory import InMemoryTransport
 
     torch.set_num_threads(threads)
     preset = get_preset(cell.preset)

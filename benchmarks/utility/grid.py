@@ -22,9 +22,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from fedpeft.config import DEFAULTS, Scalar, unused_server_knobs
-from fedpeft.errors import ConfigError
-from simulations.presets import get_preset
+from fedpeft.core.errors import ConfigError
+from fedpeft.core.protocol import Scalar
+from fedpeft.runconfig.config import DEFAULTS, unused_server_knobs
+from fedpeft.runconfig.presets import get_preset
 
 #: The published anchors quoted beside our numbers (accuracy in %, SST-2 GLUE dev set).
 ANCHORS: tuple[dict[str, str], ...] = (

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.examples import Corpus, TextExample
-from fedpeft.errors import ConfigError, DataError
 
 USER_PREFIX = "User: "
 ASSISTANT_PREFIX = "Assistant: "

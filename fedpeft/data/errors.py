@@ -1,8 +1,8 @@
-"""Errors of :mod:`fedpeft.data` (all derive from :class:`fedpeft.errors.DataError`)."""
+"""Errors of :mod:`fedpeft.data` (all derive from :class:`fedpeft.core.errors.DataError`)."""
 
 from __future__ import annotations
 
-from fedpeft.errors import DataError
+from fedpeft.core.errors import DataError
 
 
 class MissingDataError(DataError):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fedpeft.errors import ConfigError, DataError
+from fedpeft.core.errors import ConfigError, DataError
 
 Task = Literal["causal_lm", "classification"]
 TASKS: tuple[str, ...] = get_args(Task)

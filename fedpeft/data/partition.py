@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpeft.core.errors import ConfigError, DataError, UnknownNameError
 from fedpeft.data.examples import Corpus
-from fedpeft.errors import ConfigError, DataError, UnknownNameError
 
 Partitions = list[list[int]]
 
@@ -55,7 +55,9 @@ def partition_natural(
             f"natural partition needs user ids, but none of the {len(users)} examples has one; "
             "use the 'iid' or 'dirichlet' partitioner."
         )
-    kept = sorted((u for u, idx in groups.items() if len(idx) >= min_examples), key=lambda u: (-len(groups[u]), u))
+    kept = sorted(
+        (u for u, idx in groups.items() if len(idx) >= min_examples), key=lambda u: (-len(groups[u]), u)
+    )
     if not kept:
         raise DataError(
             f"no user has min_examples={min_examples} examples (largest has "
@@ -105,7 +107,9 @@ def partition_dirichlet(
         raise ConfigError(f"max_retries={max_retries!r} must be >= 1.")
     y = np.asarray(labels)
     if y.ndim != 1 or (y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0)):
-        raise DataError(f"labels must be a 1-D sequence of non-negative ints, got dtype {y.dtype} shape {y.shape}.")
+        raise DataError(
+            f"labels must be a 1-D sequence of non-negative ints, got dtype {y.dtype} shape {y.shape}."
+        )
     if y.size < num_clients * min_size:
         raise DataError(
             f"{y.size} examples cannot give num_clients={num_clients} clients min_size={min_size} each; "
@@ -210,9 +214,14 @@ class PartitionConfig:
         if self.num_clients is None:
             if self.kind != "natural":
                 raise ConfigError(
-                    f"num_clients=None is only allowed for kind='natural'; set it for kind={self.kind!r}."
+                    "num_clients=None is only allowed for kind='natural'; "
+                    f"set it for kind={self.kind!r}."
                 )
-        elif isinstance(self.num_clients, bool) or not isinstance(self.num_clients, int) or self.num_clients < 1:
+        elif (
+            isinstance(self.num_clients, bool)
+            or not isinstance(self.num_clients, int)
+            or self.num_clients < 1
+        ):
             raise ConfigError(f"num_clients={self.num_clients!r} must be an int >= 1.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
             math.isfinite(self.alpha) and self.alpha > 0
@@ -220,7 +229,11 @@ class PartitionConfig:
             raise ConfigError(f"alpha={self.alpha!r} must be a finite number > 0.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be an int >= 0.")
-        if isinstance(self.min_examples, bool) or not isinstance(self.min_examples, int) or self.min_examples < 1:
+        if (
+            isinstance(self.min_examples, bool)
+            or not isinstance(self.min_examples, int)
+            or self.min_examples < 1
+        ):
             raise ConfigError(f"min_examples={self.min_examples!r} must be an int >= 1.")
 
 

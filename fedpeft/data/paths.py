@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedpeft.core.errors import ConfigError
 from fedpeft.data.errors import MissingDataError
-from fedpeft.errors import ConfigError
 
 ENV_VAR = "FEDPEFT_DATA_DIR"
 

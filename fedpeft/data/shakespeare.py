@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.examples import Corpus, TextExample
 from fedpeft.data.paths import resolve_path
-from fedpeft.errors import ConfigError, DataError
 
 DEFAULT_FILENAME = "tinyshakespeare.txt"
 
@@ -40,8 +40,8 @@ def parse_speeches(text: str, source: str = "<text>") -> list[tuple[str, str]]:
         if speaker is None:
             if not line.endswith(":") or len(line) < 2:
                 raise DataError(
-                    f"{source}: line {lineno} should be a speaker heading like 'ROMEO:' but is {line[:60]!r}; "
-                    "is this a Tiny Shakespeare file?"
+                    f"{source}: line {lineno} should be a speaker heading like 'ROMEO:' "
+                    f"but is {line[:60]!r}; is this a Tiny Shakespeare file?"
                 )
             speaker = " ".join(line[:-1].split())
         else:

@@ -29,9 +29,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.examples import Corpus, TextExample
-from fedpeft.errors import ConfigError, DataError
 
 Format = Literal["tsv", "csv", "jsonl"]
 TsvQuoting = Literal["auto", "none", "minimal"]
@@ -164,7 +164,9 @@ def _read_delimited(
     ti = _column_index(text_column, header, TEXT_COLUMN_NAMES, 0, "text_column", path)
     li = _column_index(label_column, header, LABEL_COLUMN_NAMES, 1, "label_column", path)
     if ti == li:
-        raise DataError(f"text_column and label_column are both column {ti} of {path}; pass distinct columns.")
+        raise DataError(
+            f"text_column and label_column are both column {ti} of {path}; pass distinct columns."
+        )
     for lineno, row in body:
         if len(row) <= max(ti, li):
             raise DataError(
@@ -226,7 +228,9 @@ def _label_mapping(
     if all(_is_int(v) for v in distinct):
         ints = {v: int(v) for v in distinct}
         if min(ints.values()) < 0:
-            raise DataError(f"{path}: integer labels must be >= 0, found {min(ints.values())}; pass label_names.")
+            raise DataError(
+                f"{path}: integer labels must be >= 0, found {min(ints.values())}; pass label_names."
+            )
         return ints, tuple(str(i) for i in range(max(ints.values()) + 1))
     for order in _CANONICAL_ORDERS:
         if set(distinct) == set(order):

@@ -2,5 +2,5 @@
 
 ``certs`` builds the TLS and SuperNode-authentication material with ``cryptography``;
 ``commands`` wraps Flower's own ``flower-superlink`` / ``flower-supernode`` / ``flwr`` entry
-points; ``client.warm_app`` keeps one ClientApp process (and its base model) alive across rounds.
+points; ``fedpeft.client.warm_app`` keeps one ClientApp process (and its base model) alive across rounds.
 """

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpeft.core.errors import ConfigError
 from fedpeft.deploy.errors import CertificateError, CertificateExistsError
-from fedpeft.errors import ConfigError
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 CA_CERT = "ca.crt"
@@ -122,7 +122,7 @@ def _validity(valid_days: int, now: dt.datetime, expired: bool) -> tuple[dt.date
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:
-    return now if now is not None else dt.datetime.now(dt.timezone.utc)
+    return now if now is not None else dt.datetime.now(dt.UTC)
 
 
 def build_ca(common_name: str = "fedpeft federation CA", *, valid_days: int = 3650,

@@ -12,19 +12,19 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from fedpeft.config import Scalar
+from fedpeft.core.errors import ConfigError
+from fedpeft.core.protocol import Scalar
 from fedpeft.deploy.certs import DEFAULT_HOSTS, CertLayout, add_nodes, init_cert_dir
 from fedpeft.deploy.errors import DeployError
 from fedpeft.deploy.runner import (
     DEFAULT_PORT,
     INSECURE_WARNING,
     full_run_config,
-    parse_overrides,
     start_client,
     start_superlink,
     submit_run,
 )
-from fedpeft.errors import ConfigError
+from fedpeft.runconfig.overrides import parse_overrides
 
 
 class _Interrupted(Exception):
@@ -66,7 +66,7 @@ def cmd_certs_add_node(args: argparse.Namespace) -> int:
 def _coordinator_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Scalar]:
     overrides: dict[str, Scalar] = {}
     if args.preset:
-        from simulations.presets import get_preset
+        from fedpeft.runconfig.presets import get_preset
 
         preset = get_preset(args.preset)
         overrides.update(preset.config)

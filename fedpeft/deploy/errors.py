@@ -1,8 +1,8 @@
-"""Typed errors of the deployment layer (all derive from :class:`fedpeft.errors.FedPeftError`)."""
+"""Typed errors of the deployment layer (all derive from :class:`fedpeft.core.errors.FedPeftError`)."""
 
 from __future__ import annotations
 
-from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.core.errors import ConfigError, FedPeftError
 
 
 class DeployError(FedPeftError):

@@ -5,6 +5,12 @@ Everything here drives Flower's own entry points as subprocesses (``flower-super
 functions (``superlink_command``, ``supernode_command``, ...) so they are testable without
 starting anything. Every process is started in its own session and stopped by its pid.
 
+The SuperLink lifecycle and the ``flwr run`` submit / stream / final-status loop are the
+shared handle :class:`fedpeft.launch.superlink.SuperLink` (also used by the simulation
+launcher); :class:`SuperLink` here adds what only a deployment has: TLS material from a
+``fedpeft certs`` directory and the SuperNodes (registration, listing, waiting). The warm
+ClientApp executor is :mod:`fedpeft.client.warm_app`.
+
 Defaults are the safe ones: TLS with the federation's CA, and SuperNode authentication
 (``--enable-supernode-auth``; each key of the allow-list is registered with ``flwr supernode
 register``). Plain HTTP only with ``insecure=True``.
@@ -14,16 +20,16 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from fedpeft.config import DEFAULTS, Scalar, parse_run_config
+from fedpeft.core.errors import ConfigError
+from fedpeft.core.protocol import Scalar
 from fedpeft.deploy.certs import (
     CertLayout,
     check_private_key_file,
@@ -31,8 +37,8 @@ from fedpeft.deploy.certs import (
     read_allow_list,
 )
 from fedpeft.deploy.errors import CertificateError, DeployError
-from fedpeft.errors import ConfigError
-from fedpeft.flower_process import (  # noqa: F401 - re-exported for callers of this module
+from fedpeft.launch import superlink as _superlink
+from fedpeft.launch.process import (  # noqa: F401 - re-exported for callers of this module
     flwr_bin,
     flwr_env,
     free_port,
@@ -41,29 +47,21 @@ from fedpeft.flower_process import (  # noqa: F401 - re-exported for callers of 
     toml_value,
     wait_healthy,
 )
+from fedpeft.launch.superlink import DEFAULT_RUN_TIMEOUT, ServerTls
+from fedpeft.runconfig.config import DEFAULTS, parse_run_config
 
 CONNECTION = "fedpeft-deploy"
+"""Name of the ``flwr`` CLI connection to the coordinator's SuperLink."""
 DEFAULT_PORT = 9092
+"""The SuperLink's default Fleet API port (``fedpeft coordinator --port``)."""
 INSECURE_WARNING = (
     "\n!!! fedpeft: INSECURE MODE: no TLS, no SuperNode authentication. Model updates travel "
     "in clear text and ANY process that can reach {where} can join the federation. Use only "
     "on a trusted loopback/lab network. !!!\n")
+"""Printed by ``--insecure`` commands (``{where}``: the address that is exposed)."""
 
 
 # -- small helpers -----------------------------------------------------------------------------
-def parse_overrides(items: Sequence[str]) -> dict[str, Scalar]:
-    """``KEY=VALUE`` strings (``--set``) -> run config overrides, keys checked."""
-    out: dict[str, Scalar] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like key=value")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        if key not in DEFAULTS:
-            raise ConfigError(f"--set {key!r} is not a run config key; known: {sorted(DEFAULTS)}")
-        out[key] = raw
-    return out
-
-
 def full_run_config(overrides: Mapping[str, object], run_dir: Path) -> dict[str, Scalar]:
     """Defaults + overrides, validated and typed (fails before anything starts)."""
     flat = {**DEFAULTS, **overrides, "run-dir": str(run_dir.resolve())}
@@ -71,6 +69,7 @@ def full_run_config(overrides: Mapping[str, object], run_dir: Path) -> dict[str,
 
 
 def check_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts may be bracketed) -> ``(host, port)``, or :class:`ConfigError`."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"superlink={address!r} must be HOST:PORT, e.g. 192.168.1.10:9092")
@@ -81,24 +80,15 @@ def check_host_port(address: str) -> tuple[str, int]:
 def superlink_command(layout: CertLayout | None, host: str, port: int,
                       node_auth: bool = True) -> list[str]:
     """``flower-superlink`` in deployment mode; TLS from ``layout`` (None = insecure)."""
-    cmd = [flwr_bin("flower-superlink"), "--disable-runtime-dependency-installation",
-           "--host", host, "--port", str(port), "--database", ":flwr-in-memory:"]
-    if layout is None:
-        if node_auth:
-            raise ConfigError("node_auth=True needs TLS: Flower refuses --enable-supernode-auth "
-                              "with --insecure")
-        return cmd + ["--insecure"]
-    cmd += ["--ssl-ca-certfile", str(layout.ca_cert), "--ssl-certfile", str(layout.server_cert),
-            "--ssl-keyfile", str(layout.server_key)]
-    return cmd + (["--enable-supernode-auth"] if node_auth else [])
+    tls = (None if layout is None else
+           ServerTls(ca_cert=layout.ca_cert, certfile=layout.server_cert,
+                     keyfile=layout.server_key))
+    return _superlink.superlink_command(host, port, tls=tls, node_auth=node_auth)
 
 
 def connection_toml(address: str, root_certificates: Path | None) -> str:
     """``$FLWR_HOME/config.toml`` with one SuperLink connection named :data:`CONNECTION`."""
-    body = f'address = "{address}"\n'
-    body += ("insecure = true\n" if root_certificates is None
-             else f"root-certificates = {json.dumps(str(root_certificates.resolve()))}\n")
-    return f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{body}'
+    return _superlink.connection_toml(CONNECTION, address, root_certificates)
 
 
 def node_config_toml(client_id: str, partition_id: int, num_partitions: int,
@@ -136,37 +126,28 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, node_key: Path | 
 
 
 def warm_worker_command(runtime_port: int, parent_pid: int) -> list[str]:
-    """The long-lived ClientApp executor (``client.warm_app``) for one node."""
-    # Run as a script with -P (no script dir on sys.path) so that the ClientApp's own modules
-    # (client, fedpeft, ...) are imported from the installed FAB, as in ``flwr-clientapp``.
-    return [sys.executable, "-P", str(Path(__file__).resolve().parents[2] / "client" / "warm_app.py"),
+    """The long-lived ClientApp executor (:mod:`fedpeft.client.warm_app`) for one node."""
+    # Imported here, not at module level: the executor imports Flower, which nothing else in
+    # fedpeft.deploy needs. Run as a script with -P (no script dir on sys.path) so that the
+    # ClientApp's own modules are imported from the installed FAB, as in ``flwr-clientapp``.
+    from fedpeft.client import warm_app
+
+    return [sys.executable, "-P", str(Path(warm_app.__file__).resolve()),
             "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
             "--parent-pid", str(parent_pid)]
 
 
 # -- the SuperLink -----------------------------------------------------------------------------
 @dataclass
-class SuperLink:
-    """A running ``flower-superlink`` plus the ``flwr`` CLI connection to it."""
+class SuperLink(_superlink.SuperLink):
+    """The coordinator's running ``flower-superlink`` (the shared handle, raising
+    :class:`DeployError`), plus its TLS ``layout`` and the SuperNodes registered with it."""
 
-    proc: subprocess.Popen[bytes]
-    run_dir: Path
-    address: str
-    layout: CertLayout | None
-    log_file: Path
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.run_dir / ".flwr"
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run ``flwr ARGS`` against this SuperLink's connection."""
-        return subprocess.run([flwr_bin("flwr"), *args], env=flwr_env(self.flwr_home),
-                              capture_output=True, text=True, timeout=timeout, check=False,
-                              cwd=str(self.run_dir))
+    layout: CertLayout | None = None
 
     def register(self, pub_file: Path, name: str) -> str:
-        out = self.flwr("supernode", "register", str(pub_file), CONNECTION, "--name", name,
+        """``flwr supernode register PUB_FILE`` (a node's public key); returns its node id."""
+        out = self.flwr("supernode", "register", str(pub_file), self.connection, "--name", name,
                         "--format", "json")
         m = re.search(r'"node-id":\s*"?(\d+)', out.stdout)
         if out.returncode != 0 or m is None:
@@ -175,7 +156,8 @@ class SuperLink:
         return m.group(1)
 
     def nodes(self) -> list[dict[str, str]]:
-        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        """The SuperNodes the SuperLink knows (``flwr supernode ls --format json``)."""
+        out = self.flwr("supernode", "ls", self.connection, "--format", "json")
         try:
             doc = json.loads(out.stdout[out.stdout.index("{"):])
         except ValueError:
@@ -184,9 +166,12 @@ class SuperLink:
         return [dict(n) for n in doc.get("nodes", [])]
 
     def online(self) -> int:
+        """How many SuperNodes are online now."""
         return sum(1 for n in self.nodes() if n.get("status") == "online")
 
     def wait_for_nodes(self, count: int, timeout: float) -> None:
+        """Until ``count`` SuperNodes are online; :class:`DeployError` after ``timeout`` s
+        or if the SuperLink exits."""
         deadline = time.monotonic() + timeout
         seen = self.online()
         while seen < count:
@@ -200,42 +185,17 @@ class SuperLink:
             time.sleep(2)
             seen = self.online()
 
-    def run_status(self, run_id: str) -> str:
-        out = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
-        try:
-            doc = json.loads(out.stdout[out.stdout.index("{"):])
-        except ValueError:
-            raise DeployError(f"cannot read the run status from `flwr ls`: "
-                              f"{out.stdout[-400:]} {out.stderr[-400:]}") from None
-        for run in doc.get("runs", []):
-            if str(run.get("run-id")) == run_id:
-                return str(run.get("status", "unknown"))
-        raise DeployError(f"`flwr ls` does not list run {run_id}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, ca: Path | None, log_file: Path,
-                  timeout: float, verify: bool = True) -> None:
-    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
-    if ctx is not None and not verify:  # only for the deliberately expired test certificate
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    wait_healthy(proc, url, log_file, timeout, context=ctx, error=DeployError)
-
 
 def start_superlink(certs: Path | None, run_dir: Path, *, host: str = "127.0.0.1",
                     port: int = DEFAULT_PORT, register: bool = True,
                     startup_timeout: float = 90, check_cert: bool = True) -> SuperLink:
     """Start ``flower-superlink`` (TLS + node auth unless ``certs`` is None = insecure) and
     register every key of the allow-list. The caller stops it (:meth:`SuperLink.stop`).
+    ``port=0`` picks a free port.
 
     ``check_cert=False`` (tests only) serves even an expired server certificate; nothing can
     then be registered, since ``flwr`` itself refuses the connection.
     """
-    from simulations.launcher import project_root
-
     run_dir = run_dir.resolve()
     layout = CertLayout(certs.resolve()) if certs is not None else None
     if layout is not None:
@@ -250,26 +210,15 @@ def start_superlink(certs: Path | None, run_dir: Path, *, host: str = "127.0.0.1
             raise ConfigError("check_cert=False serves a certificate clients refuse: "
                               "registering nodes through it cannot work; pass register=False")
     allowed = read_allow_list(layout.allow_list) if layout is not None and register else []
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flwr_home = run_dir / ".flwr"
-    flwr_home.mkdir(exist_ok=True)
     port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    address = f"{connect_host}:{port}"
-    (flwr_home / "config.toml").write_text(
-        connection_toml(address, layout.ca_cert if layout is not None else None))
-    log_file = run_dir / "superlink.log"
-    cmd = superlink_command(layout, host, port, node_auth=layout is not None)
-    with open(log_file, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=str(project_root()), env=flwr_env(flwr_home),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    link = SuperLink(proc=proc, run_dir=run_dir, address=address, layout=layout,
-                     log_file=log_file)
+    link = SuperLink.start(
+        superlink_command(layout, host, port, node_auth=layout is not None),
+        run_dir=run_dir, address=f"{connect_host}:{port}", connection=CONNECTION,
+        root_certificates=layout.ca_cert if layout is not None else None, verify=check_cert,
+        startup_timeout=startup_timeout, error=DeployError)
+    link.layout = layout
     try:
-        scheme = "http" if layout is None else "https"
-        _wait_healthy(proc, f"{scheme}://{address}/health",
-                      layout.ca_cert if layout is not None else None, log_file, startup_timeout,
-                      verify=check_cert)
         if allowed:
             keys_dir = run_dir / "allowed-keys"
             keys_dir.mkdir(exist_ok=True)
@@ -285,59 +234,25 @@ def start_superlink(certs: Path | None, run_dir: Path, *, host: str = "127.0.0.1
 
 @dataclass(frozen=True)
 class RunResult:
+    """A deployment run: its id, final status and output directory (the config's run-dir)."""
+
     run_id: str
     status: str
     run_dir: Path
 
     @property
     def ok(self) -> bool:
-        return self.status == "finished:completed"
+        """Whether the run ended ``finished:completed``."""
+        return self.status == _superlink.COMPLETED
 
 
 def submit_run(link: SuperLink, config: Mapping[str, Scalar], *, stream: bool = True,
-               timeout: float = 6 * 3600, out: IO[str] | None = None) -> RunResult:
+               timeout: float = DEFAULT_RUN_TIMEOUT, out: IO[str] | None = None) -> RunResult:
     """``flwr run <project> fedpeft-deploy --stream --run-config FILE``; wait; final status."""
-    from simulations.launcher import project_root
-
     run_dir = Path(str(config["run-dir"]))
     run_dir.mkdir(parents=True, exist_ok=True)
-    rc_file = link.run_dir / "run_config.toml"
-    rc_file.write_text(toml_table(config))
-    cmd = [flwr_bin("flwr"), "run", str(project_root()), CONNECTION, "--stream",
-           "--run-config", str(rc_file)]
-    proc = subprocess.Popen(cmd, env=flwr_env(link.flwr_home), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=str(link.run_dir),
-                            start_new_session=True)
-    run_id = ""
-    deadline = time.monotonic() + timeout
-    try:
-        pipe = proc.stdout
-        if pipe is None:
-            raise DeployError("no output pipe from `flwr run`")
-        with open(link.run_dir / "flwr-run.log", "ab") as log:
-            for raw in pipe:
-                log.write(raw)
-                line = raw.decode(errors="replace")
-                if not run_id:
-                    m = re.search(r"Successfully started run (\d+)", line)
-                    run_id = m.group(1) if m else ""
-                if stream:
-                    (out or sys.stdout).write(line)
-                    (out or sys.stdout).flush()
-                if time.monotonic() > deadline:
-                    raise DeployError(f"`flwr run` still running after {timeout:.0f}s")
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        stop_process(proc)
-    if not run_id:
-        raise DeployError(f"`flwr run` did not start a run (exit {code}); see "
-                          f"{link.run_dir / 'flwr-run.log'}")
-    status = link.run_status(run_id)
-    wait_until = time.monotonic() + 60
-    while not status.startswith("finished") and time.monotonic() < wait_until:
-        time.sleep(1)
-        status = link.run_status(run_id)
-    return RunResult(run_id=run_id, status=status, run_dir=run_dir)
+    done = link.run(config, stream=stream, out=out, timeout=timeout)
+    return RunResult(run_id=done.run_id, status=done.status, run_dir=run_dir)
 
 
 # -- a client (SuperNode + warm ClientApp executor) --------------------------------------------
@@ -352,12 +267,15 @@ class ClientNode:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def poll(self) -> int | None:
+        """The SuperNode's exit code, or None while it runs."""
         return self.supernode.poll()
 
     def log_text(self) -> str:
+        """The SuperNode's log so far (empty when it logs to the terminal)."""
         return self.log_file.read_text(errors="replace") if self.log_file.is_file() else ""
 
     def stop(self) -> None:
+        """Stop the warm executor, then the SuperNode (each by its process group)."""
         stop_process(self.worker)
         stop_process(self.supernode)
 

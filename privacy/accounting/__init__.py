@@ -9,7 +9,7 @@ Opacus; accountants import Opacus lazily. See docs/privacy.md.
 
 from __future__ import annotations
 
-from privacy.accounting.accountant import (
+from fedpeft.privacy.accounting.accountant import (
     ACCOUNTANTS,
     ADJACENCIES,
     DEFAULT_ACCOUNTANT,
@@ -22,15 +22,15 @@ from privacy.accounting.accountant import (
     group_events,
     validate_adjacency,
 )
-from privacy.accounting.budget import (
+from fedpeft.privacy.accounting.budget import (
     BUDGET_EXHAUSTED_STATUS,
     Budget,
     BudgetDecision,
     check_round,
     require_round,
 )
-from privacy.accounting.calibrate import PrivacyPlan, calibrate_noise_multiplier, plan
-from privacy.accounting.errors import (
+from fedpeft.privacy.accounting.calibrate import PrivacyPlan, calibrate_noise_multiplier, plan
+from fedpeft.privacy.accounting.errors import (
     AccountingError,
     BudgetExhaustedError,
     CalibrationError,
@@ -41,13 +41,13 @@ from privacy.accounting.errors import (
     LedgerReceiptError,
     LedgerRollbackError,
 )
-from privacy.accounting.events import (
+from fedpeft.privacy.accounting.events import (
     EventMetadata,
     PoissonSampledGaussianEvent,
     new_event_id,
     sample_rate_from,
 )
-from privacy.accounting.ledger import (
+from fedpeft.privacy.accounting.ledger import (
     Ledger,
     LedgerEntry,
     LedgerHead,

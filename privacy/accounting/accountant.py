@@ -11,7 +11,7 @@ cheap):
 
 Each accountant works under either neighbouring relation (:data:`Adjacency`):
 ``"add_remove"`` (Opacus' PRV and RDP of the add/remove pair) or ``"replace_one"``
-(substitution; the pair, its PRV and its RDP are in :mod:`privacy.accounting.replace_one`,
+(substitution; the pair, its PRV and its RDP are in :mod:`fedpeft.privacy.accounting.replace_one`,
 used with the same Opacus PRV discretisation/composition and the same RDP conversion). The
 pure functions here default to ``"add_remove"``; callers that release the dataset size n
 (through q = B/n or a calibrated sigma) must pass ``"replace_one"``.
@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from privacy.accounting.errors import EventValidationError
-from privacy.accounting.events import (
+from fedpeft.privacy.accounting.errors import EventValidationError
+from fedpeft.privacy.accounting.events import (
     ADJACENCIES,
     Adjacency,
     PoissonSampledGaussianEvent,
@@ -130,7 +130,7 @@ def _rdp_epsilon(groups: GroupedEvents, delta: float,
                  adjacency: Adjacency = DEFAULT_ADJACENCY) -> EpsilonResult:
     from opacus.accountants.analysis import rdp as opacus_rdp
 
-    from privacy.accounting import replace_one  # lazy: scipy.special
+    from fedpeft.privacy.accounting import replace_one  # lazy: scipy.special
 
     total = np.zeros(len(RDP_ORDERS))
     for q, sigma, steps in groups:
@@ -170,7 +170,7 @@ def _prv_epsilon(groups: GroupedEvents, delta: float,
         discretize,
     )
 
-    from privacy.accounting import replace_one  # lazy: scipy.special
+    from fedpeft.privacy.accounting import replace_one  # lazy: scipy.special
 
     delta_error = delta / 1000
     counts = [steps for _, _, steps in groups]

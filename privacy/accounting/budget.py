@@ -10,7 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from privacy.accounting.accountant import (
+from fedpeft.core.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_OK
+from fedpeft.privacy.accounting.accountant import (
     DEFAULT_ACCOUNTANT,
     DEFAULT_ADJACENCY,
     AccountantName,
@@ -19,16 +20,18 @@ from privacy.accounting.accountant import (
     validate_accountant,
     validate_adjacency,
 )
-from privacy.accounting.errors import BudgetExhaustedError
-from privacy.accounting.events import (
+from fedpeft.privacy.accounting.errors import BudgetExhaustedError
+from fedpeft.privacy.accounting.events import (
     PoissonSampledGaussianEvent,
     validate_delta,
     validate_epsilon,
 )
 
-#: Status string a client replies with when it refuses a round for lack of budget.
-BUDGET_EXHAUSTED_STATUS = "privacy_budget_exhausted"
-BUDGET_OK_STATUS = "ok"
+#: Status string a client replies with when it refuses a round for lack of budget (the
+#: protocol's :data:`fedpeft.core.protocol.STATUS_BUDGET_EXHAUSTED`).
+BUDGET_EXHAUSTED_STATUS = STATUS_BUDGET_EXHAUSTED
+#: Status of an allowed round (the protocol's :data:`fedpeft.core.protocol.STATUS_OK`).
+BUDGET_OK_STATUS = STATUS_OK
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from privacy.accounting.accountant import (
+from fedpeft.privacy.accounting.accountant import (
     DEFAULT_ACCOUNTANT,
     DEFAULT_ADJACENCY,
     AccountantName,
@@ -21,8 +21,8 @@ from privacy.accounting.accountant import (
     validate_accountant,
     validate_adjacency,
 )
-from privacy.accounting.errors import CalibrationError, EventValidationError
-from privacy.accounting.events import (
+from fedpeft.privacy.accounting.errors import CalibrationError, EventValidationError
+from fedpeft.privacy.accounting.events import (
     PoissonSampledGaussianEvent,
     validate_delta,
     validate_epsilon,
@@ -48,6 +48,14 @@ def _check_positive(value: float, name: str) -> float:
             or not math.isfinite(value) or value <= 0):
         raise EventValidationError(f"{name}={value!r} must be a finite number > 0.")
     return float(value)
+
+
+def _narrow(bracket: tuple[float, float, float, float], x: float, e_x: float,
+            target: float) -> tuple[float, float, float, float]:
+    """``(lo, eps(lo), hi, eps(hi))`` with ``x`` replacing the end that keeps the invariant
+    ``eps(hi) <= target < eps(lo)`` (x becomes hi when its epsilon meets the target)."""
+    lo, e_lo, hi, e_hi = bracket
+    return (lo, e_lo, x, e_x) if e_x <= target else (x, e_x, hi, e_hi)
 
 
 def calibrate_noise_multiplier(
@@ -145,18 +153,10 @@ def calibrate_noise_multiplier(
         margin = 0.01 * width
         if not lo + margin < x < hi - margin:
             x = 0.5 * (lo + hi)
-        e_x = eps_at(x)
-        if e_x <= target:
-            hi, e_hi = x, e_x
-        else:
-            lo, e_lo = x, e_x
+        lo, e_lo, hi, e_hi = _narrow((lo, e_lo, hi, e_hi), x, eps_at(x), target)
         if hi - lo > 0.5 * width:  # poor progress: bisect once
             mid = 0.5 * (lo + hi)
-            e_mid = eps_at(mid)
-            if e_mid <= target:
-                hi, e_hi = mid, e_mid
-            else:
-                lo, e_lo = mid, e_mid
+            lo, e_lo, hi, e_hi = _narrow((lo, e_lo, hi, e_hi), mid, eps_at(mid), target)
     # Verify (the invariant guarantees it; re-check explicitly so the contract is visible).
     reached = _eps(q, hi, steps, d, name, adj)
     if not reached <= target:

@@ -1,6 +1,6 @@
 """``fedpeft privacy plan`` and ``fedpeft privacy report`` (wired into fedpeft/cli.py).
 
-Errors derive from :class:`fedpeft.errors.FedPeftError`; the top-level CLI prints them and
+Errors derive from :class:`fedpeft.core.errors.FedPeftError`; the top-level CLI prints them and
 exits non-zero.
 """
 
@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from privacy.accounting.accountant import ACCOUNTANTS, ADJACENCIES, DEFAULT_ACCOUNTANT
+from fedpeft.privacy.accounting.accountant import ACCOUNTANTS, ADJACENCIES, DEFAULT_ACCOUNTANT
 
 #: ``--adjacency`` choices on the command line (dashes) -> the accounting names (underscores).
 ADJACENCY_CHOICES: dict[str, str] = {a.replace("_", "-"): a for a in sorted(ADJACENCIES,
@@ -23,7 +23,8 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     Each leaf parser sets ``func`` to :func:`cmd_plan` or :func:`cmd_report`.
     """
-    privacy: argparse.ArgumentParser = subparsers.add_parser("privacy", help="differential privacy planning and reports")
+    privacy: argparse.ArgumentParser = subparsers.add_parser(
+        "privacy", help="differential privacy planning and reports")
     sub = privacy.add_subparsers(dest="privacy_command", required=True)
 
     p = sub.add_parser("plan", help="calibrate the noise multiplier for a target epsilon")
@@ -50,7 +51,7 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print sigma and the cumulative epsilon after each round; return the exit code."""
-    from privacy.accounting.calibrate import plan
+    from fedpeft.privacy.accounting.calibrate import plan
 
     adjacency = ADJACENCY_CHOICES[args.adjacency]  # argparse allowed only these keys
     result = plan(args.target_epsilon, args.delta, args.rounds, args.sample_rate,
@@ -79,7 +80,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the privacy table for a ledger or directory; optionally write JSON/PNG."""
-    from privacy.accounting.report import (
+    from fedpeft.privacy.accounting.report import (
         plot_epsilon,
         render_table,
         reports_from_path,

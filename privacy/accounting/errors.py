@@ -1,16 +1,16 @@
 """Typed errors of the privacy accounting layer.
 
-All derive from :class:`fedpeft.errors.FedPeftError`; every message names the parameter or
+All derive from :class:`fedpeft.core.errors.FedPeftError`; every message names the parameter or
 file involved, its value, and what to do.
 """
 
 from __future__ import annotations
 
-from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.core.errors import ConfigError, FedPeftError
 
 
 class AccountingError(FedPeftError):
-    """Base class of errors raised by ``privacy.accounting``."""
+    """Base class of errors raised by ``fedpeft.privacy.accounting``."""
 
 
 class EventValidationError(AccountingError, ConfigError):

@@ -14,10 +14,11 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
-from privacy.accounting.errors import EventValidationError
+from fedpeft.core.checks import is_real
+from fedpeft.privacy.accounting.errors import EventValidationError
 
 #: Neighbouring relation a DP guarantee is stated for. ``"add_remove"``: datasets differing
 #: by adding or removing one record (the dataset size itself is private). ``"replace_one"``:
@@ -35,13 +36,9 @@ SAMPLINGS: tuple[Sampling, ...] = ("csprng", "seeded")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_sample_rate(sample_rate: float, *, name: str = "sample_rate") -> float:
     """Return ``sample_rate`` as float if it lies in the open interval (0, 1)."""
-    if not _is_real(sample_rate) or not math.isfinite(sample_rate):
+    if not is_real(sample_rate) or not math.isfinite(sample_rate):
         raise EventValidationError(f"{name}={sample_rate!r} must be a finite number in (0, 1).")
     q = float(sample_rate)
     if q >= 1.0:
@@ -59,7 +56,7 @@ def validate_sample_rate(sample_rate: float, *, name: str = "sample_rate") -> fl
 
 def validate_noise_multiplier(noise_multiplier: float, *, name: str = "noise_multiplier") -> float:
     """Return ``noise_multiplier`` as float if it is finite and >= 0 (0 means no privacy)."""
-    if not _is_real(noise_multiplier) or not math.isfinite(noise_multiplier):
+    if not is_real(noise_multiplier) or not math.isfinite(noise_multiplier):
         raise EventValidationError(f"{name}={noise_multiplier!r} must be a finite number >= 0.")
     if noise_multiplier < 0:
         raise EventValidationError(
@@ -77,7 +74,7 @@ def validate_steps(steps: int, *, name: str = "steps") -> int:
 
 def validate_delta(delta: float, *, name: str = "delta") -> float:
     """Return ``delta`` as float if it lies in (0, 1)."""
-    if not _is_real(delta) or not math.isfinite(delta) or not 0.0 < delta < 1.0:
+    if not is_real(delta) or not math.isfinite(delta) or not 0.0 < delta < 1.0:
         raise EventValidationError(
             f"{name}={delta!r} must be in (0, 1); choose delta well below 1/dataset size "
             "(e.g. 1e-5)."
@@ -87,7 +84,7 @@ def validate_delta(delta: float, *, name: str = "delta") -> float:
 
 def validate_epsilon(epsilon: float, *, name: str = "epsilon") -> float:
     """Return ``epsilon`` as float if it is finite and > 0."""
-    if not _is_real(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
+    if not is_real(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
         raise EventValidationError(f"{name}={epsilon!r} must be a finite number > 0.")
     return float(epsilon)
 
@@ -173,7 +170,7 @@ def new_event_id() -> str:
 
 def utc_now() -> str:
     """Current UTC time as an ISO-8601 string."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -210,7 +207,7 @@ class EventMetadata:
                 f"dataset_size={self.dataset_size!r} must be an integer >= 1."
             )
         object.__setattr__(self, "delta", validate_delta(self.delta))
-        if (not _is_real(self.clip_norm) or not math.isfinite(self.clip_norm)
+        if (not is_real(self.clip_norm) or not math.isfinite(self.clip_norm)
                 or self.clip_norm <= 0):
             raise EventValidationError(f"clip_norm={self.clip_norm!r} must be a finite number > 0.")
         object.__setattr__(self, "clip_norm", float(self.clip_norm))

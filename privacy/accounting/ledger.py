@@ -125,8 +125,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from privacy.accounting.budget import Budget, BudgetDecision, require_round
-from privacy.accounting.errors import (
+from fedpeft.privacy.accounting.budget import Budget, BudgetDecision, require_round
+from fedpeft.privacy.accounting.errors import (
     EventValidationError,
     LedgerCorruptedError,
     LedgerError,
@@ -134,7 +134,7 @@ from privacy.accounting.errors import (
     LedgerReceiptError,
     LedgerRollbackError,
 )
-from privacy.accounting.events import (
+from fedpeft.privacy.accounting.events import (
     Adjacency,
     EventMetadata,
     PoissonSampledGaussianEvent,
@@ -730,7 +730,10 @@ def read_ledger(path: str | os.PathLike[str], *,
     return snap
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory`` itself, so that a file just created, renamed or replaced in it
+    survives a crash (the ledger's creation and its atomic head/anchor writes end with this;
+    the client's SecAgg+ unmask markers too)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -765,7 +768,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -936,7 +939,7 @@ class Ledger:
         record = dict(body, hash=record_hash(GENESIS_HASH, body))
         _write_all(fd, (canonical_json(record) + "\n").encode("ascii"))
         os.fsync(fd)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._records = [record]
         self._write_head()
         self._write_anchor()

@@ -336,7 +336,8 @@ def safe_domain_half_width(groups: Sequence[tuple[float, float, int]], eps_error
     (Gopi et al. 2021, Remark 5.6), but from the replace-one RDP of each (q, sigma, steps)."""
     total_steps = sum(n for _, _, n in groups)
     curves = [np.asarray(rdp_curve(q, s, orders)) for q, s, _ in groups]
-    composed = sum((n * c for (_, _, n), c in zip(groups, curves)), np.zeros(len(orders)))
+    composed = sum((n * c for (_, _, n), c in zip(groups, curves, strict=True)),
+                   np.zeros(len(orders)))
     l_max = _rdp_to_epsilon(list(composed), orders, delta_error / 4.0)
     for c in curves:
         l_max = max(l_max, _rdp_to_epsilon(list(c), orders, delta_error / (8.0 * total_steps)))

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting.accountant import DEFAULT_ACCOUNTANT, compute_epsilon
-from privacy.accounting.budget import check_round
-from privacy.accounting.errors import LedgerError
-from privacy.accounting.events import ADJACENCIES
-from privacy.accounting.ledger import LEDGER_SUFFIX, LedgerSnapshot, read_ledger
+from fedpeft.privacy.accounting.accountant import DEFAULT_ACCOUNTANT, compute_epsilon
+from fedpeft.privacy.accounting.budget import check_round
+from fedpeft.privacy.accounting.errors import LedgerError
+from fedpeft.privacy.accounting.events import ADJACENCIES
+from fedpeft.privacy.accounting.ledger import LEDGER_SUFFIX, LedgerSnapshot, read_ledger
 
 #: Text marking a client whose ledger has seeded-sampling events.
 NOT_PRIVATE_AGAINST_COORDINATOR = "NOT private against the coordinator (seeded batch sampling)"
@@ -238,7 +238,8 @@ def render_table(reports: Sequence[ClientPrivacyReport]) -> str:
         for r in reports
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     seeded = [r for r in reports if not r.private_against_coordinator]
     if seeded:

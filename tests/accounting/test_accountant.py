@@ -12,6 +12,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import dp_accounting as dpa
@@ -19,14 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting.accountant import (
+from fedpeft.privacy.accounting.accountant import (
     compute_epsilon,
     epsilon,
     epsilon_side_by_side,
     group_events,
 )
-from privacy.accounting.errors import EventValidationError
-from privacy.accounting.events import PoissonSampledGaussianEvent as E
+from fedpeft.privacy.accounting.errors import EventValidationError
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent as E
 
 RDP_REL_TOL = 0.01
 PLD_SLACK = 1e-3
@@ -130,4 +131,4 @@ def test_validation() -> None:
 def test_prv_epsilon_monotone_in_appended_events(spec: list[tuple[float, float, int]]) -> None:
     events = [E(q, s, n) for q, s, n in spec]
     values = [epsilon(events[:k], 1e-5, "prv") for k in range(1, len(events) + 1)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))

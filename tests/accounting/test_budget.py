@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from privacy.accounting.accountant import epsilon
-from privacy.accounting.budget import (
+from fedpeft.privacy.accounting.accountant import epsilon
+from fedpeft.privacy.accounting.budget import (
     BUDGET_EXHAUSTED_STATUS,
     Budget,
     check_round,
     require_round,
 )
-from privacy.accounting.errors import BudgetExhaustedError, EventValidationError
-from privacy.accounting.events import PoissonSampledGaussianEvent as E
+from fedpeft.privacy.accounting.errors import BudgetExhaustedError, EventValidationError
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent as E
 
 ROUND = E(0.02, 1.0, 50)
 

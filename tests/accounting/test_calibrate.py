@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting.accountant import epsilon
-from privacy.accounting.calibrate import calibrate_noise_multiplier, plan
-from privacy.accounting.errors import CalibrationError, EventValidationError
-from privacy.accounting.events import PoissonSampledGaussianEvent as E
+from fedpeft.privacy.accounting.accountant import epsilon
+from fedpeft.privacy.accounting.calibrate import calibrate_noise_multiplier, plan
+from fedpeft.privacy.accounting.errors import CalibrationError, EventValidationError
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent as E
 
 #: Tightness check: 2 % less noise than the calibrated sigma must overshoot the target.
 TIGHTNESS = 0.98
@@ -60,7 +61,7 @@ def test_validation() -> None:
 def test_plan_epsilon_per_round() -> None:
     p = plan(6.0, 1e-5, 8, 0.02, 25, "rdp")
     assert len(p.epsilon_per_round) == 8 and p.total_steps == 200
-    assert all(a < b for a, b in zip(p.epsilon_per_round, p.epsilon_per_round[1:]))
+    assert all(a < b for a, b in itertools.pairwise(p.epsilon_per_round))
     assert p.final_epsilon <= 6.0
     assert p.final_epsilon == epsilon([E(0.02, p.noise_multiplier, 25)] * 8, 1e-5, "rdp")
     assert math.isclose(p.epsilon_per_round[0],

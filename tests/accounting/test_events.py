@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from fedpeft.errors import ConfigError
-from privacy.accounting.errors import EventValidationError
-from privacy.accounting.events import (
+from fedpeft.core.errors import ConfigError
+from fedpeft.privacy.accounting.errors import EventValidationError
+from fedpeft.privacy.accounting.events import (
     EventMetadata,
     PoissonSampledGaussianEvent,
     sample_rate_from,

@@ -13,17 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting.accountant import compute_epsilon, epsilon
-from privacy.accounting.budget import Budget
-from privacy.accounting.errors import (
+from fedpeft.privacy.accounting.accountant import compute_epsilon, epsilon
+from fedpeft.privacy.accounting.budget import Budget
+from fedpeft.privacy.accounting.errors import (
     BudgetExhaustedError,
     EventValidationError,
     LedgerCorruptedError,
     LedgerError,
     LedgerLockedError,
 )
-from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent
-from privacy.accounting.ledger import (
+from fedpeft.privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent
+from fedpeft.privacy.accounting.ledger import (
     FORMAT_VERSION,
     GENESIS_HASH,
     Ledger,
@@ -104,7 +104,7 @@ def _edit_number(path: Path) -> None:
 
 def _edit_number_keep_canonical_and_rehash_line(path: Path) -> None:
     # Edit a value and recompute that line's own hash: the next record's prev breaks.
-    from privacy.accounting.ledger import canonical_json, record_hash
+    from fedpeft.privacy.accounting.ledger import canonical_json, record_hash
 
     ls = lines(path)
     rec = json.loads(ls[3])
@@ -272,8 +272,8 @@ def test_second_writer_is_locked_out_across_processes(ledger_path: Path) -> None
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from privacy.accounting.ledger import Ledger
-        from privacy.accounting.errors import LedgerLockedError
+        from fedpeft.privacy.accounting.ledger import Ledger
+        from fedpeft.privacy.accounting.errors import LedgerLockedError
         try:
             Ledger({str(ledger_path)!r}, client_id="client-a")
         except LedgerLockedError:
@@ -367,10 +367,11 @@ def test_reader_during_concurrent_appends_sees_consistent_prefix(tmp_path: Path)
 
 # -- format v2: adjacency and sampling ----------------------------------------------------
 V1_TIME = "2024-05-01T12:00:00.000000+00:00"
+V1_BUDGET = Budget(8.0, DELTA)  # frozen, safe to share as a default
 
 
 def write_v1_ledger(path: Path, client_id: str, events: list[PoissonSampledGaussianEvent],
-                    budget: Budget | None = Budget(8.0, DELTA)) -> None:
+                    budget: Budget | None = V1_BUDGET) -> None:
     """A ledger exactly as format v1 wrote it (no adjacency/sampling), valid hash chain."""
     records: list[dict[str, object]] = []
 
@@ -408,7 +409,7 @@ def _append_record(path: Path, body: dict[str, object]) -> None:
 
 
 def test_v1_ledger_reads_as_replace_one_and_seeded(tmp_path: Path) -> None:
-    from privacy.accounting.report import (
+    from fedpeft.privacy.accounting.report import (
         NOT_PRIVATE_AGAINST_COORDINATOR,
         client_report,
         render_table,

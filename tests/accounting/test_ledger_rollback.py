@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
-from privacy.accounting.budget import Budget
-from privacy.accounting.errors import (
+from fedpeft.privacy.accounting.budget import Budget
+from fedpeft.privacy.accounting.errors import (
     LedgerCorruptedError,
     LedgerError,
     LedgerLockedError,
     LedgerReceiptError,
     LedgerRollbackError,
 )
-from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent
-from privacy.accounting.ledger import (
+from fedpeft.privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent
+from fedpeft.privacy.accounting.ledger import (
     RECEIPT_MAX_CHARS,
     Ledger,
     LedgerHead,
@@ -150,7 +150,7 @@ def test_restoring_an_older_ledger_and_head_copy_is_refused(dirs: tuple[Path, Pa
     with pytest.raises(LedgerRollbackError, match="restored from an older copy"):
         read_ledger(path, anchor_dir=anchors)
     with pytest.raises(LedgerRollbackError, match="restored from an older copy"):
-        from privacy.accounting.report import reports_from_path
+        from fedpeft.privacy.accounting.report import reports_from_path
         reports_from_path(path.parent, anchor_dir=anchors)
 
 
@@ -351,8 +351,8 @@ def test_side_file_deleted_while_locked_second_writer_locked_out_across_processe
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from privacy.accounting.ledger import Ledger
-        from privacy.accounting.errors import LedgerLockedError
+        from fedpeft.privacy.accounting.ledger import Ledger
+        from fedpeft.privacy.accounting.errors import LedgerLockedError
         try:
             Ledger({str(path)!r}, client_id="c", anchor_dir={str(anchors)!r})
         except LedgerLockedError:

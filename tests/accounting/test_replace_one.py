@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting import accountant as acc
-from privacy.accounting import replace_one as r1
-from privacy.accounting.accountant import (
+from fedpeft.privacy.accounting import accountant as acc
+from fedpeft.privacy.accounting import replace_one as r1
+from fedpeft.privacy.accounting.accountant import (
     ADJACENCIES,
     RDP_ORDERS,
     compute_epsilon,
@@ -34,10 +34,10 @@ from privacy.accounting.accountant import (
     epsilon_side_by_side,
     validate_adjacency,
 )
-from privacy.accounting.budget import Budget, check_round, require_round
-from privacy.accounting.calibrate import calibrate_noise_multiplier, plan
-from privacy.accounting.errors import BudgetExhaustedError, EventValidationError
-from privacy.accounting.events import PoissonSampledGaussianEvent as E
+from fedpeft.privacy.accounting.budget import Budget, check_round, require_round
+from fedpeft.privacy.accounting.calibrate import calibrate_noise_multiplier, plan
+from fedpeft.privacy.accounting.errors import BudgetExhaustedError, EventValidationError
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent as E
 
 PLD_SLACK = 1e-3
 PRV_REL_TOL = 0.02
@@ -297,8 +297,8 @@ def test_budget_and_plan_adjacency() -> None:
 
 
 def test_dp_config_adjacency() -> None:
-    from fedpeft.errors import ConfigError
-    from privacy.dp_config import DPConfig
+    from fedpeft.core.errors import ConfigError
+    from fedpeft.privacy.dp_config import DPConfig
 
     cfg = DPConfig(enabled=True, target_epsilon=6.0, expected_batch_size=4, planned_rounds=3,
                    accountant="rdp")
@@ -315,7 +315,7 @@ def test_dp_config_adjacency() -> None:
 def test_cli_plan_adjacency(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from privacy.accounting.cli import add_privacy_parser
+    from fedpeft.privacy.accounting.cli import add_privacy_parser
 
     parser = argparse.ArgumentParser()
     add_privacy_parser(parser.add_subparsers(dest="command"))

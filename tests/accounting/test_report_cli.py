@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accounting.accountant import epsilon
-from privacy.accounting.budget import Budget
-from privacy.accounting.cli import add_privacy_parser
-from privacy.accounting.errors import LedgerCorruptedError
-from privacy.accounting.events import EventMetadata, PoissonSampledGaussianEvent as E
-from privacy.accounting.ledger import Ledger
-from privacy.accounting.report import (
+from fedpeft.privacy.accounting.accountant import epsilon
+from fedpeft.privacy.accounting.budget import Budget
+from fedpeft.privacy.accounting.cli import add_privacy_parser
+from fedpeft.privacy.accounting.errors import LedgerCorruptedError
+from fedpeft.privacy.accounting.events import EventMetadata
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent as E
+from fedpeft.privacy.accounting.ledger import Ledger
+from fedpeft.privacy.accounting.report import (
     NOT_PRIVATE_AGAINST_COORDINATOR,
     TABLE_COLUMNS,
     plot_epsilon,

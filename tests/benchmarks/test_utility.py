@@ -12,10 +12,10 @@ import pytest
 from benchmarks.utility.cell import summarise_run
 from benchmarks.utility.grid import SIZES, SST2_DP, Cell, grid
 from benchmarks.utility.table import markdown
-from fedpeft.config import DEFAULTS, parse_run_config
+from fedpeft.core.errors import ConfigError
 from fedpeft.data.paths import data_available
-from fedpeft.errors import ConfigError
-from simulations.presets import get_preset
+from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+from fedpeft.runconfig.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.chitchat import (
     chitchat_json_path,
     chitchat_participants,
@@ -18,7 +19,6 @@ from fedpeft.data.chitchat import (
 )
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.partition import partition_natural
-from fedpeft.errors import ConfigError, DataError
 
 
 def _utt(text: str, sender: str) -> dict[str, str]:
@@ -70,9 +70,11 @@ def test_filters_and_sampling(toy: Path) -> None:
     assert set(load_chitchat(min_examples=2, path=toy).users) == {"A"}
     with pytest.raises(DataError, match="min_examples=5"):
         load_chitchat(min_examples=5, path=toy)
-    picks = {tuple(dict.fromkeys(load_chitchat(max_participants=2, seed=s, path=toy).users)) for s in range(20)}
+    picks = {tuple(dict.fromkeys(load_chitchat(max_participants=2, seed=s, path=toy).users))
+             for s in range(20)}
     assert all(len(p) == 2 for p in picks) and len(picks) > 1  # seed changes the sample
-    assert load_chitchat(max_participants=2, seed=3, path=toy) == load_chitchat(max_participants=2, seed=3, path=toy)
+    assert (load_chitchat(max_participants=2, seed=3, path=toy)
+            == load_chitchat(max_participants=2, seed=3, path=toy))
     for bad in ({"max_participants": 0}, {"min_examples": 0}, {"seed": -1}):
         with pytest.raises(ConfigError):
             load_chitchat(path=toy, **bad)

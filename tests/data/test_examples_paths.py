@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.examples import Corpus, TextExample
 from fedpeft.data.paths import ENV_VAR, candidate_data_dirs, data_available, resolve_path, shared_data_path
-from fedpeft.errors import ConfigError, DataError
 
 
 def _clf(labels: list[int], names: tuple[str, ...] | None = ("a", "b")) -> Corpus:
-    return Corpus(tuple(TextExample(f"t{i}", lab) for i, lab in enumerate(labels)), names, "classification", "c")
+    return Corpus(tuple(TextExample(f"t{i}", lab) for i, lab in enumerate(labels)), names,
+                  "classification", "c")
 
 
 def test_text_example_is_frozen() -> None:
@@ -68,7 +69,8 @@ def test_env_var_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert data_available("x.tsv") and not data_available("missing.tsv")
 
 
-def test_missing_file_message_names_file_places_and_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_file_message_names_file_places_and_fix(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_VAR, str(tmp_path))
     with pytest.raises(MissingDataError) as err:
         shared_data_path("nope.tsv")
@@ -90,7 +92,8 @@ def test_default_dirs_without_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     # the CWD fallback is really searched
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "only_here_xyz.txt").write_text("x")
-    assert shared_data_path("only_here_xyz.txt") == (tmp_path / "shared" / "data" / "only_here_xyz.txt").resolve()
+    assert (shared_data_path("only_here_xyz.txt")
+            == (tmp_path / "shared" / "data" / "only_here_xyz.txt").resolve())
 
 
 @pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x.tsv"])

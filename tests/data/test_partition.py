@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpeft.core.errors import ConfigError, DataError, UnknownNameError
 from fedpeft.data.examples import Corpus, TextExample
 from fedpeft.data.partition import (
     PARTITIONERS,
@@ -22,7 +23,6 @@ from fedpeft.data.partition import (
     split_examples,
     train_test_split_by_client,
 )
-from fedpeft.errors import ConfigError, DataError, UnknownNameError
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

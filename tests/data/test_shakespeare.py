@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.paths import ENV_VAR, data_available, shared_data_path
 from fedpeft.data.shakespeare import load_tinyshakespeare, parse_speeches
-from fedpeft.errors import ConfigError, DataError
 
 TOY = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -62,7 +62,8 @@ def test_default_path_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         load_tinyshakespeare()
 
 
-@pytest.mark.skipif(not data_available("tinyshakespeare.txt"), reason="tinyshakespeare.txt not in shared data dir")
+@pytest.mark.skipif(not data_available("tinyshakespeare.txt"),
+                    reason="tinyshakespeare.txt not in shared data dir")
 def test_real_counts() -> None:
     speeches = parse_speeches(shared_data_path("tinyshakespeare.txt").read_text(encoding="utf-8"))
     assert len(speeches) == 7_222  # README: 7,222 speeches, 308 speakers

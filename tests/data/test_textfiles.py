@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.core.errors import ConfigError, DataError
 from fedpeft.data.errors import MissingDataError
 from fedpeft.data.textfiles import AGNEWS_LABELS, load_text_classification, tsv_is_csv_quoted
-from fedpeft.errors import ConfigError, DataError
 
 
 def _write(tmp_path: Path, name: str, content: str) -> Path:
@@ -153,7 +153,8 @@ def test_jsonl(tmp_path: Path) -> None:
     assert c.texts == ("a", "b") and c.label_names == ("x", "y") and c.labels == (0, 1)
     p2 = _write(tmp_path, "d2.json", json.dumps({"body": "z", "y": 3}) + "\n")
     assert load_text_classification(p2, text_column="body", label_column="y").labels == (3,)
-    with pytest.raises(DataError, match=r"line 1 has no text_column None; available columns: \['body', 'y'\]"):
+    with pytest.raises(DataError,
+                       match=r"line 1 has no text_column None; available columns: \['body', 'y'\]"):
         load_text_classification(p2)
     bad = _write(tmp_path, "bad.jsonl", '{"text": "a", "label": 1}\n{oops\n')
     with pytest.raises(DataError, match="bad.jsonl: line 2 is not valid JSON"):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedpeft.core.errors import ConfigError
 from fedpeft.deploy.certs import (
     CertLayout,
     add_nodes,
@@ -27,7 +28,6 @@ from fedpeft.deploy.certs import (
 from fedpeft.deploy.commands import add_deploy_parsers
 from fedpeft.deploy.errors import CertificateError, CertificateExistsError
 from fedpeft.deploy.runner import node_config_toml, superlink_command, supernode_command
-from fedpeft.errors import ConfigError
 
 
 def _verify(cert: x509.Certificate, issuer: x509.Certificate) -> None:
@@ -61,7 +61,7 @@ def test_signature_from_another_ca_does_not_verify() -> None:
 
 
 def test_validity_and_expired_option() -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, ca = build_ca(now=now)
     _, ok = build_server_cert(ca_key, ca, valid_days=30, now=now)
     assert ok.not_valid_before_utc <= now < ok.not_valid_after_utc

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.deploy.certs import CertLayout, add_nodes, init_cert_dir
+from fedpeft.deploy.certs import CertLayout, init_cert_dir
 from fedpeft.deploy.errors import CertificateError
 from fedpeft.deploy.runner import (
     ClientNode,

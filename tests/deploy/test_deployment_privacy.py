@@ -10,7 +10,7 @@ Phases (one federation, one SuperLink; every process started and stopped by pid)
 2. A 4th node (dave) joins; a 3-round run in a new run-dir; as soon as round 1 is in
    ``metrics.jsonl`` carol's SuperNode and warm ClientApp executor are SIGKILLed (a device
    that dies). Why 4 nodes here: SecAgg+ needs at least 3 clients to hide anyone
-   (``privacy.secagg.config.MIN_CLIENTS``), so with 3 nodes the round after a loss could not
+   (``fedpeft.secagg.config.MIN_CLIENTS``), so with 3 nodes the round after a loss could not
    run at all. With n=4 the plan is degree 3, threshold 3 (``secagg-dropout=0.02``), so the
    round with the dead node completes with 3 survivors and the next round runs without her.
 3. The coordinator is started again on the same run-dir (``resume=true``, one more round): it
@@ -33,7 +33,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.config import parse_run_config
 from fedpeft.deploy.certs import CertLayout, init_cert_dir
 from fedpeft.deploy.runner import (
     ClientNode,
@@ -44,7 +43,8 @@ from fedpeft.deploy.runner import (
     start_superlink,
     submit_run,
 )
-from privacy.accounting import compute_epsilon, read_ledger
+from fedpeft.privacy.accounting import compute_epsilon, read_ledger
+from fedpeft.runconfig.config import parse_run_config
 from tests.conftest import tiny_flat
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -166,7 +166,7 @@ def _phase_private_secure(link: SuperLink, nodes: dict[str, ClientNode], run_dir
         assert all("train-loss" not in c for c in clients)  # under DP, losses stay on device
     # the global adapter moved away from the initial one
     run = parse_run_config(config)
-    from peft_methods.registry import initial_adapter_state
+    from fedpeft.peft_methods.registry import initial_adapter_state
 
     init = initial_adapter_state(run.model, run.adapter, run.seed)
     final = _params(run_dir, 2)

@@ -2,7 +2,7 @@
 
 flwr 1.42's Ray backend (``flwr/server/superlink/fleet/vce/backend/raybackend.py``) calls
 ``ray.init(runtime_env=..., include_dashboard=False, **init_args)`` with no ``address``, so
-Ray resolves the cluster itself: ``RAY_ADDRESS`` first. ``simulations.launcher.simulate`` passes
+Ray resolves the cluster itself: ``RAY_ADDRESS`` first. ``fedpeft.simulations.launcher.simulate`` passes
 its environment on to the SuperLink, and from there to ``flwr-simulation`` (the Ray driver), so
 setting ``RAY_ADDRESS`` is enough; no launcher option is needed.
 
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from fedpeft.deploy.runner import free_port
-from simulations.launcher import simulate
+from fedpeft.simulations.launcher import simulate
 from tests.conftest import tiny_flat
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedpeft.models import ModelConfig
-from fedpeft.tokenize import Encoded
-from peft_methods.base import AdaptedModel
-from privacy.csprng import DPRandomness
-from peft_methods.lora import LoraSettings
-from peft_methods.prompt import PromptSettings
-from peft_methods.registry import AdapterConfig, build
+from fedpeft.core.models import ModelConfig
+from fedpeft.data.tokenize import Encoded
+from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.peft_methods.lora import LoraSettings
+from fedpeft.peft_methods.prompt import PromptSettings
+from fedpeft.peft_methods.registry import AdapterConfig, build
+from fedpeft.privacy.csprng import DPRandomness
 
 MODELS = {
     "smollm": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),

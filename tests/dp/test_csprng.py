@@ -1,12 +1,14 @@
-"""The DP randomness (``privacy.csprng``): keystream, streaming, seed entropy, noise statistics.
+"""The DP randomness (``fedpeft.privacy.csprng``): keystream, streaming, seed entropy, noise statistics.
 
 Statistical tests use fixed seeds; each check has a stated false-alarm rate of 1e-6.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -14,9 +16,9 @@ import pytest
 import torch
 from scipy import stats
 
-from fedpeft.errors import ConfigError, FedPeftError
-from privacy import csprng
-from privacy.csprng import (
+from fedpeft.core.errors import ConfigError, FedPeftError
+from fedpeft.privacy import csprng
+from fedpeft.privacy.csprng import (
     DOMAIN_NOISE,
     DOMAIN_SAMPLING,
     MAX_STREAM_BYTES,
@@ -24,6 +26,7 @@ from privacy.csprng import (
     CSPRNGError,
     DPRandomness,
 )
+from fedpeft.secagg.prg import ChaCha20Stream
 
 #: Two-sided standard-normal quantile for a false-alarm rate of 1e-6.
 Z_1E6 = 4.89
@@ -38,6 +41,17 @@ def test_keystream_is_rfc8439_chacha20() -> None:
     block = ChaChaStream(bytes(32), bytes(16)).read(64)
     assert block.hex() == ("76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
                            "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586")
+
+
+def test_keystream_comes_from_the_one_chacha20_primitive() -> None:
+    """csprng builds no cipher of its own: it imports nothing from ``cryptography``."""
+    tree = ast.parse(Path(csprng.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [str(n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] == "cryptography"], imported
+    assert issubclass(ChaChaStream, ChaCha20Stream)
+    for domain in (DOMAIN_SAMPLING, DOMAIN_NOISE, bytes(16)):
+        assert ChaChaStream(KEY, domain).read(200) == ChaCha20Stream(KEY, domain).read(200)
 
 
 def test_domains_separate_the_streams_of_one_key() -> None:

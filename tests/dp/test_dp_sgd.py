@@ -20,13 +20,11 @@ import pytest
 import torch
 from torch import nn
 
-from client.trainer import per_example_loss
-from fedpeft.config import TrainConfig
-from fedpeft.errors import ConfigError, FedPeftError
-from privacy import dp_sgd
-from privacy.accounting.events import PoissonSampledGaussianEvent
-from privacy.csprng import DPRandomness
-from privacy.dp_sgd import (
+from fedpeft.core.errors import ConfigError, FedPeftError
+from fedpeft.privacy import dp_sgd
+from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent
+from fedpeft.privacy.csprng import DPRandomness
+from fedpeft.privacy.dp_sgd import (
     OPACUS_MODULE_ATTRS,
     OPACUS_PARAM_ATTRS,
     CSPRNGDPOptimizer,
@@ -42,6 +40,8 @@ from privacy.dp_sgd import (
     unwrap,
     wrap_for_dp,
 )
+from fedpeft.training.config import TrainConfig
+from fedpeft.training.trainer import per_example_loss
 from tests.dp.conftest import (
     MODELS,
     PAIRS,
@@ -102,7 +102,7 @@ def test_per_example_gradients_match_batch_of_one(model_name: str, adapter: str,
                 assert getattr(p, "grad_sample", None) is None
     finally:
         unwrap(wrapped, model)
-    for n, p in params.items():
+    for p in params.values():
         p.grad = None
     for i in range(len(data)):
         row = data.rows(torch.tensor([i]))
@@ -297,7 +297,7 @@ def test_seeded_randomness_is_reproducible_and_os_randomness_ignores_torch_seed(
 class PublicSeedSampling:
     """Sampling uniforms the old way: ``torch.rand`` from a generator seeded by public values.
 
-    A leak on purpose (what ``client.runtime`` did before): proves the coordinator test below
+    A leak on purpose (what ``fedpeft.client.runtime`` did before): proves the coordinator test below
     would notice one.
     """
 
@@ -349,12 +349,13 @@ def test_coordinator_cannot_rebuild_the_batches(monkeypatch: pytest.MonkeyPatch)
         return [list(b) for b in used]
 
     def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-        same = sum((i in sa) == (i in sb) for sa, sb in zip(a, b) for i in range(n))
+        same = sum((i in sa) == (i in sb) for sa, sb in zip(a, b, strict=True)
+                   for i in range(n))
         return same / (n * steps)
 
     guess = rebuild()
     secure = train(DPRandomness.from_os())
-    assert all(s != g for s, g in zip(secure, guess))
+    assert all(s != g for s, g in zip(secure, guess, strict=True))
     assert agreement(secure, guess) < 0.9
     # The same reconstruction catches a leak: sampling derived from the public values.
     leaky = train(DPRandomness(sampling=PublicSeedSampling(public),

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from client.runtime import DP_REPLY_FIELDS, LEDGER_HEAD_KEY, ClientRuntime, check_dp_reply
-from coordinator.server import Coordinator
-from fedpeft.cli import print_privacy_report
-from fedpeft.config import parse_run_config
-from fedpeft.errors import ClientFault, ConfigError
-from simulations.inmemory import InMemoryTransport
+from fedpeft.cli.main import print_privacy_report
+from fedpeft.client.runtime import DP_REPLY_FIELDS, ClientRuntime, check_dp_reply
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.core.errors import ClientFault, ConfigError
+from fedpeft.core.protocol import LEDGER_HEAD_KEY
+from fedpeft.runconfig.config import parse_run_config
+from fedpeft.simulations.inmemory import InMemoryTransport
 from tests.conftest import tiny_flat
 
 pytestmark = pytest.mark.integration
@@ -79,7 +80,7 @@ def test_fault_details_that_depend_on_data_stay_on_the_device(tmp_path: Path,
                                                               ) -> None:
     run = parse_run_config(_flat(tmp_path, lr=1e30, **{"num-rounds": 1}))
     transport = InMemoryTransport(run, 2)
-    with caplog.at_level("WARNING", logger="client.runtime"):
+    with caplog.at_level("WARNING", logger="fedpeft.client.runtime"):
         Coordinator(run, transport, tmp_path).run_federation()
     faults = _rows(tmp_path)[1]["faults"]
     assert faults, "an lr of 1e30 should make training diverge"

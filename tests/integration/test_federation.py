@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.server import Coordinator
-from fedpeft.config import parse_run_config
-from fedpeft.errors import ClientFault
-from peft_methods import get_adapted
-from simulations.inmemory import InMemoryTransport
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.core.errors import ClientFault
+from fedpeft.peft_methods import get_adapted
+from fedpeft.runconfig.config import parse_run_config
+from fedpeft.simulations.inmemory import InMemoryTransport
 from tests.conftest import tiny_flat
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ def test_federation_learns_and_keeps_base_frozen(method: str, tmp_path: Path) ->
     adapted = get_adapted(run.model, run.adapter, run.seed)
     base_before = {k: v.clone() for k, v in adapted.frozen_module().state_dict().items()
                    if "lora_" not in k and "modules_to_save" not in k}
-    from peft_methods.registry import initial_adapter_state
+    from fedpeft.peft_methods.registry import initial_adapter_state
 
     initial = initial_adapter_state(run.model, run.adapter, run.seed)
     transport = InMemoryTransport(run, 3)
@@ -85,7 +85,7 @@ def test_client_with_other_adapter_config_is_refused(tmp_path: Path) -> None:
     run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "num-rounds": 1}))
     other = parse_run_config(tiny_flat(**{"lora-r": 2}))
     transport = InMemoryTransport(run, 3)
-    from client.runtime import ClientRuntime
+    from fedpeft.client.runtime import ClientRuntime
 
     rt = transport.runtimes[0]
     transport.runtimes[0] = ClientRuntime(other, rt.identity)
@@ -124,7 +124,7 @@ def test_resume_from_latest_checkpoint(tmp_path: Path) -> None:
     transport.exchange = spy  # type: ignore[method-assign]
     summary = Coordinator(run2, transport, tmp_path).run_federation()
     assert summary.start_round == 1 and summary.rounds_completed == 2
-    from fedpeft.wire import decode
+    from fedpeft.core.wire import decode
 
     sent = decode(seen[0], get_adapted(run2.model, run2.adapter, run2.seed).spec())
     assert all(torch.equal(sent[k], after_one[k]) for k in after_one)
@@ -132,7 +132,7 @@ def test_resume_from_latest_checkpoint(tmp_path: Path) -> None:
 
 
 def test_base_model_is_built_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import peft_methods.registry as registry
+    import fedpeft.peft_methods.registry as registry
 
     run = parse_run_config(tiny_flat(**{"run-dir": str(tmp_path), "lora-r": 3}))
     built: list[object] = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.launcher import simulate
+from fedpeft.simulations.launcher import simulate
 from tests.conftest import tiny_flat
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

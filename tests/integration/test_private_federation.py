@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from client.runtime import ClientRuntime
-from coordinator.server import Coordinator
-from fedpeft.config import parse_run_config
-from privacy.accounting import compute_epsilon, read_ledger
-from simulations.inmemory import InMemoryTransport
+from fedpeft.client.runtime import ClientRuntime
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.privacy.accounting import compute_epsilon, read_ledger
+from fedpeft.runconfig.config import parse_run_config
+from fedpeft.simulations.inmemory import InMemoryTransport
 from tests.conftest import tiny_flat
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ def test_client_over_budget_sits_out_and_run_stops_cleanly(tmp_path: Path) -> No
     run = parse_run_config(_flat(tmp_path, **{"dp-planned-rounds": 2, "min-clients": 2}))
     transport = InMemoryTransport(run, 3)
     # client-2's device has a smaller budget: between its epsilon after round 1 and round 2
-    from privacy.accounting import plan
+    from fedpeft.privacy.accounting import plan
 
     p = plan(8.0, 1e-5, rounds=2, sample_rate=4 / 32, local_steps=2, adjacency="replace_one")
     budget = (p.epsilon_per_round[0] + p.epsilon_per_round[1]) / 2
@@ -87,7 +87,7 @@ def test_client_over_budget_sits_out_and_run_stops_cleanly(tmp_path: Path) -> No
 def test_crash_after_reserve_counts_the_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = parse_run_config(_flat(tmp_path, **{"num-rounds": 2}))
     transport = InMemoryTransport(run, 3)
-    import client.runtime as rt
+    import fedpeft.client.runtime as rt
 
     real = rt.dp_local_train
     calls = {"n": 0}
@@ -96,7 +96,7 @@ def test_crash_after_reserve_counts_the_round(tmp_path: Path, monkeypatch: pytes
         calls["n"] += 1
         if calls["n"] == 4:  # client-0 in round 2 dies mid-training (after its reservation)
             model.eval()
-            from fedpeft.errors import ClientFault
+            from fedpeft.core.errors import ClientFault
 
             raise ClientFault("process killed")
         return real(model, data, *a, **kw)

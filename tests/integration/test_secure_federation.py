@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.server import Coordinator
-from fedpeft.config import parse_run_config
-from fedpeft.errors import ClientFault
-from peft_methods import get_adapted
-from simulations.inmemory import InMemoryTransport
+from fedpeft.coordinator.server import Coordinator
+from fedpeft.core.errors import ClientFault
+from fedpeft.peft_methods import get_adapted
+from fedpeft.runconfig.config import parse_run_config
+from fedpeft.simulations.inmemory import InMemoryTransport
 from tests.conftest import tiny_flat
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Pat
     assert row["secagg"]["clipped"] == 0  # type: ignore[index]
     worst = max(float((after_plain[k] - after_secure[k]).abs().max()) for k in after_plain)
     assert worst < 1e-6, worst  # quantisation error bound for clip 1.0, 32 bits, n = 4
-    from peft_methods.registry import initial_adapter_state
+    from fedpeft.peft_methods.registry import initial_adapter_state
 
     init = initial_adapter_state(plain.model, plain.adapter, plain.seed)
     assert any(not torch.equal(init[k], after_secure[k]) for k in init), "secure run learned nothing"
@@ -57,7 +57,7 @@ def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Pat
 def test_clipping_by_secagg_is_counted_and_warned(tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     run = parse_run_config(_flat(tmp_path, secagg=True, **{"secagg-clip": 1e-7}))
-    with caplog.at_level("WARNING", logger="coordinator.server"):
+    with caplog.at_level("WARNING", logger="fedpeft.coordinator.server"):
         Coordinator(run, InMemoryTransport(run, 3), tmp_path).run_federation()
     sec = _rows(tmp_path)[1]["secagg"]
     assert sec["clients_clipped"] == 3 and sec["clipped"] >= 3  # type: ignore[index]
@@ -111,7 +111,7 @@ def test_secagg_client_refuses_a_plain_round(tmp_path: Path) -> None:
     plain = parse_run_config(_flat(tmp_path))
     secure = parse_run_config(_flat(tmp_path, secagg=True))
     transport = InMemoryTransport(plain, 3)
-    from client.runtime import ClientRuntime
+    from fedpeft.client.runtime import ClientRuntime
 
     transport.runtimes[1] = ClientRuntime(secure, transport.runtimes[1].identity)
     Coordinator(plain, transport, tmp_path).run_federation()
@@ -122,7 +122,7 @@ def test_secagg_client_refuses_a_plain_round(tmp_path: Path) -> None:
 
 
 def test_examples_weighting_is_rejected_with_secagg() -> None:
-    from fedpeft.errors import ConfigError
+    from fedpeft.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="weighting='uniform'"):
         parse_run_config({"secagg": True, "weighting": "examples"})
@@ -133,3 +133,28 @@ def test_infeasible_plan_skips_the_round_with_the_reason(tmp_path: Path) -> None
     Coordinator(run, InMemoryTransport(run, 3), tmp_path).run_federation()
     row = _rows(tmp_path)[1]
     assert "InfeasiblePlanError" in row["skipped"] and "use more clients" in row["skipped"]  # type: ignore[operator]
+
+
+def test_a_replayed_unmask_request_is_refused(tmp_path: Path) -> None:
+    """A client answers one unmask request per session: a replay (with the session restored
+    to before the unmask) is refused, by the marker beside its ledger."""
+    run = parse_run_config(_flat(tmp_path, secagg=True))
+    transport = InMemoryTransport(run, 3)
+    sent: list[tuple[dict[str, object], dict[str, bytes]]] = []  # node 0: message, state before
+    original = transport.exchange
+
+    def recording(kind, messages, timeout):  # type: ignore[no-untyped-def]
+        if kind == "secagg" and 0 in messages:
+            sent.append((dict(messages[0]), dict(transport.states[0])))
+        return original(kind, messages, timeout)
+
+    transport.exchange = recording  # type: ignore[method-assign]
+    Coordinator(run, transport, tmp_path).run_federation()
+    assert _rows(tmp_path)[1]["secagg"]["survivors"] == 3  # type: ignore[index]
+    unmask, state = sent[-1]  # share-keys, masked-input, unmask
+    rt = transport.runtimes[0]
+    markers = sorted(m.name for m in (rt.ledger_path().parent / "secagg-unmasked").iterdir())
+    assert [m.split("-")[1] for m in markers] == ["0", "1", "2"]  # one per client
+    reply = rt.handle("secagg", unmask, dict(state))  # type: ignore[arg-type]
+    assert reply["status"] == "error"
+    assert "already answered an unmask request" in str(reply["reason"])

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.errors import ConfigError
-from fedpeft.heads import MeanPoolingClassifier, masked_mean
-from fedpeft.models import ModelConfig, load_fresh
-from fedpeft.tokenize import Encoded
+from fedpeft.core.errors import ConfigError
+from fedpeft.core.heads import MeanPoolingClassifier, masked_mean
+from fedpeft.core.models import ModelConfig, load_fresh
+from fedpeft.data.tokenize import Encoded
 
 MINILM = ModelConfig("minilm-l6", task="classification", num_hidden_layers=2)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedpeft.errors import ModelError, PayloadError
-from fedpeft.models import ModelConfig, load_fresh
-from peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
+from fedpeft.core.errors import ModelError, PayloadError
+from fedpeft.core.models import ModelConfig, load_fresh
+from fedpeft.peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
 
 MODELS = {
     "smollm2": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),
@@ -95,7 +95,7 @@ def test_prompt_gives_each_example_its_own_activation() -> None:
 
 
 def test_base_weights_are_frozen_and_shared_cache_loads_once() -> None:
-    from fedpeft.models import load_base
+    from fedpeft.core.models import load_base
 
     a = load_base(MODELS["minilm"])
     b = load_base(MODELS["minilm"])

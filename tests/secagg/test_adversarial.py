@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privacy.secagg import SecAggConfig, Stage, run_in_memory
-from privacy.secagg import messages as msg
-from privacy.secagg.client import SecAggClient
-from privacy.secagg.errors import (
+from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
+from fedpeft.secagg import messages as msg
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.errors import (
     AbortError,
     MalformedMessageError,
     ProtocolError,
@@ -22,8 +20,8 @@ from privacy.secagg.errors import (
     StageError,
     UpdateError,
 )
-from privacy.secagg.quantize import decode_signed, quantize
-from privacy.secagg.server import SecAggServer
+from fedpeft.secagg.quantize import decode_signed, quantize
+from fedpeft.secagg.server import SecAggServer
 
 SID = b"adversarial-session"
 IDS = [11, 22, 33, 44, 55]
@@ -61,7 +59,7 @@ def _replies(clients: dict[int, SecAggClient], requests: dict[int, bytes]) -> di
 
 
 def _exact(result_sum: np.ndarray, survivors: tuple[int, ...]) -> bool:
-    from privacy.secagg.quantize import plan_quantization
+    from fedpeft.secagg.quantize import plan_quantization
 
     plan = plan_quantization(CFG.clip, len(IDS), CFG.bits)
     ups = _ups()

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from privacy.secagg.config import SecAggConfig, abort_probability, binom_cdf, plan_graph
-from privacy.secagg.errors import InfeasiblePlanError, ModulusOverflowError, SecAggConfigError
-from privacy.secagg.graph import neighbour_graph
+from fedpeft.secagg.config import SecAggConfig, abort_probability, binom_cdf, plan_graph
+from fedpeft.secagg.errors import InfeasiblePlanError, ModulusOverflowError, SecAggConfigError
+from fedpeft.secagg.graph import neighbour_graph
 
 
 @pytest.mark.parametrize("n", [20, 50, 100, 200, 1000])

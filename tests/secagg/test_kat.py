@@ -8,8 +8,8 @@ import struct
 
 import numpy as np
 
-from privacy.secagg.graph import neighbour_graph, public_permutation
-from privacy.secagg.kdf import (
+from fedpeft.secagg.graph import neighbour_graph, public_permutation
+from fedpeft.secagg.kdf import (
     LABEL_PAIRWISE_MASK,
     LABEL_SHARE_KEY,
     agree,
@@ -19,7 +19,7 @@ from privacy.secagg.kdf import (
     self_mask_commitment,
     share_key,
 )
-from privacy.secagg.prg import expand_mask, keystream
+from fedpeft.secagg.prg import expand_mask, keystream
 
 SK_A = bytes(range(32))
 SK_B = bytes(range(32, 64))

@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privacy.secagg import SecAggConfig, Stage, run_in_memory
-from privacy.secagg.client import SecAggClient
-from privacy.secagg.errors import AbortError, SecAggConfigError
-from privacy.secagg.quantize import decode_signed, quantize
-from privacy.secagg.server import SecAggServer
+from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.errors import AbortError, SecAggConfigError
+from fedpeft.secagg.quantize import decode_signed, quantize
+from fedpeft.secagg.server import SecAggServer
 
 SID = b"test-session-0001"
 
@@ -88,8 +88,8 @@ def test_planned_config_n20_at_20pct_dropout() -> None:
     ups = _updates(20, 128, seed=6)
     ids = sorted(ups)
     seeds = _seeds(ids)
-    run = run_in_memory(SecAggConfig(clip=1e-2), ups, session_id=SID, rounding_seeds=seeds,
-                        dropouts={Stage.COLLECT_MASKED: ids[::5]})
+    run = run_in_memory(SecAggConfig(clip=1e-2, expected_dropout=0.2), ups, session_id=SID,
+                        rounding_seeds=seeds, dropouts={Stage.COLLECT_MASKED: ids[::5]})
     assert run.server.threshold == 12
     assert np.array_equal(run.result.int_sum,
                           _expected_int_sum(ups, run.result.survivors, run.result.plan, seeds))
@@ -149,7 +149,8 @@ def test_16_bit_words_exact_and_compact() -> None:
     ups = _updates(4, 100, seed=8, scale=0.2)
     seeds = _seeds(list(ups))
     cfg = SecAggConfig(clip=1.0, bits=16, expected_dropout=0.0)
-    run = run_in_memory(cfg, ups, session_id=SID, rounding_seeds=seeds, dropouts={Stage.COLLECT_MASKED: [1000]})
+    run = run_in_memory(cfg, ups, session_id=SID, rounding_seeds=seeds,
+                        dropouts={Stage.COLLECT_MASKED: [1000]})
     res = run.result
     assert res.plan.word_dtype is np.uint16 and int(res.modular_sum.max()) < 2**16
     assert np.array_equal(res.int_sum, _expected_int_sum(ups, res.survivors, res.plan, seeds))

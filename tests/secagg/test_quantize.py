@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.secagg.errors import ModulusOverflowError, SecAggConfigError, UpdateError
-from privacy.secagg.quantize import (
+from fedpeft.secagg.errors import ModulusOverflowError, SecAggConfigError, UpdateError
+from fedpeft.secagg.quantize import (
     QuantizationPlan,
     decode_signed,
     dequantize,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.secagg.errors import InsufficientSharesError, ShamirError
-from privacy.secagg.shamir import PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct, split
+from fedpeft.secagg.errors import InsufficientSharesError, ShamirError
+from fedpeft.secagg.shamir import PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct, split
 
 
 def test_every_t_subset_reconstructs_and_no_t_minus_1_subset_does() -> None:
@@ -38,7 +38,7 @@ def test_fewer_than_t_shares_are_consistent_with_any_secret() -> None:
         full = {0: candidate, **pts}
         xs3 = list(full)
 
-        def poly(z: int) -> int:
+        def poly(z: int, xs3: list[int] = xs3, full: dict[int, int] = full) -> int:
             total = 0
             for i, xi in enumerate(xs3):
                 num, den = 1, 1

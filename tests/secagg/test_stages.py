@@ -12,12 +12,12 @@ import copy
 import numpy as np
 import pytest
 
-from privacy.secagg import SecAggConfig, Stage
-from privacy.secagg.client import SecAggClient
-from privacy.secagg.errors import StageError
-from privacy.secagg.messages import Kind
-from privacy.secagg.server import SecAggServer
-from privacy.secagg.stages import CLIENT_TRANSITIONS, SERVER_TRANSITIONS
+from fedpeft.secagg import SecAggConfig, Stage
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.errors import StageError
+from fedpeft.secagg.messages import Kind
+from fedpeft.secagg.server import SecAggServer
+from fedpeft.secagg.stages import CLIENT_TRANSITIONS, SERVER_TRANSITIONS
 
 SID = b"stage-table-session"
 IDS = [3, 4, 5, 6]

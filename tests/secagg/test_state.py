@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from privacy.secagg import SecAggConfig, Stage, run_in_memory
-from privacy.secagg.client import STATE_MAGIC, STATE_VERSION, SecAggClient
-from privacy.secagg.driver import DROP_STAGES
-from privacy.secagg.errors import SecAggError, StageError, StateError
-from privacy.secagg.messages import Kind, peek_header
-from privacy.secagg.quantize import decode_signed, quantize
-from privacy.secagg.server import AggregateResult, SecAggServer
+from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.driver import DROP_STAGES
+from fedpeft.secagg.errors import SecAggError, StageError, StateError
+from fedpeft.secagg.messages import Kind, peek_header
+from fedpeft.secagg.quantize import decode_signed, quantize
+from fedpeft.secagg.server import AggregateResult, SecAggServer
+from fedpeft.secagg.state import STATE_MAGIC, STATE_VERSION
 
 SID = b"state-test-session"
 CFG = SecAggConfig(clip=1e-2, threshold=4, degree=5, max_abort_prob=1.0)
@@ -287,7 +288,8 @@ def test_flipped_version_bad_magic_trailing_and_bitflip_raise() -> None:
 BODY = GOOD[HEAD:-32]
 
 
-@pytest.mark.parametrize("cut", [0, 1, 8, 9, 30, len(BODY) // 3, len(BODY) // 2, len(BODY) - 96, len(BODY) - 1])
+@pytest.mark.parametrize("cut", [0, 1, 8, 9, 30, len(BODY) // 3, len(BODY) // 2, len(BODY) - 96,
+                                 len(BODY) - 1])
 def test_truncated_body_with_valid_checksum_raises(cut: int) -> None:
     """The body parser itself is strict (not only the checksum)."""
     with pytest.raises(StateError):

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.aggregate import mean_from_sum, weighted_mean, weighted_sum
-from coordinator.server_opt import ServerOptConfig, server_step
-from fedpeft.config import AGGREGATIONS, SERVER_KNOBS, unused_server_knobs
-from fedpeft.errors import ConfigError
+from fedpeft.coordinator.aggregate import mean_from_sum, weighted_mean, weighted_sum
+from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
+from fedpeft.core.errors import ConfigError
+from fedpeft.runconfig.config import AGGREGATIONS, SERVER_KNOBS, unused_server_knobs
 
 
 def test_weighted_mean_known_answer() -> None:

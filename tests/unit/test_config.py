@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.config import DEFAULTS, parse_run_config
-from fedpeft.errors import ConfigError, UnknownNameError
-from fedpeft.models import ModelConfig, resolve_source
-from peft_methods import AdapterConfig, LoraSettings, PromptSettings
-from simulations.presets import PRESETS, get_preset
+from fedpeft.core.errors import ConfigError, UnknownNameError
+from fedpeft.core.models import ModelConfig, resolve_source
+from fedpeft.peft_methods import AdapterConfig, LoraSettings, PromptSettings
+from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+from fedpeft.runconfig.presets import PRESETS, get_preset
 
 
 def test_defaults_parse_and_pyproject_matches() -> None:
@@ -90,3 +90,42 @@ def test_privacy_and_secagg_are_on_by_default() -> None:
     assert run.dp.enabled and run.secagg is not None
     assert run.dp.target_epsilon == 8.0 and run.dp.epsilon_max == 8.0
     assert run.dp.planned_rounds == run.federation.num_rounds
+
+
+def test_one_source_per_default() -> None:
+    """A run-config knob that is one dataclass field takes that field's default, and every
+    method knob its settings' default: the dataclasses and pyproject.toml cannot disagree."""
+    from fedpeft.data.config import DataConfig
+    from fedpeft.peft_methods.base import METHODS
+    from fedpeft.runconfig.config import KNOB_FIELDS, FederationConfig
+    from fedpeft.secagg.config import SecAggConfig
+    from fedpeft.training.config import TrainConfig
+
+    # the whole parse path of the default run config lands on the dataclasses' own defaults
+    run = parse_run_config({})
+    assert run.model == ModelConfig()
+    assert run.data == DataConfig() and run.train == TrainConfig()
+    assert run.federation == FederationConfig()
+    assert run.secagg == SecAggConfig(clip=float(DEFAULTS["secagg-clip"]))
+    assert run.dp.delta == DEFAULTS["dp-delta"] and run.dp.accountant == DEFAULTS["dp-accountant"]
+    # every knob named after a field of its concern is read from that field
+    for cls in (ModelConfig, DataConfig, TrainConfig, FederationConfig):
+        for name in cls.__dataclass_fields__:
+            key = name.replace("_", "-")
+            if key in DEFAULTS and key != "num-hidden-layers":  # 0 encodes None
+                assert KNOB_FIELDS[key] == (cls, name), key
+    for entry in METHODS.values():
+        settings = entry.parse(DEFAULTS)
+        assert entry.canonical(settings) == settings
+        assert isinstance(settings, entry.settings_type)
+        assert set(entry.knobs) <= set(DEFAULTS)
+    assert parse_run_config({}).adapter.settings == LoraSettings()
+
+
+def test_a_method_parses_its_own_knobs() -> None:
+    from fedpeft.peft_methods.base import METHODS
+
+    v = {**DEFAULTS, "lora-r": 4, "lora-targets": "q_proj, v_proj", "prompt-tokens": 3}
+    assert METHODS["lora"].parse(v) == LoraSettings(r=4, target_modules=("q_proj", "v_proj"))
+    assert METHODS["ffa-lora"].parse(v).freeze_a
+    assert METHODS["prompt"].parse(v) == PromptSettings(num_virtual_tokens=3)

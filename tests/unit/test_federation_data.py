@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.config import DataConfig
+from fedpeft.core.errors import ConfigError, DataError
+from fedpeft.data.config import DataConfig
 from fedpeft.data.errors import MissingDataError
-from fedpeft.errors import ConfigError, DataError
-from fedpeft.federation_data import client_corpus, federated_split
+from fedpeft.data.federation import client_corpus, federated_split
 
 
 def test_chitchat_natural_split_holds_out_other_participants() -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.cli import main
-from fedpeft.errors import DataError
-from fedpeft.report import write_report
+from fedpeft.cli.main import main
+from fedpeft.core.errors import DataError
+from fedpeft.report.run_report import write_report
 
 
 def _run_dir(tmp_path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -10,15 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from client.trainer import (
+from fedpeft.core.errors import ConfigError
+from fedpeft.runconfig.config import parse_run_config
+from fedpeft.training.config import OPTIMIZERS, TrainConfig
+from fedpeft.training.trainer import (
     for_round,
     is_head_parameter,
     length_sorted_chunks,
     make_optimizer,
     round_lr_scale,
 )
-from fedpeft.config import TrainConfig, parse_run_config
-from fedpeft.errors import ConfigError
 
 
 @settings(max_examples=100, deadline=None)
@@ -47,7 +49,7 @@ def test_head_parameters_are_recognised() -> None:
     assert not is_head_parameter("prompt.weight")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_head_lr_is_its_own_group(optimizer: str) -> None:
     named = {"lora_A.weight": nn.Parameter(torch.zeros(2)),
              "classifier.weight": nn.Parameter(torch.zeros(2))}
@@ -82,7 +84,7 @@ def test_lr_schedule_decays_monotonically_within_its_bounds(rounds: int, fractio
     scales = [round_lr_scale(r, rounds, fraction) for r in range(1, rounds + 3)]
     assert scales[0] == 1.0
     assert all(fraction - 1e-12 <= s <= 1.0 for s in scales)
-    assert all(b <= a + 1e-12 for a, b in zip(scales, scales[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(scales))
     if rounds > 1:
         assert scales[rounds - 1] == pytest.approx(fraction)
 
@@ -115,7 +117,7 @@ def test_lr_final_fraction_is_validated_and_parsed(bad: float) -> None:
 
 
 def test_client_runtime_trains_each_round_at_the_scheduled_lr() -> None:
-    from client.runtime import ClientIdentity, ClientRuntime
+    from fedpeft.client.runtime import ClientIdentity, ClientRuntime
 
     run = parse_run_config({"lr": 0.5, "head-lr": 5.0, "lr-final-fraction": 0.1,
                             "num-rounds": 5})

@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from fedpeft.errors import PayloadError
-from fedpeft.wire import TensorSpec, decode, encode, spec_of
+from fedpeft.core.errors import PayloadError
+from fedpeft.core.wire import TensorSpec, decode, encode, spec_of
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -1,0 +1,116 @@
+"""A client's side of one SecAgg+ round: start the session, answer its stages, mark the unmask.
+
+:class:`fedpeft.client.runtime.ClientRuntime` trains and privatises the update; under secure
+aggregation it hands the update here. The session's secrets (the update among them) live in
+the node's ``state`` between messages (Flower's ``context.state``) and never leave the device;
+only SecAgg+ protocol messages do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from fedpeft.core.errors import PayloadError
+from fedpeft.core.protocol import (
+    SECAGG_ADVERTISE_KEY,
+    SECAGG_ID_KEY,
+    SECAGG_MESSAGE_KEY,
+    SECAGG_SESSION_KEY,
+    SECAGG_SETUP_KEY,
+    Content,
+    Value,
+    require_field,
+)
+from fedpeft.core.vector import flatten, with_clip_stats
+from fedpeft.core.wire import TensorSpec
+from fedpeft.privacy.accounting.ledger import fsync_dir
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.stages import Stage
+
+#: Key of the session's exported state in the node's ``state``.
+SECAGG_STATE = "secagg"
+FINAL_STAGES = (Stage.DONE, Stage.ABORTED)
+#: Folder (beside the client's ledger) of the markers of answered unmask requests.
+UNMASK_MARKERS = "secagg-unmasked"
+
+
+def start_session(delta: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec],
+                  cfg: SecAggConfig, content: Mapping[str, Value],
+                  state: dict[str, bytes]) -> tuple[Content, Content]:
+    """Start this round's session with ``delta`` and answer the coordinator's setup.
+
+    Returns (what is sent: the first SecAgg+ message, what stays on the device). Only the
+    first protocol reply leaves; the update stays in ``state`` until it is sent masked. The
+    count of update coordinates beyond ``secagg-clip`` is summed inside the masked vector
+    (:func:`fedpeft.core.vector.with_clip_stats`), never sent per client.
+    """
+    vec = flatten(delta, spec)
+    clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
+    vec = with_clip_stats(vec, clipped, cfg.clip)
+    client = SecAggClient(int(require_field(content, SECAGG_ID_KEY, int)),
+                          bytes(require_field(content, SECAGG_SESSION_KEY, bytes)),
+                          cfg, expected_vector_length=int(vec.shape[0]))
+    client.set_update(cast("npt.NDArray[np.floating[npt.NBitBase]]", vec))
+    advertise = client.handle(bytes(require_field(content, SECAGG_SETUP_KEY, bytes)))
+    state[SECAGG_STATE] = client.export_state()
+    return {SECAGG_ADVERTISE_KEY: advertise}, {"secagg-clipped": clipped}
+
+
+def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[str, bytes], *,
+                 client_id: str, marker_dir: Path) -> bytes:
+    """Answer one SecAgg+ stage of the session in ``state``; return the message to send.
+
+    Before an unmask request is answered, a marker in ``marker_dir`` records it durably;
+    a second unmask request of the same session is refused (:func:`mark_unmask_answered`).
+    The session leaves ``state`` once it is done or aborted.
+    """
+    blob = state.get(SECAGG_STATE)
+    if blob is None:
+        raise PayloadError("no secure-aggregation session in this client's state (it "
+                           "restarted or missed the start of the round); it counts as dropped")
+    client = SecAggClient.import_state(blob, cfg)
+    if client.stage is Stage.COLLECT_MASKED:
+        # security: answer at most one unmask request per session, durably, before the reply
+        # leaves: a replayed request with another survivor set could reveal a peer's update
+        mark_unmask_answered(marker_dir, client_id, client.session_id)
+    out = client.handle(bytes(require_field(content, SECAGG_MESSAGE_KEY, bytes)))
+    if client.stage in FINAL_STAGES:
+        state.pop(SECAGG_STATE, None)
+    else:
+        state[SECAGG_STATE] = client.export_state()
+    return out
+
+
+def end_session(state: dict[str, bytes]) -> None:
+    """Forget the session in ``state`` (after a failure: the client counts as dropped)."""
+    state.pop(SECAGG_STATE, None)
+
+
+def mark_unmask_answered(marker_dir: Path, client_id: str, session_id: bytes) -> None:
+    """Record, durably and at most once, that ``client_id`` answers the unmask request of
+    ``session_id``; raise :class:`PayloadError` if it already did.
+
+    The marker is an empty file created with ``O_CREAT | O_EXCL`` (so of two concurrent
+    requests exactly one passes), fsynced together with its folder
+    (:func:`fedpeft.privacy.accounting.ledger.fsync_dir`) before the answer leaves.
+    """
+    marker = marker_dir / f"{client_id}-{session_id.hex()}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        raise PayloadError(f"secure-aggregation session {session_id.hex()[:16]}... already "
+                           "answered an unmask request; refusing a second one") from None
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(marker.parent)

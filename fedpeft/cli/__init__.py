@@ -1,0 +1,1 @@
+"""The `fedpeft` command (entry point): simulate, deploy, report, privacy."""

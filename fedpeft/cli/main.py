@@ -1,0 +1,213 @@
+"""The ``fedpeft`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpeft.core.errors import FedPeftError
+from fedpeft.core.protocol import Scalar
+from fedpeft.runconfig.config import DEFAULTS
+from fedpeft.runconfig.overrides import parse_overrides
+
+# --flag -> run-config key, for the common overrides
+OVERRIDES: dict[str, str] = {
+    "rounds": "num-rounds",
+    "clients_per_round": "clients-per-round",
+    "local_steps": "local-steps",
+    "lr": "lr",
+    "method": "method",
+    "rank": "lora-r",
+    "seed": "seed",
+    "batch_size": "batch-size",
+    "layers": "num-hidden-layers",
+    "examples_per_client": "max-examples-per-client",
+    "aggregation": "aggregation",
+}
+
+
+def summary_table(run_dir: Path) -> str:
+    """Per-round table from ``metrics.jsonl``: metric, loss, clients, bytes, time."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return f"(no metrics at {path})"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = (f"{'round':>5} {'eval':>22} {'train loss':>10} {'ok/sel':>7} {'MB up':>8} "
+            f"{'MB down':>8} {'sec':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ev = r.get("eval", {})
+        metric = (f"acc {ev['accuracy']:.4f}" if "accuracy" in ev else
+                  f"ppl {ev.get('perplexity', float('nan')):.2f}")
+        tl = r.get("train_loss")
+        lines.append(
+            f"{r['round']:>5} {metric:>22} {tl if tl is None else f'{tl:.4f}'!s:>10} "
+            f"{str(r.get('ok', '-')) + '/' + str(r.get('selected', '-')):>7} "
+            f"{r.get('bytes_up', 0) / 1e6:>8.3f} {r.get('bytes_down', 0) / 1e6:>8.3f} "
+            f"{r.get('seconds', 0):>7.1f}")
+        for f in r.get("faults", []):
+            lines.append(f"      fault: {f}")
+    return "\n".join(lines)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.runconfig.presets import get_preset
+
+    preset = get_preset(args.preset)
+    config: dict[str, Scalar] = {**preset.config, "preset": preset.name}
+    for attr, key in OVERRIDES.items():
+        value = getattr(args, attr)
+        if value is not None:
+            config[key] = value
+    config.update(parse_overrides(args.set or []))
+    if args.no_progress:
+        config["progress"] = False
+    clients = args.clients or preset.clients
+    run_dir = Path(args.run_dir or f"runs/{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"fedpeft: preset {preset.name} ({preset.description}); {clients} clients; "
+          f"run directory {run_dir}", flush=True)
+    if args.in_process:
+        from fedpeft.coordinator.server import Coordinator
+        from fedpeft.runconfig.config import parse_run_config
+        from fedpeft.simulations.inmemory import InMemoryTransport
+
+        run = parse_run_config({**DEFAULTS, **config, "run-dir": str(run_dir.resolve())})
+        summary = Coordinator(run, InMemoryTransport(run, clients)).run_federation()
+        ok = not summary.stopped_reason
+        status = "finished:completed" if ok else f"stopped: {summary.stopped_reason}"
+    else:
+        from fedpeft.simulations.launcher import simulate
+
+        result = simulate(config, clients, run_dir, stream=not args.quiet)
+        status = result.status
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            doc = json.loads(summary_file.read_text())
+            if doc.get("stopped_reason"):
+                status = f"stopped: {doc['stopped_reason']}"
+        ok = status == "finished:completed"
+    print()
+    print(summary_table(run_dir))
+    print_privacy_report(run_dir)
+    print(f"\nrun status: {status}; outputs in {run_dir}")
+    return 0 if ok else 1
+
+
+def print_privacy_report(run_dir: Path) -> None:
+    """Recompute every client's epsilon from its ledger file and print the table (+JSON, PNG)."""
+    ledgers = run_dir / "ledgers"
+    if not ledgers.is_dir() or not any(ledgers.glob("*.ledger.jsonl")):
+        if _run_had_dp(run_dir):
+            print("\nprivacy: differential privacy was on, but no client trained in this run "
+                  "(no ledger was written): no privacy was spent and no update was released; "
+                  "see the rounds' faults and SecAgg aborts above")
+        else:
+            print("\nprivacy: differential privacy was off in this run (no ledgers)")
+        return
+    from fedpeft.privacy.accounting.report import (
+        plot_epsilon,
+        render_table,
+        reports_from_path,
+        write_report_json,
+    )
+
+    reports = reports_from_path(ledgers)
+    print("\nprivacy report (epsilon recomputed from each client's ledger):")
+    print(render_table(reports))
+    write_report_json(reports, run_dir / "privacy_ledgers.json")
+    plot_epsilon(reports, run_dir / "privacy_epsilon.png")
+    print(f"written: {run_dir / 'privacy_ledgers.json'}, {run_dir / 'privacy_epsilon.png'}")
+
+
+def _run_had_dp(run_dir: Path) -> bool:
+    """Whether the run's recorded config had DP on (True when it cannot be read: the
+    report must never claim DP was off when it does not know)."""
+    try:
+        doc = json.loads((run_dir / "run_config.json").read_text())
+        return bool(doc["run_config"]["dp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from fedpeft.runconfig.presets import PRESETS
+
+    for p in PRESETS.values():
+        print(f"{p.name:<14} {p.clients:>3} clients  {p.description}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpeft.report.run_report import write_report
+
+    out = write_report(Path(args.run_dir))
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a simulated federation")
+    sim.add_argument("--preset", default="chat-lora")
+    sim.add_argument("--clients", type=int, help="number of virtual clients")
+    sim.add_argument("--rounds", type=int)
+    sim.add_argument("--clients-per-round", type=int)
+    sim.add_argument("--local-steps", type=int)
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--method", choices=["lora", "ffa-lora", "prompt"])
+    sim.add_argument("--rank", type=int, help="LoRA rank")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--layers", type=int, help="cut the model to its first N layers")
+    sim.add_argument("--examples-per-client", type=int)
+    sim.add_argument("--aggregation", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="any run config key (see pyproject.toml [tool.flwr.app.config])")
+    sim.add_argument("--run-dir")
+    sim.add_argument("--in-process", action="store_true",
+                     help="run coordinator and clients in this process, without Flower/Ray")
+    sim.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
+    sim.add_argument("--no-progress", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+    pre = sub.add_parser("presets", help="list simulation presets")
+    pre.set_defaults(func=cmd_presets)
+    rep = sub.add_parser("report", help="Markdown report + plots of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    try:
+        from fedpeft.privacy.accounting.cli import add_privacy_parser
+    except ImportError:  # pragma: no cover - privacy CLI not installed
+        pass
+    else:
+        add_privacy_parser(sub)
+    try:
+        from fedpeft.deploy.commands import add_deploy_parsers
+    except ImportError:  # pragma: no cover - deployment commands not installed
+        pass
+    else:
+        add_deploy_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result: Any = args.func(args)
+        return int(result)
+    except FedPeftError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

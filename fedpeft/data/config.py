@@ -1,0 +1,39 @@
+"""Which corpus a federation trains on and how it is split over clients (``[tool.flwr.app.config]``
+keys ``dataset`` ... ``eval-examples``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.core.errors import ConfigError, UnknownNameError
+
+DATASETS = ("chitchat", "sst2", "agnews", "shakespeare", "file")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, how it is split over clients, and how much each client uses."""
+
+    dataset: str = "chitchat"
+    path: str = ""
+    eval_path: str = ""
+    partitioner: str = "natural"
+    dirichlet_alpha: float = 0.5
+    max_examples_per_client: int = 64
+    eval_examples: int = 128
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise UnknownNameError(f"unknown dataset {self.dataset!r}; known: {DATASETS} "
+                                   "('file' reads data-path)")
+        if self.dataset == "file" and not self.path:
+            raise ConfigError("dataset='file' needs data-path (a .tsv, .csv or .jsonl file)")
+        if self.partitioner not in ("natural", "iid", "dirichlet"):
+            raise UnknownNameError(f"unknown partitioner {self.partitioner!r}; known: "
+                                   "natural, iid, dirichlet")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"dirichlet-alpha={self.dirichlet_alpha} must be > 0")
+        if self.max_examples_per_client < 1:
+            raise ConfigError(f"max-examples-per-client={self.max_examples_per_client} must be >= 1")
+        if self.eval_examples < 1:
+            raise ConfigError(f"eval-examples={self.eval_examples} must be >= 1")

@@ -1,0 +1,123 @@
+"""Which examples each client trains on and which the coordinator evaluates on.
+
+Deterministic from the run config and the number of partitions, so every process (coordinator,
+each simulation worker, each edge client) derives the same split without talking to the others.
+Corpora and partitions are cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpeft.core.errors import ConfigError, DataError
+from fedpeft.data.chitchat import load_chitchat
+from fedpeft.data.config import DataConfig
+from fedpeft.data.examples import Corpus
+from fedpeft.data.partition import PartitionConfig, partition
+from fedpeft.data.paths import resolve_path
+from fedpeft.data.shakespeare import load_tinyshakespeare
+from fedpeft.data.textfiles import load_text_classification
+
+# dataset -> (train file, eval file) for the shared benchmark data
+FILES: dict[str, tuple[str, str]] = {
+    "sst2": ("sst2_train.tsv", "sst2_dev.tsv"),
+    "agnews": ("agnews_dev.tsv", "agnews_test.tsv"),
+}
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """Client partitions (indices into ``train``) and a held-out evaluation corpus."""
+
+    train: Corpus
+    partitions: tuple[tuple[int, ...], ...]
+    eval: Corpus
+
+
+@functools.lru_cache(maxsize=8)
+def _load_train(data: DataConfig) -> Corpus:
+    if data.dataset == "chitchat":
+        return load_chitchat()
+    if data.dataset == "shakespeare":
+        return load_tinyshakespeare(data.path or None)
+    if data.dataset == "file":
+        return load_text_classification(data.path)
+    train_file, _ = FILES[data.dataset]
+    return load_text_classification(resolve_path(data.path or None, train_file))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_eval_file(data: DataConfig) -> Corpus | None:
+    if data.dataset in FILES:
+        return load_text_classification(resolve_path(data.eval_path or None, FILES[data.dataset][1]))
+    if data.eval_path:
+        return load_text_classification(data.eval_path)
+    return None
+
+
+def _cap(indices: list[int], cap: int, rng: np.random.Generator) -> tuple[int, ...]:
+    if len(indices) <= cap:
+        return tuple(indices)
+    return tuple(sorted(rng.choice(indices, size=cap, replace=False).tolist()))
+
+
+@functools.lru_cache(maxsize=8)
+def federated_split(data: DataConfig, num_partitions: int, seed: int) -> FederatedSplit:
+    """Split the corpus into ``num_partitions`` client partitions plus an evaluation corpus.
+
+    Natural partitions (one per user) give clients the users with the most examples; the
+    evaluation set then comes from users no client has (held-out participants). Otherwise the
+    evaluation set is the data set's own evaluation file, or 10% of the examples held out.
+    """
+    if num_partitions < 1:
+        raise ConfigError(f"num_partitions={num_partitions} must be >= 1")
+    corpus = _load_train(data)
+    rng = np.random.default_rng(seed)
+    eval_file = _load_eval_file(data)
+    if data.partitioner == "natural":
+        users = partition(corpus, PartitionConfig(kind="natural", seed=seed))
+        if len(users) < num_partitions + (0 if eval_file else 1):
+            raise DataError(f"dataset {data.dataset!r} has {len(users)} users, fewer than the "
+                            f"{num_partitions} clients asked for (plus held-out users for "
+                            "evaluation); use fewer clients or partitioner='iid'")
+        parts = [list(u) for u in users[:num_partitions]]
+        if eval_file is None:
+            held = [i for u in users[num_partitions:] for i in u]
+            eval_idx = held[: data.eval_examples]
+            eval_corpus = corpus.subset(eval_idx, name=f"{corpus.name}-heldout-users")
+        else:
+            eval_corpus = eval_file
+    else:
+        indices = np.arange(len(corpus))
+        if eval_file is None:
+            perm = rng.permutation(len(corpus))
+            n_eval = max(1, len(corpus) // 10)
+            eval_corpus = corpus.subset(sorted(perm[:n_eval].tolist()), name=f"{corpus.name}-heldout")
+            indices = np.sort(perm[n_eval:])
+        else:
+            eval_corpus = eval_file
+        sub = corpus.subset(indices.tolist(), name=corpus.name)
+        local = partition(sub, PartitionConfig(kind=data.partitioner, num_clients=num_partitions,
+                                               alpha=data.dirichlet_alpha, seed=seed))
+        parts = [[int(indices[i]) for i in p] for p in local]
+    if len(eval_corpus) > data.eval_examples:
+        pick = np.random.default_rng(seed + 1).choice(len(eval_corpus), data.eval_examples,
+                                                      replace=False)
+        eval_corpus = eval_corpus.subset(sorted(pick.tolist()), name=eval_corpus.name)
+    capped = tuple(_cap(p, data.max_examples_per_client, rng) for p in parts)
+    return FederatedSplit(train=corpus, partitions=capped, eval=eval_corpus)
+
+
+def client_corpus(data: DataConfig, partition_id: int, num_partitions: int, seed: int) -> Corpus:
+    """The examples of one client."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id={partition_id} is outside [0, {num_partitions})")
+    split = federated_split(data, num_partitions, seed)
+    indices = split.partitions[partition_id]
+    if not indices:
+        raise DataError(f"client partition {partition_id} of {num_partitions} has zero examples; "
+                        "use fewer clients or a larger dirichlet-alpha")
+    return split.train.subset(list(indices), name=f"{split.train.name}-client{partition_id}")

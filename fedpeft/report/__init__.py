@@ -1,0 +1,1 @@
+"""`fedpeft report RUN_DIR`: a Markdown report with plots from any run directory."""

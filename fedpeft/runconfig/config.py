@@ -1,0 +1,298 @@
+"""Run configuration: small frozen dataclasses per concern, parsed once at the edge.
+
+The knobs live flat in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (Flower's run
+config, keys with dashes). :func:`parse_run_config` turns that flat mapping into a
+:class:`RunConfig` and rejects unknown keys and bad values with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from fedpeft.core.errors import ConfigError, UnknownNameError
+from fedpeft.core.models import ModelConfig
+from fedpeft.core.protocol import Scalar
+from fedpeft.data.config import DataConfig
+from fedpeft.peft_methods.registry import METHODS, AdapterConfig, method_knobs
+from fedpeft.privacy.dp_config import DPConfig
+from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.errors import SecAggError
+from fedpeft.training.config import TrainConfig
+
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+#: Server-optimiser run-config keys and the aggregations that read them
+#: (``fedpeft.coordinator.server_opt.server_step``; tests/unit/test_aggregate.py checks this table).
+SERVER_KNOBS: dict[str, tuple[str, ...]] = {
+    "server-momentum": ("fedavgm",), "beta1": ("fedadam", "fedyogi"),
+    "beta2": ("fedadam", "fedyogi"), "tau": ("fedadam", "fedyogi")}
+
+
+def unused_server_knobs(aggregation: str) -> tuple[str, ...]:
+    """The server-optimiser run-config keys that ``aggregation`` ignores."""
+    return tuple(k for k, users in SERVER_KNOBS.items() if aggregation not in users)
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+
+
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, client sampling and server-side aggregation."""
+
+    num_rounds: int = 3
+    clients_per_round: int = 0  # 0 = every connected client
+    min_clients: int = 2
+    aggregation: str = "fedavg"
+    weighting: str = "uniform"  # the only weighting secure aggregation allows
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num-rounds={self.num_rounds} must be >= 1")
+        if self.clients_per_round < 0:
+            raise ConfigError(f"clients-per-round={self.clients_per_round} must be >= 0 "
+                              "(0 means every client)")
+        if self.min_clients < 1:
+            raise ConfigError(f"min-clients={self.min_clients} must be >= 1")
+        if 0 < self.clients_per_round < self.min_clients:
+            raise ConfigError(f"clients-per-round={self.clients_per_round} is below "
+                              f"min-clients={self.min_clients}")
+        if self.aggregation not in AGGREGATIONS:
+            raise UnknownNameError(f"unknown aggregation {self.aggregation!r}; known: "
+                                   f"{AGGREGATIONS}")
+        if self.weighting not in WEIGHTINGS:
+            raise UnknownNameError(f"unknown weighting {self.weighting!r}; known: {WEIGHTINGS}")
+        if not self.server_lr > 0:
+            raise ConfigError(f"server-lr={self.server_lr} must be > 0")
+        for name in ("server_momentum", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"{name.replace('_', '-')}={v} must be in [0, 1)")
+        if not self.tau > 0:
+            raise ConfigError(f"tau={self.tau} must be > 0")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round-timeout={self.round_timeout} must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. ``fingerprint`` identifies model + adapter + data."""
+
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    secagg: SecAggConfig | None = None
+    dp: DPConfig = field(default_factory=DPConfig)
+    ledger_dir: str = ""
+    seed: int = 0
+    run_dir: str = "runs/latest"
+    resume: bool = True
+    progress: bool = True
+    flat: tuple[tuple[str, Scalar], ...] = ()
+
+    def fingerprint(self) -> str:
+        """Hash of what client and coordinator must agree on (model, adapter, task)."""
+        doc = {"model": asdict(self.model), "adapter": self.adapter.method,
+               "settings": asdict(self.adapter.settings)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def as_flat(self) -> dict[str, Scalar]:
+        return dict(self.flat)
+
+
+def _default(cls: type[Any], name: str) -> Scalar:
+    """The default of dataclass field ``name`` of ``cls`` (the one source of that default)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is MISSING:
+                raise ConfigError(f"{cls.__name__}.{name} has no default")  # a coding error
+            return f.default  # type: ignore[no-any-return]
+    raise ConfigError(f"{cls.__name__} has no field {name!r}")  # a coding error
+
+
+#: Run-config knobs that are one field of one concern's dataclass: flat key -> (class, field).
+#: Their defaults are read from the dataclass (tests/unit/test_config.py checks every one).
+KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
+    "model": (ModelConfig, "name"), "task": (ModelConfig, "task"),
+    "max-length": (ModelConfig, "max_length"), "num-labels": (ModelConfig, "num_labels"),
+    "pooling": (ModelConfig, "pooling"),
+    "dataset": (DataConfig, "dataset"), "data-path": (DataConfig, "path"),
+    "eval-path": (DataConfig, "eval_path"), "partitioner": (DataConfig, "partitioner"),
+    "dirichlet-alpha": (DataConfig, "dirichlet_alpha"),
+    "max-examples-per-client": (DataConfig, "max_examples_per_client"),
+    "eval-examples": (DataConfig, "eval_examples"),
+    "num-rounds": (FederationConfig, "num_rounds"),
+    "clients-per-round": (FederationConfig, "clients_per_round"),
+    "min-clients": (FederationConfig, "min_clients"),
+    "aggregation": (FederationConfig, "aggregation"),
+    "weighting": (FederationConfig, "weighting"), "server-lr": (FederationConfig, "server_lr"),
+    "server-momentum": (FederationConfig, "server_momentum"),
+    "beta1": (FederationConfig, "beta1"), "beta2": (FederationConfig, "beta2"),
+    "tau": (FederationConfig, "tau"), "round-timeout": (FederationConfig, "round_timeout"),
+    "local-steps": (TrainConfig, "local_steps"), "batch-size": (TrainConfig, "batch_size"),
+    "lr": (TrainConfig, "lr"), "head-lr": (TrainConfig, "head_lr"),
+    "optimizer": (TrainConfig, "optimizer"), "momentum": (TrainConfig, "momentum"),
+    "weight-decay": (TrainConfig, "weight_decay"),
+    "lr-final-fraction": (TrainConfig, "lr_final_fraction"),
+    "dp-delta": (DPConfig, "delta"), "dp-clip": (DPConfig, "max_grad_norm"),
+    "dp-accountant": (DPConfig, "accountant"),
+    "secagg-bits": (SecAggConfig, "bits"), "secagg-dropout": (SecAggConfig, "expected_dropout"),
+    "secagg-max-abort": (SecAggConfig, "max_abort_prob"),
+}
+
+#: Flat key -> default: exactly the keys of [tool.flwr.app.config] (scripts/sync_run_config.py
+#: writes that table from this). Knobs of one dataclass field take its default; the methods'
+#: knobs come from the method registry; the rest are run-level choices, each explained.
+DEFAULTS: dict[str, Scalar] = {
+    "preset": "chat-lora",
+    **{k: _default(*KNOB_FIELDS[k]) for k in ("model", "task")},
+    "num-hidden-layers": 0,  # 0 = the model's own depth (ModelConfig.num_hidden_layers=None)
+    **{k: _default(*KNOB_FIELDS[k]) for k in ("max-length", "num-labels", "pooling")},
+    "method": _default(AdapterConfig, "method"),
+    **method_knobs(),
+    **{k: _default(*KNOB_FIELDS[k]) for k in (
+        "dataset", "data-path", "eval-path", "partitioner", "dirichlet-alpha",
+        "max-examples-per-client", "eval-examples", "num-rounds", "clients-per-round",
+        "min-clients", "aggregation", "weighting", "server-lr", "server-momentum", "beta1",
+        "beta2", "tau", "round-timeout", "local-steps", "batch-size", "lr", "head-lr",
+        "optimizer", "momentum", "weight-decay", "lr-final-fraction")},
+    "dp": True,  # private by default (the library's DPConfig is off until asked)
+    "dp-noise-multiplier": 0.0,  # 0 = calibrate sigma from dp-target-epsilon
+    "dp-target-epsilon": 8.0,
+    **{k: _default(*KNOB_FIELDS[k]) for k in ("dp-delta", "dp-clip")},
+    "dp-physical-batch": 2,  # micro-batches of 2 bound memory on edge boards; 0 = no split
+    "dp-planned-rounds": 0,  # 0 = num-rounds
+    "dp-epsilon-budget": 0.0,  # 0 = the target epsilon is also the hard budget
+    "dp-accountant": _default(*KNOB_FIELDS["dp-accountant"]),
+    "dp-grad-sample-mode": "ew",  # the fastest exact engine here (docs/benchmarks.md)
+    "ledger-dir": "",  # "" = RUN_DIR/ledgers
+    "secagg": True,  # the coordinator sees only the sum
+    "secagg-bits": _default(*KNOB_FIELDS["secagg-bits"]),
+    "secagg-clip": 1.0,  # per-coordinate bound of an update (SecAggConfig.clip is required)
+    **{k: _default(*KNOB_FIELDS[k]) for k in ("secagg-dropout", "secagg-max-abort")},
+    "secagg-threshold": 0,  # 0 = planned from the number of clients (plan_graph)
+    "secagg-degree": 0,
+    "seed": 0,
+    "run-dir": "runs/latest",
+    "resume": True,
+    "progress": True,
+}
+
+
+def _typed(key: str, value: Any, default: Scalar) -> Scalar:
+    """Coerce ``value`` to the type of ``default``, naming the key on failure."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run config {key}={value!r} is not a valid "
+                          f"{type(default).__name__}") from None
+
+
+def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ()) -> RunConfig:
+    """Parse Flower's flat run config (dashed keys) into a validated :class:`RunConfig`."""
+    unknown = sorted(k for k in flat if k not in DEFAULTS and not k.startswith(extra_ok or "\0"))
+    if unknown:
+        raise ConfigError(f"unknown run config keys {unknown}; known keys: {sorted(DEFAULTS)}")
+    v: dict[str, Scalar] = {k: _typed(k, flat.get(k, d), d) for k, d in DEFAULTS.items()}
+    method = str(v["method"])
+    if method not in METHODS:
+        raise UnknownNameError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
+    settings = METHODS[method].parse(v)
+    layers = int(v["num-hidden-layers"])
+    task = str(v["task"])
+    if task not in ("causal_lm", "classification"):
+        raise ConfigError(f"task={task!r} must be 'causal_lm' or 'classification'")
+    secagg: SecAggConfig | None = None
+    if bool(v["secagg"]):
+        if str(v["weighting"]) == "examples":
+            raise ConfigError("weighting='examples' needs each client's update in the clear; "
+                              "with secagg=true set weighting='uniform' (the mean over survivors)")
+        try:
+            secagg = SecAggConfig(clip=float(v["secagg-clip"]), bits=int(v["secagg-bits"]),
+                                  expected_dropout=float(v["secagg-dropout"]),
+                                  max_abort_prob=float(v["secagg-max-abort"]),
+                                  threshold=int(v["secagg-threshold"]) or None,
+                                  degree=int(v["secagg-degree"]) or None)
+        except SecAggError as exc:
+            raise ConfigError(f"secure aggregation settings: {exc}") from exc
+    dp = DPConfig()
+    if bool(v["dp"]):
+        sigma = float(v["dp-noise-multiplier"])
+        target = float(v["dp-target-epsilon"])
+        budget = float(v["dp-epsilon-budget"])
+        dp = DPConfig(
+            enabled=True,
+            noise_multiplier=sigma if sigma != 0.0 else None,
+            target_epsilon=None if sigma != 0.0 else target,
+            delta=float(v["dp-delta"]),
+            max_grad_norm=float(v["dp-clip"]),
+            expected_batch_size=int(v["batch-size"]),
+            physical_batch_size=int(v["dp-physical-batch"]) or None,
+            grad_sample_mode=str(v["dp-grad-sample-mode"]),  # type: ignore[arg-type]
+            accountant=str(v["dp-accountant"]),  # type: ignore[arg-type]
+            planned_rounds=int(v["dp-planned-rounds"]) or int(v["num-rounds"]),
+            epsilon_max=budget if budget > 0 else (target if sigma == 0.0 else None),
+        )
+    return RunConfig(
+        preset=str(v["preset"]),
+        secagg=secagg,
+        dp=dp,
+        ledger_dir=str(v["ledger-dir"]),
+        model=ModelConfig(name=str(v["model"]), task=task,  # type: ignore[arg-type]
+                          num_hidden_layers=layers or None, num_labels=int(v["num-labels"]),
+                          max_length=int(v["max-length"]),
+                          pooling=str(v["pooling"])),  # type: ignore[arg-type]
+        adapter=AdapterConfig(method=method, settings=settings),
+        data=DataConfig(dataset=str(v["dataset"]), path=str(v["data-path"]),
+                        eval_path=str(v["eval-path"]), partitioner=str(v["partitioner"]),
+                        dirichlet_alpha=float(v["dirichlet-alpha"]),
+                        max_examples_per_client=int(v["max-examples-per-client"]),
+                        eval_examples=int(v["eval-examples"])),
+        train=TrainConfig(local_steps=int(v["local-steps"]), batch_size=int(v["batch-size"]),
+                          lr=float(v["lr"]), head_lr=float(v["head-lr"]),
+                          optimizer=str(v["optimizer"]),
+                          momentum=float(v["momentum"]), weight_decay=float(v["weight-decay"]),
+                          lr_final_fraction=float(v["lr-final-fraction"])),
+        federation=FederationConfig(
+            num_rounds=int(v["num-rounds"]), clients_per_round=int(v["clients-per-round"]),
+            min_clients=int(v["min-clients"]), aggregation=str(v["aggregation"]),
+            weighting=str(v["weighting"]), server_lr=float(v["server-lr"]),
+            server_momentum=float(v["server-momentum"]), beta1=float(v["beta1"]),
+            beta2=float(v["beta2"]), tau=float(v["tau"]),
+            round_timeout=float(v["round-timeout"])),
+        seed=int(v["seed"]),
+        run_dir=str(v["run-dir"]),
+        resume=bool(v["resume"]),
+        progress=bool(v["progress"]),
+        flat=tuple(sorted(v.items())),
+    )
+

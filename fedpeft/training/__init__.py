@@ -1,0 +1,1 @@
+"""Training primitives shared by plain and DP-SGD local training (no DP, no Flower)."""

@@ -1,0 +1,178 @@
+"""Round configuration and the planner that derives (degree, threshold) from n and dropout.
+
+Abort model (documented in docs/secagg.md): every client independently fails to complete the
+round with probability ``delta`` (the expected dropout). The server must reconstruct, for each
+client that shared keys, a secret from ``threshold`` shares held by its neighbours that complete
+the round. Hence
+
+Each client keeps one share of its own secrets (Bonawitz et al. share with all of U1, the
+sender included), so a secret has ``k + 1`` holders: the ``k`` neighbours and, for the
+self-mask seed only, its owner.
+
+* complete graph (degree = n - 1): abort iff fewer than ``t`` clients complete, so exactly
+  ``P_abort = P[Bin(n, 1 - delta) <= t - 1]``;
+* sparse graph: union bound over clients, ``P_abort <= n * P[Bin(k, 1 - delta) < t]``.
+
+Security floor: ``2 t > k + 1`` (a server lying about dropouts cannot gather ``t`` self-mask
+shares and ``t`` key shares of one client from disjoint holders, Bell et al. CCS 2020).
+Among the feasible degrees the planner takes the smallest (cheapest), then the largest
+threshold that still meets the abort target (most collusion resistance).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from fedpeft.secagg.errors import InfeasiblePlanError, SecAggConfigError
+from fedpeft.secagg.quantize import MAX_BITS, MIN_BITS, QuantizationPlan, plan_quantization
+
+#: Fewest participants a round accepts (with two, each learns the other's input from the sum).
+MIN_CLIENTS = 3
+#: Client ids are unsigned 64-bit integers (u64 on the wire).
+MAX_CLIENT_ID = (1 << 64) - 1
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """Exact ``P[Bin(n, p) <= k]`` (math.comb, no scipy)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return math.fsum(math.comb(n, i) * p**i * (1.0 - p) ** (n - i) for i in range(k + 1))
+
+
+def abort_probability(n: int, degree: int, threshold: int, dropout: float) -> float:
+    """Abort probability (exact for the complete graph, union bound otherwise)."""
+    survive = 1.0 - dropout
+    if degree >= n - 1:
+        return binom_cdf(threshold - 1, n, survive)
+    return min(1.0, n * binom_cdf(threshold - 1, degree, survive))
+
+
+def min_safe_threshold(degree: int) -> int:
+    """Smallest threshold with ``2 t > k + 1`` (more than half of a secret's holders)."""
+    return (degree + 1) // 2 + 1
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """Degree and threshold for ``n`` clients with the resulting abort probability (bound)."""
+
+    n: int
+    degree: int
+    threshold: int
+    abort_probability: float
+    exact: bool  # True: exact (complete graph); False: union bound
+
+
+#: Fraction of a round's clients expected to drop out, planned for by default (the run config's
+#: ``secagg-dropout`` reads it).
+DEFAULT_EXPECTED_DROPOUT = 0.1
+
+
+def plan_graph(n: int, expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
+               max_abort_prob: float = 0.01) -> GraphPlan:
+    """Smallest even degree (or the complete graph) and then largest threshold meeting the target."""
+    if n < MIN_CLIENTS:
+        raise SecAggConfigError(f"n={n} must be >= {MIN_CLIENTS} for secure aggregation to hide anyone")
+    _check_prob("expected_dropout", expected_dropout, upper_open=True)
+    _check_prob("max_abort_prob", max_abort_prob, upper_open=False)
+    floor_degree = min(n - 1, max(2, 2 * math.ceil(math.log2(n))))
+    candidates = [k for k in range(floor_degree, n - 1) if k % 2 == 0] + [n - 1]
+    for k in candidates:
+        t = min_safe_threshold(k)
+        if t > k or abort_probability(n, k, t, expected_dropout) > max_abort_prob:
+            continue
+        while t + 1 <= k and abort_probability(n, k, t + 1, expected_dropout) <= max_abort_prob:
+            t += 1
+        return GraphPlan(n, k, t, abort_probability(n, k, t, expected_dropout), k >= n - 1)
+    best = abort_probability(n, n - 1, min_safe_threshold(n - 1), expected_dropout)
+    raise InfeasiblePlanError(
+        f"max_abort_prob={max_abort_prob} is unreachable for n={n}, expected_dropout="
+        f"{expected_dropout}: even the complete graph with the minimum safe threshold aborts with "
+        f"probability {best:.4g}; raise max_abort_prob to >= {best:.4g} or use more clients"
+    )
+
+
+def _check_prob(name: str, value: float, *, upper_open: bool) -> None:
+    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        raise SecAggConfigError(f"{name}={value} must be in {bound}")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure-aggregation parameters (validated at construction).
+
+    ``clip`` is the per-coordinate bound of the (already DP-noised) update; ``threshold`` and
+    ``degree`` are derived from ``n`` by :func:`plan_graph` when left ``None``.
+    """
+
+    clip: float
+    bits: int = 32
+    expected_dropout: float = DEFAULT_EXPECTED_DROPOUT
+    max_abort_prob: float = 0.01
+    threshold: int | None = None
+    degree: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (
+            math.isfinite(self.clip) and self.clip > 0
+        ):
+            raise SecAggConfigError(f"clip={self.clip!r} must be a finite positive float")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
+            MIN_BITS <= self.bits <= MAX_BITS
+        ):
+            raise SecAggConfigError(f"bits={self.bits!r} must be an int in [{MIN_BITS}, {MAX_BITS}]")
+        _check_prob("expected_dropout", self.expected_dropout, upper_open=True)
+        _check_prob("max_abort_prob", self.max_abort_prob, upper_open=False)
+        if (self.threshold is None) != (self.degree is None):
+            raise SecAggConfigError(
+                f"threshold={self.threshold}, degree={self.degree}: set both or neither (planner)"
+            )
+        if self.threshold is not None and self.degree is not None:
+            if self.degree < 2:
+                raise SecAggConfigError(f"degree={self.degree} must be >= 2")
+            if not min_safe_threshold(self.degree) <= self.threshold <= self.degree:
+                raise SecAggConfigError(
+                    f"threshold={self.threshold} must be in [{min_safe_threshold(self.degree)}, "
+                    f"degree={self.degree}] (security: 2*threshold > degree + 1)"
+                )
+
+    def resolve(self, n: int) -> SecAggConfig:
+        """Concrete config for ``n`` participants (planner or checks), failing closed."""
+        if n < MIN_CLIENTS:
+            raise SecAggConfigError(f"n={n} must be >= {MIN_CLIENTS}")
+        if self.degree is None:
+            gp = plan_graph(n, self.expected_dropout, self.max_abort_prob)
+            resolved = replace(self, degree=gp.degree, threshold=gp.threshold)
+        else:
+            degree = min(self.degree, n - 1)
+            if degree < n - 1 and degree % 2:
+                raise SecAggConfigError(f"degree={self.degree} must be even when below n - 1 = {n - 1}")
+            resolved = replace(self, degree=degree)
+            if resolved.threshold is not None and resolved.threshold > degree:
+                raise SecAggConfigError(
+                    f"threshold={resolved.threshold} exceeds degree={degree} for n={n}; lower it"
+                )
+            p = abort_probability(n, degree, int(self.threshold or 0), self.expected_dropout)
+            if p > self.max_abort_prob:
+                raise InfeasiblePlanError(
+                    f"threshold={self.threshold}, degree={degree} give abort probability {p:.4g} > "
+                    f"max_abort_prob={self.max_abort_prob} at n={n}, dropout={self.expected_dropout}; "
+                    "lower threshold, raise degree, or leave both None to use the planner"
+                )
+        resolved.quantization(n)  # security: fail closed now if the sum of n clients could wrap
+        return resolved
+
+    def quantization(self, n: int) -> QuantizationPlan:
+        """Quantisation plan for ``n`` participants."""
+        return plan_quantization(self.clip, n, self.bits)
+
+    def abort_probability(self, n: int) -> float:
+        """Abort probability (bound) of the resolved config at ``n`` participants."""
+        r = self if self.degree is not None else self.resolve(n)
+        return abort_probability(n, min(int(r.degree or 0), n - 1), int(r.threshold or 0),
+                                 self.expected_dropout)

@@ -1,0 +1,422 @@
+"""Explicit, strictly parsed wire format of the protocol messages.
+
+Every message is ``header || body``; integers are big-endian except the masked vector
+(little-endian words). Header: ``b"FPSA" | u8 version | u8 kind | u8 len(session) | session |
+u64 client_id`` where ``client_id`` is the client the message is from (client -> server) or to
+(server -> client). Parsers reject truncation, trailing bytes, unknown kinds, duplicate or
+unsorted id lists and out-of-range sizes with :class:`MalformedMessageError`. No pickle/json.
+
+Below, ``ids`` is ``u32 count | count x u64``, strictly increasing, ``count <=``
+:data:`MAX_PARTICIPANTS`. The messages follow the rounds of Bonawitz et al. (CCS 2017, sec. 4:
+AdvertiseKeys, ShareKeys, MaskedInputCollection, Unmasking; no ConsistencyCheck round, which
+only the malicious-server variant needs) restricted, as in SecAgg+ (Bell et al., CCS 2020), to
+each client's neighbours in the public graph. Pure encoders/decoders on bytes: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpeft.secagg.errors import MalformedMessageError, StageError
+from fedpeft.secagg.kdf import KEY_BYTES, SHARE_CIPHERTEXT_BYTES
+from fedpeft.secagg.shamir import SHARE_BYTES
+
+#: First 4 bytes of every message.
+MAGIC = b"FPSA"
+#: Wire-format version (header byte 5); any other value is rejected.
+VERSION = 1
+#: Longest session id (the id binds every message and key to one round).
+MAX_SESSION_BYTES = 64
+#: Shortest session id.
+MIN_SESSION_BYTES = 8
+#: Largest count of any id or share list in a message.
+MAX_PARTICIPANTS = 1 << 16
+#: Largest update length (it travels as a u32).
+MAX_VECTOR_LENGTH = (1 << 32) - 1
+#: Length of the server's public graph seed in SETUP.
+GRAPH_SEED_BYTES = 32
+#: Length of a self-mask commitment (SHA-256, :func:`fedpeft.secagg.kdf.self_mask_commitment`).
+COMMIT_BYTES = 32
+
+
+class Kind(enum.IntEnum):
+    """Message kinds, the ``u8 kind`` header byte (server -> client: 1..4, client -> server: 11..14).
+
+    Each stage accepts exactly one kind (:mod:`fedpeft.secagg.stages`).
+    """
+
+    SETUP = 1
+    KEYS = 2
+    FORWARD_SHARES = 3
+    UNMASK_REQUEST = 4
+    ADVERTISE = 11
+    SHARES = 12
+    MASKED = 13
+    UNMASK_SHARES = 14
+
+
+class _Reader:
+    """Strict cursor over one message; every failure is a :class:`MalformedMessageError`."""
+
+    def __init__(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedMessageError(f"message type={type(data).__name__} must be bytes")
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self._pos + n > len(self._view):
+            raise MalformedMessageError(
+                f"message truncated reading {what}: need {n} bytes at offset {self._pos}, "
+                f"have {len(self._view) - self._pos}"
+            )
+        out = bytes(self._view[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def view(self, n: int, what: str) -> memoryview:
+        if n < 0 or self._pos + n > len(self._view):
+            raise MalformedMessageError(f"message truncated reading {what}: need {n} bytes")
+        out = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple[int | float, ...]:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+
+    def u(self, fmt: str, what: str) -> int:
+        value = self.unpack(fmt, what)[0]
+        return int(value)
+
+    def end(self) -> None:
+        if self._pos != len(self._view):
+            raise MalformedMessageError(f"{len(self._view) - self._pos} trailing bytes after message")
+
+    def ids(self, what: str, limit: int = MAX_PARTICIPANTS) -> tuple[int, ...]:
+        count = self.u(">I", f"{what} count")
+        if count > limit:
+            raise MalformedMessageError(f"{what} count={count} exceeds {limit}")
+        values = struct.unpack(f">{count}Q", self.take(8 * count, what))
+        _check_sorted_unique(values, what)
+        return tuple(values)
+
+
+def _check_sorted_unique(values: tuple[int, ...] | list[int], what: str) -> None:
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise MalformedMessageError(f"{what} must be strictly increasing (sorted, no duplicates)")
+
+
+@dataclass(frozen=True)
+class Header:
+    """Parsed header: the message ``kind``, its ``session_id`` and the client it is from or to."""
+
+    kind: Kind
+    session_id: bytes
+    client_id: int
+
+
+def encode_header(kind: Kind, session_id: bytes, client_id: int) -> bytes:
+    """``MAGIC | u8 VERSION | u8 kind | u8 len(session_id) | session_id | u64 client_id``."""
+    return MAGIC + struct.pack(">BBB", VERSION, int(kind), len(session_id)) + session_id + struct.pack(
+        ">Q", client_id
+    )
+
+
+def _read_header(r: _Reader) -> Header:
+    if r.take(4, "magic") != MAGIC:
+        raise MalformedMessageError("bad magic: not a fedpeft secagg message")
+    version, kind, sid_len = r.unpack(">BBB", "header")
+    if version != VERSION:
+        raise MalformedMessageError(f"version={version} unsupported (expected {VERSION})")
+    try:
+        parsed_kind = Kind(int(kind))
+    except ValueError as exc:
+        raise MalformedMessageError(f"unknown message kind={kind}") from exc
+    if not MIN_SESSION_BYTES <= int(sid_len) <= MAX_SESSION_BYTES:
+        raise MalformedMessageError(f"session id length={sid_len} out of range")
+    session_id = r.take(int(sid_len), "session id")
+    return Header(parsed_kind, session_id, r.u(">Q", "client id"))
+
+
+def peek_header(data: bytes) -> Header:
+    """Parse only the header (for dispatch and stage checks); the body is not read.
+
+    Raises :class:`MalformedMessageError` for bad magic, version, kind or session length.
+    """
+    return _read_header(_Reader(data))
+
+
+def open_message(data: bytes, expected: Kind, session_id: bytes, client_id: int) -> _Reader:
+    """Check header kind, session and party; return a reader positioned at the body.
+
+    Raises :class:`StageError` for another kind and :class:`MalformedMessageError` for another
+    session (no cross-session replay) or another ``client_id`` than the channel's.
+    """
+    r = _Reader(data)
+    header = _read_header(r)
+    if header.kind != expected:
+        raise StageError(f"message kind={header.kind.name} not accepted now; expected {expected.name}")
+    if header.session_id != session_id:  # security: no cross-session replay
+        raise MalformedMessageError(
+            f"session id {header.session_id.hex()} does not match {session_id.hex()}"
+        )
+    if header.client_id != client_id:  # security: sender/recipient must match the channel
+        raise MalformedMessageError(f"message names client_id={header.client_id}, channel is {client_id}")
+    return r
+
+
+# ---- server -> client -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Round parameters, public graph seed and the sorted participant list (SETUP body).
+
+    ``threshold`` is Shamir's t, ``degree`` the neighbour graph's k (Bell et al. CCS 2020),
+    ``bits`` the modulus 2^bits, ``clip`` the per-coordinate bound of the quantisation grid.
+    """
+
+    bits: int
+    threshold: int
+    degree: int
+    clip: float
+    vector_length: int
+    graph_seed: bytes
+    participants: tuple[int, ...]
+
+
+def encode_setup(session_id: bytes, to: int, m: Setup) -> bytes:
+    """SETUP message from the server to client ``to``, which opens the round.
+
+    Body: ``u8 bits | u16 threshold | u16 degree | f64 clip | u32 vector_length |
+    32 B graph_seed | ids participants``.
+    """
+    return (
+        encode_header(Kind.SETUP, session_id, to)
+        + struct.pack(">BHHdI", m.bits, m.threshold, m.degree, m.clip, m.vector_length)
+        + m.graph_seed
+        + struct.pack(f">I{len(m.participants)}Q", len(m.participants), *m.participants)
+    )
+
+
+def decode_setup(data: bytes, session_id: bytes, me: int) -> Setup:
+    """Parse a SETUP addressed to client ``me`` (format only; the client checks the values)."""
+    r = open_message(data, Kind.SETUP, session_id, me)
+    bits, threshold, degree, clip, length = r.unpack(">BHHdI", "setup parameters")
+    seed = r.take(GRAPH_SEED_BYTES, "graph seed")
+    participants = r.ids("participants")
+    r.end()
+    return Setup(int(bits), int(threshold), int(degree), float(clip), int(length), seed, participants)
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    """Advertised keys of one neighbour (Bonawitz et al.'s ``c_pk``, ``s_pk``) and its commitment.
+
+    ``enc_pk`` (X25519, 32 B) keys the share encryption, ``mask_pk`` (X25519, 32 B) the pairwise
+    masks; ``commitment`` (32 B) commits to the self-mask seed.
+    """
+
+    client_id: int
+    enc_pk: bytes
+    mask_pk: bytes
+    commitment: bytes
+
+
+def encode_keys(session_id: bytes, to: int, peers: list[PeerKeys]) -> bytes:
+    """KEYS message from the server to client ``to``: the advertised keys of its neighbours.
+
+    Body: ``u32 count | count x (u64 id | 32 B enc_pk | 32 B mask_pk | 32 B commitment)``,
+    sorted by id. The server lists only ``to``'s graph neighbours that advertised keys.
+    """
+    peers = sorted(peers, key=lambda p: p.client_id)
+    body = b"".join(struct.pack(">Q", p.client_id) + p.enc_pk + p.mask_pk + p.commitment for p in peers)
+    return encode_header(Kind.KEYS, session_id, to) + struct.pack(">I", len(peers)) + body
+
+
+def decode_keys(data: bytes, session_id: bytes, me: int) -> list[PeerKeys]:
+    """Parse a KEYS message addressed to ``me`` (peer ids strictly increasing)."""
+    r = open_message(data, Kind.KEYS, session_id, me)
+    count = r.u(">I", "peer count")
+    if count > MAX_PARTICIPANTS:
+        raise MalformedMessageError(f"peer count={count} exceeds {MAX_PARTICIPANTS}")
+    peers = [
+        PeerKeys(r.u(">Q", "peer id"), r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk"),
+                 r.take(COMMIT_BYTES, "commitment"))
+        for _ in range(count)
+    ]
+    r.end()
+    _check_sorted_unique([p.client_id for p in peers], "peer ids")
+    return peers
+
+
+def encode_forward(session_id: bytes, to: int, cts: dict[int, bytes]) -> bytes:
+    """FORWARD_SHARES message from the server to client ``to``: the shares addressed to it.
+
+    Body: ``u32 count | count x (u64 sender | ciphertext)``, sorted by sender; ``cts`` maps
+    each sender to its encrypted shares for ``to`` (``SHARE_CIPHERTEXT_BYTES`` each).
+    """
+    body = b"".join(struct.pack(">Q", s) + cts[s] for s in sorted(cts))
+    return encode_header(Kind.FORWARD_SHARES, session_id, to) + struct.pack(">I", len(cts)) + body
+
+
+def decode_forward(data: bytes, session_id: bytes, me: int) -> dict[int, bytes]:
+    """Parse a FORWARD_SHARES message addressed to ``me``: sender -> ciphertext."""
+    r = open_message(data, Kind.FORWARD_SHARES, session_id, me)
+    return _read_ciphertexts(r, "forwarded shares")
+
+
+def encode_unmask_request(session_id: bytes, to: int, survivors: list[int], dropped: list[int]) -> bytes:
+    """UNMASK_REQUEST message from the server to client ``to``: ``ids survivors | ids dropped``.
+
+    The partition of ``to``'s share holders into those whose masked input arrived (reveal
+    their self-mask share) and those that dropped (reveal their mask-key share).
+    """
+    s, d = sorted(survivors), sorted(dropped)
+    return (
+        encode_header(Kind.UNMASK_REQUEST, session_id, to)
+        + struct.pack(f">I{len(s)}Q", len(s), *s)
+        + struct.pack(f">I{len(d)}Q", len(d), *d)
+    )
+
+
+def decode_unmask_request(
+    data: bytes, session_id: bytes, me: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Parse an UNMASK_REQUEST addressed to ``me``: ``(survivors, dropped)``.
+
+    Format only; the client refuses overlapping or incomplete lists (:class:`RefusedError`).
+    """
+    r = open_message(data, Kind.UNMASK_REQUEST, session_id, me)
+    survivors = r.ids("survivors")
+    dropped = r.ids("dropped")
+    r.end()
+    return survivors, dropped
+
+
+# ---- client -> server -------------------------------------------------------------------
+
+
+def encode_advertise(session_id: bytes, me: int, enc_pk: bytes, mask_pk: bytes, commitment: bytes) -> bytes:
+    """ADVERTISE message from client ``me``: ``32 B enc_pk | 32 B mask_pk | 32 B commitment``."""
+    return encode_header(Kind.ADVERTISE, session_id, me) + enc_pk + mask_pk + commitment
+
+
+def decode_advertise(data: bytes, session_id: bytes, sender: int) -> tuple[bytes, bytes, bytes]:
+    """Parse an ADVERTISE from ``sender``: ``(enc_pk, mask_pk, commitment)``."""
+    r = open_message(data, Kind.ADVERTISE, session_id, sender)
+    out = (r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk"), r.take(COMMIT_BYTES, "commitment"))
+    r.end()
+    return out
+
+
+def encode_shares(session_id: bytes, me: int, cts: dict[int, bytes]) -> bytes:
+    """SHARES message from client ``me``: ``u32 count | count x (u64 receiver | ciphertext)``.
+
+    One ChaCha20-Poly1305 ciphertext per neighbour, holding ``me``'s Shamir shares of its
+    self-mask seed and mask key (:func:`fedpeft.secagg.kdf.encrypt_shares`); sorted by receiver.
+    """
+    body = b"".join(struct.pack(">Q", rcv) + cts[rcv] for rcv in sorted(cts))
+    return encode_header(Kind.SHARES, session_id, me) + struct.pack(">I", len(cts)) + body
+
+
+def decode_shares(data: bytes, session_id: bytes, sender: int) -> dict[int, bytes]:
+    """Parse a SHARES message from ``sender``: receiver -> ciphertext."""
+    r = open_message(data, Kind.SHARES, session_id, sender)
+    return _read_ciphertexts(r, "shares")
+
+
+def _read_ciphertexts(r: _Reader, what: str) -> dict[int, bytes]:
+    """``u32 count | count x (u64 id | ciphertext)`` to the end of the message."""
+    count = r.u(">I", f"{what} count")
+    if count > MAX_PARTICIPANTS:
+        raise MalformedMessageError(f"{what} count={count} exceeds {MAX_PARTICIPANTS}")
+    ids: list[int] = []
+    out: dict[int, bytes] = {}
+    for _ in range(count):
+        cid = r.u(">Q", f"{what} id")
+        ids.append(cid)
+        out[cid] = r.take(SHARE_CIPHERTEXT_BYTES, f"{what} ciphertext")
+    r.end()
+    _check_sorted_unique(ids, f"{what} ids")
+    return out
+
+
+def encode_masked(
+    session_id: bytes, me: int, words: npt.NDArray[np.uint16] | npt.NDArray[np.uint32]
+) -> bytes:
+    """MASKED message from client ``me``: its masked input.
+
+    Body: ``u8 word size | u32 length | length x word`` (little-endian); ``words`` is the masked,
+    quantised update mod 2^bits (``uint16`` for bits <= 16, else ``uint32``).
+    """
+    item = words.dtype.itemsize
+    return (
+        encode_header(Kind.MASKED, session_id, me)
+        + struct.pack(">BI", item, words.shape[0])
+        + words.astype(words.dtype.newbyteorder("<"), copy=False).tobytes()
+    )
+
+
+def decode_masked(
+    data: bytes, session_id: bytes, sender: int, length: int, dtype: type[np.uint16] | type[np.uint32]
+) -> npt.NDArray[np.uint16] | npt.NDArray[np.uint32]:
+    """Parse a MASKED message from ``sender`` with exactly ``length`` words of ``dtype``.
+
+    Returns a view of the message buffer (no copy; read-only for ``bytes`` input).
+    """
+    r = open_message(data, Kind.MASKED, session_id, sender)
+    item, count = r.unpack(">BI", "vector header")
+    want = np.dtype(dtype).itemsize
+    if int(item) != want or int(count) != length:  # security: exact size, no padding/truncation
+        raise MalformedMessageError(
+            f"masked vector from client {sender} has word size={item}, length={count}; "
+            f"expected {want} and {length}"
+        )
+    words = np.frombuffer(r.view(want * length, "masked vector"), dtype=np.dtype(dtype).newbyteorder("<"))
+    r.end()
+    return words
+
+
+def encode_unmask_shares(
+    session_id: bytes, me: int, b_shares: dict[int, bytes], sk_shares: dict[int, bytes]
+) -> bytes:
+    """UNMASK_SHARES message from client ``me``: the shares the server asked for.
+
+    Body: two blocks ``u32 count | count x (u64 owner | 66 B share)``, owners sorted: first the
+    self-mask shares of the survivors (``me`` included), then the mask-key shares of the
+    dropped clients; never both kinds for one owner (Bonawitz et al. CCS 2017, round 4).
+    """
+
+    def block(shares: dict[int, bytes]) -> bytes:
+        body = b"".join(struct.pack(">Q", o) + shares[o] for o in sorted(shares))
+        return struct.pack(">I", len(shares)) + body
+
+    return encode_header(Kind.UNMASK_SHARES, session_id, me) + block(b_shares) + block(sk_shares)
+
+
+def decode_unmask_shares(
+    data: bytes, session_id: bytes, sender: int
+) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """Parse an UNMASK_SHARES message from ``sender``: ``(self-mask shares, key shares)``."""
+    r = open_message(data, Kind.UNMASK_SHARES, session_id, sender)
+    blocks: list[dict[int, bytes]] = []
+    for what in ("self-mask shares", "key shares"):
+        count = r.u(">I", f"{what} count")
+        if count > MAX_PARTICIPANTS:
+            raise MalformedMessageError(f"{what} count={count} exceeds {MAX_PARTICIPANTS}")
+        ids: list[int] = []
+        block: dict[int, bytes] = {}
+        for _ in range(count):
+            owner = r.u(">Q", f"{what} owner")
+            ids.append(owner)
+            block[owner] = r.take(SHARE_BYTES, what)
+        _check_sorted_unique(ids, f"{what} owners")
+        blocks.append(block)
+    r.end()
+    return blocks[0], blocks[1]
