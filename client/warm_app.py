@@ -11,12 +11,13 @@ such an executor: one process that
   ``flower-superexec`` makes), and runs it **in this process** with Flower's own task
   functions (``pull_task_input`` -> ``ClientApp`` -> ``push_message`` ->
   ``push_task_output``, as ``flwr-clientapp`` does), so the ClientApp module, the frozen base
-  model (``peft_methods.get_adapted``) and each client's tokenised data stay loaded;
+  model (``fedpeft.peft_methods.get_adapted``) and each client's tokenised data stay loaded;
 * hands a task whose app (FAB hash) differs from the one already loaded to Flower's own
-  cold ``flwr-clientapp`` process, so a new app version is never run with stale code.
+  cold ``flwr-clientapp`` process, so a new app (run config, components) is never run with
+  stale state. The code is the fedpeft installed on the node (the FAB carries none).
 
-Flower is imported here (an adapter like ``client/app.py``); nothing else in
-``fedpeft.deploy`` imports it.
+Flower is imported here (a Flower adapter like ``client/app.py``; ``.importlinter`` allows
+exactly these); the deployment runner starts this file, and imports it to find it.
 """
 
 from __future__ import annotations

@@ -129,7 +129,8 @@ def warm_worker_command(runtime_port: int, parent_pid: int) -> list[str]:
     """The long-lived ClientApp executor (:mod:`fedpeft.client.warm_app`) for one node."""
     # Imported here, not at module level: the executor imports Flower, which nothing else in
     # fedpeft.deploy needs. Run as a script with -P (no script dir on sys.path) so that the
-    # ClientApp's own modules are imported from the installed FAB, as in ``flwr-clientapp``.
+    # ClientApp's modules come from the installed fedpeft namespace (the FAB carries no code,
+    # docs/deployment.md), as in ``flwr-clientapp``.
     from fedpeft.client import warm_app
 
     return [sys.executable, "-P", str(Path(warm_app.__file__).resolve()),
