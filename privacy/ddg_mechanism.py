@@ -1,0 +1,260 @@
+"""The distributed discrete Gaussian mechanism's encoding into the SecAgg field (issue 15, part).
+
+Kairouz, Liu and Steinke, ICML 2021 (KLS), Algorithm 1, as pure functions:
+
+client  clip the whole update to L2 norm ``c`` -> pad to a power of two and rotate with a
+        randomised Hadamard transform (signs from a round-shared key) -> scale by ``1/gamma``
+        -> conditional randomised rounding to integers (retry until the rounded norm is within
+        the bound of KLS Prop. 22; parameter ``beta``) -> add exact N_Z(0, sigma^2) noise
+        (``fedpeft.privacy.discrete_gaussian``) -> two's complement mod ``2^bits``
+        (``fedpeft.secagg.quantize.encode_signed``: the SecAgg field).
+server  the modular sum of the survivors -> signed integers -> times ``gamma`` -> inverse
+        rotation -> the noisy sum of the clipped updates.
+
+:func:`plan_granularity` picks ``gamma`` so that the sum wraps the field with probability at
+most ``wrap_probability`` (union bound over coordinates; each rotated coordinate of an update
+of norm ``c`` is sub-Gaussian with variance proxy ``c^2 / d``, KLS Lemma 29) and fails closed
+when no ``gamma`` fits. The accounting of what a plan releases is
+``fedpeft.privacy.accounting.ddg``. Not wired into the client and coordinator yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpeft.core.checks import is_real
+from fedpeft.core.errors import ConfigError
+from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_vector
+from fedpeft.secagg.prg import SEED_BYTES, ChaCha20Stream
+from fedpeft.secagg.quantize import MAX_BITS, MIN_BITS, decode_signed, encode_signed
+
+#: Nonce domain of the rotation's sign stream (the key is shared by the round's clients).
+NONCE_ROTATION = bytes(4) + b"fp-ddg-rot\x00\x00"
+#: Conditional rounding retries before giving up (each retry fails with probability <= beta).
+MAX_ROUNDING_TRIES = 1000
+
+FloatArray = npt.NDArray[np.float64]
+Uniforms = Callable[[int], FloatArray]
+
+
+class DDGMechanismError(ConfigError):
+    """A distributed discrete Gaussian plan or input is invalid (the message names the knob)."""
+
+
+def padded_dimension(d: int) -> int:
+    """The smallest power of two >= ``d`` (the Hadamard transform's length)."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise DDGMechanismError(f"dimension={d!r} must be an integer >= 1")
+    return 1 << (d - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DDGPlan:
+    """One round's encoding: clip, grid, per-client integer noise variance, field, dimension.
+
+    ``local_variance`` is on the integer grid (``sigma^2``); the noise in update units has
+    standard deviation ``granularity * sqrt(local_variance)`` per client.
+    """
+
+    clip: float
+    granularity: float
+    local_variance: Fraction
+    bits: int
+    dimension: int
+    beta: float = math.exp(-0.5)
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "granularity"):
+            v = getattr(self, name)
+            if not is_real(v) or not math.isfinite(v) or v <= 0:
+                raise DDGMechanismError(f"{name}={v!r} must be a finite number > 0")
+        if not isinstance(self.local_variance, Fraction) or self.local_variance < 1:
+            raise DDGMechanismError(f"local_variance={self.local_variance!r} must be a Fraction "
+                                    ">= 1 on the integer grid (choose a finer granularity)")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
+                MIN_BITS <= self.bits <= MAX_BITS):
+            raise DDGMechanismError(f"bits={self.bits!r} must be an integer in "
+                                    f"[{MIN_BITS}, {MAX_BITS}]")
+        padded_dimension(self.dimension)
+        if not is_real(self.beta) or not 0.0 < self.beta < 1.0:
+            raise DDGMechanismError(f"beta={self.beta!r} must be in (0, 1)")
+
+    @property
+    def padded(self) -> int:
+        """Length of the rotated vector (a power of two)."""
+        return padded_dimension(self.dimension)
+
+    def rounding_bound_squared(self) -> float:
+        """Largest squared L2 norm a conditionally rounded update may have (integer grid; KLS
+        Prop. 22 with the scaled clip ``c / gamma`` and ``d`` = the padded length)."""
+        c, d = self.clip / self.granularity, self.padded
+        return c * c + d / 4.0 + math.sqrt(2.0 * math.log(1.0 / self.beta)) * (c + math.sqrt(d) / 2.0)
+
+    def accounting_event(self, sample_rate: float, contributors: int,
+                         steps: int = 1) -> DistributedDiscreteGaussianEvent:
+        """What one release under this plan spends, for the user-level accountant.
+
+        ``contributors``: the noise shares actually in the sum that protect the accounted user
+        (see :mod:`fedpeft.privacy.accounting.ddg`). The variance is rounded down to a float
+        (never more noise accounted than present); the grid and the padded length are the
+        ones the sensitivity bound needs.
+        """
+        variance = float(self.local_variance)
+        if Fraction(variance) > self.local_variance:  # security: round toward more epsilon
+            variance = math.nextafter(variance, 0.0)
+        return DistributedDiscreteGaussianEvent(
+            sample_rate=sample_rate, clip=self.clip, granularity=self.granularity,
+            local_variance=variance, contributors=contributors, dimension=self.padded,
+            beta=self.beta, steps=steps)
+
+
+# -- the rotation (public randomness) --------------------------------------------------------
+def rotation_signs(key: bytes, length: int) -> FloatArray:
+    """``length`` random signs (+1/-1) from the round-shared ``key`` (ChaCha20, own domain)."""
+    if not isinstance(key, bytes) or len(key) != SEED_BYTES:
+        raise DDGMechanismError(f"rotation key must be {SEED_BYTES} bytes")
+    bits = np.unpackbits(np.frombuffer(ChaCha20Stream(key, NONCE_ROTATION).read(
+        (length + 7) // 8), dtype=np.uint8), bitorder="little")[:length]
+    return 1.0 - 2.0 * bits.astype(np.float64)
+
+
+def hadamard(x: FloatArray) -> FloatArray:
+    """The orthonormal Walsh-Hadamard transform of ``x`` (length a power of two); it is its
+    own inverse."""
+    n = x.shape[0]
+    if n & (n - 1) or n == 0:
+        raise DDGMechanismError(f"Hadamard length {n} must be a power of two")
+    y = np.array(x, dtype=np.float64, copy=True)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, 2, h)
+        a, b = y[:, 0, :].copy(), y[:, 1, :].copy()
+        y[:, 0, :], y[:, 1, :] = a + b, a - b
+        y = y.reshape(n)
+        h *= 2
+    return y / math.sqrt(n)
+
+
+def rotate(x: FloatArray, signs: FloatArray) -> FloatArray:
+    """Pad ``x`` with zeros to ``len(signs)`` and apply ``H D`` (D = diag(signs))."""
+    if x.shape[0] > signs.shape[0]:
+        raise DDGMechanismError(f"vector of {x.shape[0]} exceeds the rotation's {signs.shape[0]}")
+    padded = np.zeros(signs.shape[0])
+    padded[: x.shape[0]] = x
+    return hadamard(padded * signs)
+
+
+def unrotate(y: FloatArray, signs: FloatArray, dimension: int) -> FloatArray:
+    """The inverse of :func:`rotate`, cut back to ``dimension`` coordinates."""
+    return (hadamard(y) * signs)[:dimension]
+
+
+# -- the client's encoding -------------------------------------------------------------------
+def clip_l2(x: FloatArray, clip: float) -> FloatArray:
+    """``x`` scaled down to L2 norm ``clip`` when longer (the user's whole update)."""
+    norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm):
+        raise DDGMechanismError("update has a non-finite coordinate")
+    return x if norm <= clip else x * (clip / norm)
+
+
+def conditional_round(x: FloatArray, bound_squared: float, uniforms: Uniforms,
+                      max_tries: int = MAX_ROUNDING_TRIES) -> npt.NDArray[np.int64]:
+    """Randomised rounding of every coordinate (``floor(x) + [U < frac(x)]``), repeated until
+    the result's squared L2 norm is at most ``bound_squared`` (KLS Prop. 22)."""
+    low = np.floor(x)
+    frac = x - low
+    for _ in range(max_tries):
+        rounded = low + (uniforms(x.shape[0]) < frac)
+        if float(np.dot(rounded, rounded)) <= bound_squared:
+            return rounded.astype(np.int64)
+    raise DDGMechanismError(f"conditional rounding exceeded its norm bound {max_tries} times; "
+                            "the update is longer than the clip (a bug) or beta is too small")
+
+
+def client_encode(update: FloatArray, plan: DDGPlan, rotation_key: bytes, *,
+                  rounding: Uniforms, noise: ExactIntegers) -> npt.NDArray[np.uint32]:
+    """One client's field vector: clip, rotate, scale, round, add N_Z(0, sigma^2), mod 2^bits."""
+    x = np.asarray(update, dtype=np.float64).reshape(-1)
+    if x.shape[0] != plan.dimension:
+        raise DDGMechanismError(f"update has {x.shape[0]} coordinates; the plan has "
+                                f"{plan.dimension}")
+    signs = rotation_signs(rotation_key, plan.padded)
+    scaled = rotate(clip_l2(x, plan.clip), signs) / plan.granularity
+    levels = conditional_round(scaled, plan.rounding_bound_squared(), rounding)
+    # security: the privacy noise, exact integers from the client's own CSPRNG stream
+    noisy = levels + discrete_gaussian_vector(plan.padded, plan.local_variance, noise)
+    return encode_signed(noisy, plan.bits)
+
+
+def server_decode(field_sum: npt.NDArray[np.uint32], plan: DDGPlan,
+                  rotation_key: bytes) -> FloatArray:
+    """The noisy sum of the survivors' clipped updates from their modular sum."""
+    if field_sum.shape != (plan.padded,):
+        raise DDGMechanismError(f"sum has shape {field_sum.shape}; expected ({plan.padded},)")
+    signed = decode_signed(field_sum, plan.bits).astype(np.float64) * plan.granularity
+    return unrotate(signed, rotation_signs(rotation_key, plan.padded), plan.dimension)
+
+
+# -- planning the field -----------------------------------------------------------------------
+def sum_bound(clip: float, granularity: float, noise_std: float, clients: int, padded: int,
+              wrap_probability: float) -> float:
+    """Bound (update units) that every coordinate of the sum of ``clients`` encoded updates
+    stays below, except with probability ``wrap_probability`` over all coordinates.
+
+    Per coordinate the sum is sub-Gaussian with variance proxy ``clients^2 c^2 / d`` (signal,
+    clients' rotated updates aligned: the worst case) plus ``clients (gamma^2 / 4 + std^2)``
+    (rounding and noise); ``k = sqrt(2 ln(2 d / p))`` of those, a union bound over ``d``.
+    """
+    k = math.sqrt(2.0 * math.log(2.0 * padded / wrap_probability))
+    proxy = clients ** 2 * clip ** 2 / padded + clients * (granularity ** 2 / 4 + noise_std ** 2)
+    return k * math.sqrt(proxy)
+
+
+def plan_granularity(clip: float, noise_std: float, clients: int, dimension: int, bits: int,
+                     wrap_probability: float = 1e-9, beta: float = math.exp(-0.5)) -> DDGPlan:
+    """The finest grid on ``bits`` bits whose sum of ``clients`` wraps with probability at most
+    ``wrap_probability``; ``noise_std`` is each client's noise in update units.
+
+    Raises :class:`DDGMechanismError` naming the knob when no grid fits (too few bits for
+    that many clients and that much noise) or when the grid is so coarse that the integer
+    noise would be below variance 1 (raise ``bits``).
+    """
+    for name, v in (("clip", clip), ("noise_std", noise_std)):
+        if not is_real(v) or not math.isfinite(v) or v <= 0:
+            raise DDGMechanismError(f"{name}={v!r} must be a finite number > 0")
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise DDGMechanismError(f"clients={clients!r} must be an integer >= 1")
+    if not is_real(wrap_probability) or not 0.0 < wrap_probability < 1.0:
+        raise DDGMechanismError(f"wrap_probability={wrap_probability!r} must be in (0, 1)")
+    padded = padded_dimension(dimension)
+    half = (1 << (bits - 1)) - 1 if MIN_BITS <= bits <= MAX_BITS else 0
+    if half <= 0:
+        raise DDGMechanismError(f"bits={bits!r} must be an integer in [{MIN_BITS}, {MAX_BITS}]")
+    gamma = sum_bound(clip, 0.0, noise_std, clients, padded, wrap_probability) / half
+    for _ in range(100):  # the bound grows with gamma (rounding): iterate to a fixed point
+        needed = sum_bound(clip, gamma, noise_std, clients, padded, wrap_probability) / half
+        if needed <= gamma:
+            break
+        gamma = needed * (1 + 1e-12)
+    else:  # pragma: no cover - the map is a contraction for any valid input
+        raise DDGMechanismError("granularity planning did not converge")
+    if sum_bound(clip, gamma, noise_std, clients, padded, wrap_probability) > gamma * half:
+        raise DDGMechanismError("granularity planning failed its own check")  # security
+    # rounded up to a multiple of 1/1024: never less noise than asked, small exact fractions
+    local_variance = Fraction(math.ceil((noise_std / gamma) ** 2 * 1024), 1024)
+    if local_variance < 1:
+        raise DDGMechanismError(
+            f"bits={bits} leave a grid of {gamma:.3g} for {clients} clients: the per-client "
+            f"noise ({noise_std:.3g}) is below one grid step; raise bits or lower the clients "
+            "per round")
+    return DDGPlan(clip=clip, granularity=gamma, local_variance=local_variance, bits=bits,
+                   dimension=dimension, beta=beta)
+
