@@ -1,7 +1,8 @@
 """Cost of exact discrete Gaussian noise (user-level DP, issue 15) next to the alternatives.
 
 Side by side in one run, per coordinate of noise: the exact CKS 2020 sampler over a ChaCha20
-stream (``fedpeft.privacy.discrete_gaussian``) at a small and a large integer-scale variance;
+stream (``fedpeft.privacy.discrete_gaussian``), scalar and batched, at a small and a large
+integer-scale variance;
 the record-level DP-SGD noise (``fedpeft.privacy.csprng``, ChaCha20 + secure-mode Gaussian);
 NumPy's ``standard_normal`` (not a CSPRNG: the floor, never used for noise). The user-level
 accountant's cost (``fedpeft.privacy.accounting.ddg.epsilon`` for one round) is timed too.
@@ -26,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent, epsilon  # noqa: E402
 from fedpeft.privacy.csprng import DPRandomness  # noqa: E402
-from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_vector  # noqa: E402
+from fedpeft.privacy.discrete_gaussian import (  # noqa: E402
+    ExactIntegers,
+    discrete_gaussian_batch,
+    discrete_gaussian_vector,
+)
 
 
 def _per_item(fn: Callable[[], object], items: int, repeats: int) -> float:
@@ -54,6 +59,10 @@ def main() -> None:
                                           repeats),
         "exact_ddg_sigma2_1e8": _per_item(lambda: discrete_gaussian_vector(n, 10**8, rng), n,
                                           repeats),
+        "exact_ddg_batch_sigma2_1e2": _per_item(lambda: discrete_gaussian_batch(n, 100, rng), n,
+                                                repeats),
+        "exact_ddg_batch_sigma2_1e8": _per_item(lambda: discrete_gaussian_batch(n, 10**8, rng),
+                                                n, repeats),
         "csprng_gaussian_secure": _per_item(lambda: dp.noise.gaussian((n,), 1.0), n, repeats),
         "numpy_standard_normal": _per_item(lambda: normal.standard_normal(n), n, repeats),
     }

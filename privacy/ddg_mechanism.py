@@ -31,7 +31,7 @@ import numpy.typing as npt
 from fedpeft.core.checks import is_real
 from fedpeft.core.errors import ConfigError
 from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
-from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_vector
+from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_batch
 from fedpeft.secagg.prg import SEED_BYTES, ChaCha20Stream
 from fedpeft.secagg.quantize import MAX_BITS, MIN_BITS, decode_signed, encode_signed
 
@@ -190,7 +190,7 @@ def client_encode(update: FloatArray, plan: DDGPlan, rotation_key: bytes, *,
     scaled = rotate(clip_l2(x, plan.clip), signs) / plan.granularity
     levels = conditional_round(scaled, plan.rounding_bound_squared(), rounding)
     # security: the privacy noise, exact integers from the client's own CSPRNG stream
-    noisy = levels + discrete_gaussian_vector(plan.padded, plan.local_variance, noise)
+    noisy = levels + discrete_gaussian_batch(plan.padded, plan.local_variance, noise)
     return encode_signed(noisy, plan.bits)
 
 

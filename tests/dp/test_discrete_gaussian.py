@@ -146,3 +146,58 @@ def test_pmf_is_normalised() -> None:
     for s2 in (Fraction(1, 9), 1, 30):
         total = math.fsum(discrete_gaussian_pmf(k, s2) for k in range(-400, 401))
         assert total == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("sigma2", [Fraction(1, 4), 1, Fraction(49, 2), 10**4])
+def test_batch_sampler_matches_the_exact_pmf(sigma2: Fraction | int) -> None:
+    from fedpeft.privacy.discrete_gaussian import discrete_gaussian_batch
+
+    samples = discrete_gaussian_batch(50_000, sigma2, _rng(11))
+    span = math.ceil(4 * math.sqrt(float(sigma2))) + 1
+    step = max(1, span // 40)  # pool wide supports into bins of `step` integers
+    pmf: dict[int, float] = {}
+    binned = samples // step
+    for k in range(-span, span + 1):
+        pmf[k // step] = pmf.get(k // step, 0.0) + discrete_gaussian_pmf(k, sigma2)
+    stat, threshold = _chi2_ok(binned, pmf)
+    assert stat < threshold, (sigma2, stat, threshold)
+    var = discrete_gaussian_variance(sigma2)
+    assert abs(samples.astype(np.float64).var() - var) < Z * var * math.sqrt(2.5 / 50_000)
+
+
+@pytest.mark.statistical
+def test_batch_sampler_fallbacks_keep_the_law(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paths for numbers past int64 (Python integers) draw from the same law: force them
+    with a tiny safe bound."""
+    from fedpeft.privacy import discrete_gaussian as dg
+
+    ints = dg._BatchIntegers(_rng(12))
+    ones = np.ones(40_000, dtype=np.int64)
+    monkeypatch.setattr(dg, "_INT64_SAFE", 3)  # every k > 3 continues in Python
+    hits = dg._bernoulli_exp_neg_fraction(ones, ones, ints)
+    p = math.exp(-1)
+    assert abs(hits.sum() - 40_000 * p) <= Z * math.sqrt(40_000 * p * (1 - p))
+    # the tail |y| > 7 (about 2% at sigma 3) and k > 6 continue in Python integers
+    monkeypatch.setattr(dg, "_INT64_SAFE", 2000)
+    samples = dg.discrete_gaussian_batch(20_000, 9, _rng(16))
+    assert np.any(np.abs(samples) > 7)
+    stat, threshold = _chi2_ok(samples, {k: discrete_gaussian_pmf(k, 9) for k in range(-12, 13)})
+    assert stat < threshold
+    # den beyond the safe bound: the whole batch takes the scalar path (same stream type)
+    monkeypatch.setattr(dg, "_INT64_SAFE", 16)
+    samples = dg.discrete_gaussian_batch(3_000, 9, _rng(13))
+    stat, threshold = _chi2_ok(samples, {k: discrete_gaussian_pmf(k, 9) for k in range(-12, 13)})
+    assert stat < threshold
+
+
+def test_batch_sampler_bad_input_and_edges() -> None:
+    from fedpeft.privacy.discrete_gaussian import discrete_gaussian_batch
+
+    assert discrete_gaussian_batch(0, 4, _rng(14)).shape == (0,)
+    with pytest.raises(DiscreteGaussianError, match="n=-2"):
+        discrete_gaussian_batch(-2, 4, _rng(14))
+    with pytest.raises(DiscreteGaussianError, match="sigma2"):
+        discrete_gaussian_batch(3, 0, _rng(14))
+    big = discrete_gaussian_batch(50, Fraction(10**12), _rng(15))  # scalar path: huge sigma
+    assert np.all(np.abs(big) < 7 * 10**6)
