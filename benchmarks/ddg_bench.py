@@ -5,7 +5,8 @@ stream (``fedpeft.privacy.discrete_gaussian``), scalar and batched, at a small a
 integer-scale variance;
 the record-level DP-SGD noise (``fedpeft.privacy.csprng``, ChaCha20 + secure-mode Gaussian);
 NumPy's ``standard_normal`` (not a CSPRNG: the floor, never used for noise). The user-level
-accountant's cost (``fedpeft.privacy.accounting.ddg.epsilon`` for one round) is timed too.
+accountant's cost (``fedpeft.privacy.accounting.ddg.epsilon`` for one round, after a warm-up)
+and one provisioning (``fedpeft.privacy.ddg_mechanism.provision``) are timed too.
 
 Usage: python benchmarks/ddg_bench.py [--quick] [--out PATH]
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent, epsilon  # noqa: E402
 from fedpeft.privacy.csprng import DPRandomness  # noqa: E402
+from fedpeft.privacy.ddg_mechanism import provision  # noqa: E402
 from fedpeft.privacy.discrete_gaussian import (  # noqa: E402
     ExactIntegers,
     discrete_gaussian_batch,
@@ -67,9 +69,15 @@ def main() -> None:
         "numpy_standard_normal": _per_item(lambda: normal.standard_normal(n), n, repeats),
     }
     event = DistributedDiscreteGaussianEvent(0.1, 1.0, 1e-4, 1e6, 100, 500_000, steps=1)
+    epsilon([event], 1e-6)  # warm-up: the first call imports Opacus' RDP conversion
     t = time.perf_counter()
     eps = epsilon([event], 1e-6).epsilon
     accountant_s = time.perf_counter() - t
+    t = time.perf_counter()
+    provisioned = provision(target_epsilon=8.0, delta=1e-6, rounds=20, sample_rate=0.1,
+                            clip=1.0, min_contributors=80, clients_per_round=100,
+                            dimension=500_000, bits=20)
+    provision_s = time.perf_counter() - t
     floor = rows["numpy_standard_normal"]
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -79,6 +87,11 @@ def main() -> None:
         "seconds_for_500k_coordinates": {k: round(v * 500_000, 2) for k, v in rows.items()},
         "accountant_one_round_seconds": round(accountant_s, 3),
         "accountant_example_epsilon": round(eps, 4),
+        "provision_seconds": round(provision_s, 3),
+        "provision_example": {"epsilon": round(provisioned.epsilon, 4),
+                              "noise_std_per_client": round(provisioned.noise_std, 5),
+                              "granularity": provisioned.plan.granularity,
+                              "local_variance": float(provisioned.plan.local_variance)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -258,3 +258,101 @@ def plan_granularity(clip: float, noise_std: float, clients: int, dimension: int
     return DDGPlan(clip=clip, granularity=gamma, local_variance=local_variance, bits=bits,
                    dimension=dimension, beta=beta)
 
+
+
+# -- noise provisioning (what each client adds, and what it checks) -------------------------
+@dataclass(frozen=True)
+class Provisioned:
+    """A plan whose release meets a user-level target, and the epsilon it reaches."""
+
+    plan: DDGPlan
+    epsilon: float
+    noise_std: float
+
+
+def release_epsilon(plan: DDGPlan, *, sample_rate: float, min_contributors: int, rounds: int,
+                    delta: float) -> float:
+    """User-level epsilon after ``rounds`` releases under ``plan`` when only
+    ``min_contributors`` noise shares are present in each sum (the fewest the round accepts)."""
+    from fedpeft.privacy.accounting.ddg import epsilon
+
+    event = plan.accounting_event(sample_rate, min_contributors, steps=rounds)
+    return epsilon([event], delta).epsilon
+
+
+def provision(*, target_epsilon: float, delta: float, rounds: int, sample_rate: float,
+              clip: float, min_contributors: int, clients_per_round: int, dimension: int,
+              bits: int, wrap_probability: float = 1e-9,
+              beta: float = math.exp(-0.5)) -> Provisioned:
+    """The least per-client noise (update units, bisection) whose plan meets
+    ``target_epsilon`` at ``delta`` after ``rounds`` rounds, counting only
+    ``min_contributors`` noise shares per sum (the SecAgg threshold minus one, minus the clients
+    that may collude), and the field planned for up to ``clients_per_round`` summands.
+
+    Fails closed: a :class:`DDGMechanismError` naming the knob when no noise level meets the
+    target on ``bits`` bits, or when the result does not verify.
+    """
+    if not is_real(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        raise DDGMechanismError(f"target_epsilon={target_epsilon!r} must be a finite number > 0")
+    for name, v in (("rounds", rounds), ("min_contributors", min_contributors),
+                    ("clients_per_round", clients_per_round)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DDGMechanismError(f"{name}={v!r} must be an integer >= 1")
+    if min_contributors > clients_per_round:
+        raise DDGMechanismError(f"min_contributors={min_contributors} exceeds "
+                                f"clients_per_round={clients_per_round}")
+
+    def attempt(std: float) -> Provisioned | None:
+        try:
+            plan = plan_granularity(clip, std, clients_per_round, dimension, bits,
+                                    wrap_probability, beta)
+        except DDGMechanismError:
+            return None  # this noise level does not fit the field
+        eps = release_epsilon(plan, sample_rate=sample_rate, min_contributors=min_contributors,
+                              rounds=rounds, delta=delta)
+        return Provisioned(plan, eps, std)
+
+    hi = clip / math.sqrt(min_contributors)  # a noise multiplier of 1 for the summed noise
+    best = attempt(hi)
+    for _ in range(60):  # grow until the target is met (or the field cannot hold the noise)
+        if best is not None and best.epsilon <= target_epsilon:
+            break
+        hi *= 2.0
+        best = attempt(hi)
+    if best is None or best.epsilon > target_epsilon:
+        raise DDGMechanismError(
+            f"no noise level reaches epsilon {target_epsilon} on bits={bits} with "
+            f"{min_contributors} contributors of {clients_per_round}: raise bits or "
+            "min_contributors, or lower the rounds or the sampling rate")
+    lo = hi / 2.0
+    for _ in range(40):  # bisect down to the least noise that still meets the target
+        mid = math.sqrt(lo * hi)
+        got = attempt(mid)
+        if got is not None and got.epsilon <= target_epsilon:
+            hi, best = mid, got
+        else:
+            lo = mid
+        if hi - lo <= 1e-4 * hi:
+            break
+    # security: verify the returned plan against the target from scratch
+    check = release_epsilon(best.plan, sample_rate=sample_rate,
+                            min_contributors=min_contributors, rounds=rounds, delta=delta)
+    if check > target_epsilon:
+        raise DDGMechanismError(f"provisioned plan spends {check} > target {target_epsilon}")
+    return best
+
+
+def verify_provisioning(plan: DDGPlan, *, sample_rate: float, min_contributors: int,
+                        rounds: int, delta: float, epsilon_max: float) -> float:
+    """The client's check before it adds its noise: recompute what the offered plan spends
+    from its own numbers and refuse (:class:`DDGMechanismError`) when it exceeds the client's
+    ``epsilon_max`` -- a coordinator cannot make a client add less noise than its budget
+    needs. Returns the epsilon."""
+    eps = release_epsilon(plan, sample_rate=sample_rate, min_contributors=min_contributors,
+                          rounds=rounds, delta=delta)
+    if eps > epsilon_max:
+        raise DDGMechanismError(
+            f"refused: the offered plan (local variance {float(plan.local_variance):.4g} on a "
+            f"grid of {plan.granularity:.3g}) spends epsilon {eps:.4g} over {rounds} rounds "
+            f"with {min_contributors} contributors, above this client's budget {epsilon_max}")
+    return eps

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import special
 
 from fedpeft.core.checks import is_real
@@ -115,45 +116,57 @@ def sum_tau(contributors: int, local_variance: float) -> float:
         for k in range(1, contributors))
 
 
-def unsampled_rdp(event: DistributedDiscreteGaussianEvent, alpha: float) -> float:
-    """RDP at order ``alpha`` of one unsampled release (KLS 2021, Prop. 14 / Eq. 17)."""
+def _scale_and_tau(event: DistributedDiscreteGaussianEvent) -> tuple[float, float]:
+    """``(s^2, tau)`` of one release: the squared L2 scale and the sum-of-DGs distance."""
     delta2 = l2_sensitivity_squared(event.clip, event.granularity, event.dimension, event.beta)
     scale2 = delta2 / (event.granularity ** 2 * event.contributors * event.local_variance)
-    tau = sum_tau(event.contributors, event.local_variance)
-    d = event.dimension
+    return scale2, sum_tau(event.contributors, event.local_variance)
+
+
+def _unsampled(alpha: npt.NDArray[np.float64], scale2: float, tau: float,
+               d: int) -> npt.NDArray[np.float64]:
     first = alpha * scale2 / 2.0 + tau * d
     second = alpha / 2.0 * (math.sqrt(scale2) + tau * math.sqrt(d)) ** 2
-    return min(first, second)
+    return np.minimum(first, second)
 
 
-def poisson_subsampled_rdp(alpha: int, q: float, rdp: Sequence[float]) -> float:
+def unsampled_rdp(event: DistributedDiscreteGaussianEvent, alpha: float) -> float:
+    """RDP at order ``alpha`` of one unsampled release (KLS 2021, Prop. 14 / Eq. 17)."""
+    scale2, tau = _scale_and_tau(event)
+    return float(_unsampled(np.asarray([alpha], dtype=np.float64), scale2, tau,
+                            event.dimension)[0])
+
+
+def poisson_subsampled_rdp(alpha: int, q: float,
+                           rdp: Sequence[float] | npt.NDArray[np.float64]) -> float:
     """Zhu and Wang (ICML 2019) general upper bound on the RDP at integer order ``alpha`` of a
     mechanism Poisson-subsampled at rate ``q``; ``rdp[j]`` is the base mechanism's RDP at order
     ``j`` (entries 0 and 1 unused). Never above ``rdp[alpha]``."""
     if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 2:
         raise EventValidationError(f"alpha={alpha!r} must be an integer >= 2")
     if q >= 1.0:
-        return rdp[alpha]
+        return float(rdp[alpha])
     log_q, log_1q = math.log(q), math.log1p(-q)
-    terms = [(alpha - 1) * log_1q + math.log1p(alpha * q - q),
-             float(np.log(special.comb(alpha, 2, exact=False))) + 2 * log_q
-             + (alpha - 2) * log_1q + rdp[2]]
-    coeffs = [1.0, 1.0]
-    for ell in range(3, alpha + 1):
-        log_comb = (special.gammaln(alpha + 1) - special.gammaln(ell + 1)
-                    - special.gammaln(alpha - ell + 1))
-        terms.append(float(log_comb) + ell * log_q + (alpha - ell) * log_1q
-                     + (ell - 1) * rdp[ell])
-        coeffs.append(3.0)
+    ell = np.arange(3, alpha + 1, dtype=np.float64)
+    base = np.asarray(rdp[3: alpha + 1], dtype=np.float64)
+    log_comb_l = (special.gammaln(alpha + 1) - special.gammaln(ell + 1)
+                  - special.gammaln(alpha - ell + 1))
+    terms = np.concatenate((
+        [(alpha - 1) * log_1q + math.log1p(alpha * q - q),
+         math.log(alpha * (alpha - 1) / 2.0) + 2 * log_q + (alpha - 2) * log_1q + rdp[2]],
+        log_comb_l + ell * log_q + (alpha - ell) * log_1q + (ell - 1) * base))
+    coeffs = np.concatenate(([1.0, 1.0], np.full(ell.shape[0], 3.0)))
     bound = float(special.logsumexp(terms, b=coeffs)) / (alpha - 1)
-    return min(bound, rdp[alpha])
+    return min(bound, float(rdp[alpha]))
 
 
 def rdp_curve(event: DistributedDiscreteGaussianEvent,
               orders: Sequence[int] = DDG_ORDERS) -> tuple[float, ...]:
     """The RDP of ``event`` (all its steps) at each of ``orders``."""
     top = max(orders)
-    base = [math.inf, math.inf] + [unsampled_rdp(event, a) for a in range(2, top + 1)]
+    scale2, tau = _scale_and_tau(event)
+    base = np.concatenate(([math.inf, math.inf], _unsampled(
+        np.arange(2, top + 1, dtype=np.float64), scale2, tau, event.dimension)))
     return tuple(event.steps * poisson_subsampled_rdp(a, event.sample_rate, base)
                  for a in orders)
 

@@ -159,3 +159,49 @@ def test_accounting_event_never_counts_more_noise_than_present() -> None:
     assert ev.beta == plan.beta and ev.steps == 3
     fewer = plan.accounting_event(sample_rate=0.1, contributors=10, steps=3)
     assert epsilon([fewer], 1e-6).epsilon > epsilon([ev], 1e-6).epsilon
+
+
+def test_provisioning_meets_the_target_tightly_and_counts_only_the_minimum() -> None:
+    from fedpeft.privacy.ddg_mechanism import provision, release_epsilon
+
+    common = {"delta": 1e-6, "rounds": 20, "sample_rate": 0.1, "clip": 1.0,
+              "clients_per_round": 100, "dimension": 10_000, "bits": 18}
+    got = provision(target_epsilon=8.0, min_contributors=80, **common)  # type: ignore[arg-type]
+    assert 7.9 <= got.epsilon <= 8.0
+    again = release_epsilon(got.plan, sample_rate=0.1, min_contributors=80, rounds=20,
+                            delta=1e-6)
+    assert again == pytest.approx(got.epsilon) and again <= 8.0
+    # fewer shares the round can count on: each client must add more
+    fewer = provision(target_epsilon=8.0, min_contributors=20, **common)  # type: ignore[arg-type]
+    assert fewer.noise_std > got.noise_std
+    # the same plan with fewer contributors present would spend more: the provisioning
+    # must be for the smallest accepted set
+    assert release_epsilon(got.plan, sample_rate=0.1, min_contributors=20, rounds=20,
+                           delta=1e-6) > 8.0
+
+
+def test_provisioning_fails_closed() -> None:
+    from fedpeft.privacy.ddg_mechanism import provision
+
+    with pytest.raises(DDGMechanismError, match="raise bits"):
+        provision(target_epsilon=0.01, delta=1e-6, rounds=1000, sample_rate=1.0, clip=1.0,
+                  min_contributors=2, clients_per_round=1000, dimension=100_000, bits=8)
+    with pytest.raises(DDGMechanismError, match="exceeds clients_per_round"):
+        provision(target_epsilon=8.0, delta=1e-6, rounds=1, sample_rate=0.1, clip=1.0,
+                  min_contributors=50, clients_per_round=10, dimension=10, bits=20)
+    with pytest.raises(DDGMechanismError, match="target_epsilon"):
+        provision(target_epsilon=0.0, delta=1e-6, rounds=1, sample_rate=0.1, clip=1.0,
+                  min_contributors=5, clients_per_round=10, dimension=10, bits=20)
+
+
+def test_a_client_refuses_a_plan_with_too_little_noise() -> None:
+    from fedpeft.privacy.ddg_mechanism import provision, verify_provisioning
+
+    got = provision(target_epsilon=4.0, delta=1e-6, rounds=10, sample_rate=0.1, clip=1.0,
+                    min_contributors=40, clients_per_round=50, dimension=1000, bits=20)
+    kwargs = {"sample_rate": 0.1, "min_contributors": 40, "rounds": 10, "delta": 1e-6}
+    assert verify_provisioning(got.plan, epsilon_max=4.0, **kwargs) <= 4.0  # type: ignore[arg-type]
+    stingy = DDGPlan(got.plan.clip, got.plan.granularity, got.plan.local_variance / 4,
+                     got.plan.bits, got.plan.dimension, got.plan.beta)
+    with pytest.raises(DDGMechanismError, match="refused"):
+        verify_provisioning(stingy, epsilon_max=4.0, **kwargs)  # type: ignore[arg-type]
