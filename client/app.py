@@ -1,7 +1,7 @@
 """Flower ``ClientApp`` adapter (Message API): converts messages to flat dicts and back.
 
 All work happens in :class:`fedpeft.client.runtime.ClientRuntime`. Runtimes are kept per process and
-per node, so the frozen base model (shared through ``peft_methods.get_adapted``) and each
+per node, so the frozen base model (shared through ``fedpeft.peft_methods.get_adapted``) and each
 client's tokenised data are loaded once, not per round.
 """
 

@@ -3,7 +3,7 @@
 The Flower ``ClientApp`` (``client/app.py``) only converts messages to and from the flat
 dictionaries used here (:mod:`fedpeft.core.protocol`), so the whole client is testable without
 Flower. The frozen base model and its adapter are shared by every client in the process
-(``peft_methods.get_adapted``); a runtime holds only its own data and identity. Under secure
+(``fedpeft.peft_methods.get_adapted``); a runtime holds only its own data and identity. Under secure
 aggregation the masking and the later SecAgg+ stages are :mod:`fedpeft.client.secagg_session`'s.
 """
 
