@@ -1,4 +1,4 @@
-"""``fedpeft privacy plan`` and ``fedpeft privacy report`` (wired into fedpeft/cli.py).
+"""``fedpeft privacy plan``, ``plan-user`` and ``report`` (wired into fedpeft/cli/main.py).
 
 Errors derive from :class:`fedpeft.core.errors.FedPeftError`; the top-level CLI prints them and
 exits non-zero.
@@ -41,6 +41,25 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
+    u = sub.add_parser("plan-user", help="provision user-level distributed discrete Gaussian "
+                                         "noise for a target epsilon (issue 15; not yet wired "
+                                         "into runs)")
+    u.add_argument("--target-epsilon", type=float, required=True)
+    u.add_argument("--delta", type=float, required=True)
+    u.add_argument("--rounds", type=int, required=True)
+    u.add_argument("--sample-rate", type=float, required=True,
+                   help="Poisson rate at which users are sampled into a round")
+    u.add_argument("--clip", type=float, required=True, help="L2 clip of a user's update")
+    u.add_argument("--clients-per-round", type=int, required=True,
+                   help="most clients summed in a round (plans the field)")
+    u.add_argument("--min-contributors", type=int, required=True,
+                   help="fewest noise shares protecting a user in an accepted round (the "
+                        "SecAgg threshold minus one, minus clients that may collude)")
+    u.add_argument("--dimension", type=int, required=True, help="adapter coordinates")
+    u.add_argument("--bits", type=int, default=20, help="SecAgg field bits per coordinate")
+    u.add_argument("--json", action="store_true", help="print JSON instead of text")
+    u.set_defaults(func=cmd_plan_user)
+
     r = sub.add_parser("report", help="privacy report from ledger files")
     r.add_argument("path", help="a *.ledger.jsonl file or a directory searched recursively")
     r.add_argument("--json-out", default=None, help="write the report as JSON here")
@@ -75,6 +94,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("round  cumulative epsilon")
     for i, eps in enumerate(result.epsilon_per_round, start=1):
         print(f"{i:>5}  {eps:.4f}")
+    return 0
+
+
+def cmd_plan_user(args: argparse.Namespace) -> int:
+    """Print the least per-client noise meeting a user-level target; return the exit code."""
+    from fedpeft.privacy.ddg_mechanism import provision
+
+    got = provision(target_epsilon=args.target_epsilon, delta=args.delta, rounds=args.rounds,
+                    sample_rate=args.sample_rate, clip=args.clip,
+                    min_contributors=args.min_contributors,
+                    clients_per_round=args.clients_per_round, dimension=args.dimension,
+                    bits=args.bits)
+    doc = {
+        "level": "user", "mechanism": "distributed discrete Gaussian",
+        "epsilon": got.epsilon, "target_epsilon": args.target_epsilon, "delta": args.delta,
+        "rounds": args.rounds, "sample_rate": args.sample_rate, "clip": args.clip,
+        "min_contributors": args.min_contributors,
+        "clients_per_round": args.clients_per_round, "dimension": args.dimension,
+        "padded_dimension": got.plan.padded, "bits": got.plan.bits,
+        "noise_std_per_client": got.noise_std, "granularity": got.plan.granularity,
+        "local_variance": float(got.plan.local_variance),
+        "summed_noise_multiplier": got.noise_std * args.min_contributors ** 0.5 / args.clip,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"level: user (distributed discrete Gaussian under secure aggregation); epsilon "
+          f"{got.epsilon:.4f} <= target {args.target_epsilon:g} at delta {args.delta:g} after "
+          f"{args.rounds} rounds, q={args.sample_rate:g}")
+    print(f"each client adds noise of std {got.noise_std:.6g} (update units; integer variance "
+          f"{float(got.plan.local_variance):.6g} on a grid of {got.plan.granularity:.4g}); "
+          f"counting only {args.min_contributors} shares per sum, the summed noise is "
+          f"{doc['summed_noise_multiplier']:.4g} x clip")
+    print(f"field: {got.plan.bits} bits per coordinate, {got.plan.padded} coordinates "
+          f"(padded from {args.dimension}), planned for {args.clients_per_round} clients")
     return 0
 
 
