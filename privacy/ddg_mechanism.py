@@ -30,7 +30,10 @@ import numpy.typing as npt
 
 from fedpeft.core.checks import is_real
 from fedpeft.core.errors import ConfigError
-from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+from fedpeft.privacy.accounting.ddg import (
+    DistributedDiscreteGaussianEvent,
+    l2_sensitivity_squared,
+)
 from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_batch
 from fedpeft.secagg.prg import SEED_BYTES, ChaCha20Stream
 from fedpeft.secagg.quantize import MAX_BITS, MIN_BITS, decode_signed, encode_signed
@@ -93,9 +96,11 @@ class DDGPlan:
 
     def rounding_bound_squared(self) -> float:
         """Largest squared L2 norm a conditionally rounded update may have (integer grid; KLS
-        Prop. 22 with the scaled clip ``c / gamma`` and ``d`` = the padded length)."""
-        c, d = self.clip / self.granularity, self.padded
-        return c * c + d / 4.0 + math.sqrt(2.0 * math.log(1.0 / self.beta)) * (c + math.sqrt(d) / 2.0)
+        Thm. 1 / Prop. 22 with ``d`` = the padded length)."""
+        # the accountant's sensitivity bound on this grid (one formula for both): the smaller of
+        # the plain rounding bound, which any randomised rounding meets, and Prop. 22's
+        return l2_sensitivity_squared(self.clip, self.granularity, self.padded,
+                                      self.beta) / self.granularity ** 2
 
     def accounting_event(self, sample_rate: float, contributors: int,
                          steps: int = 1) -> DistributedDiscreteGaussianEvent:

@@ -18,6 +18,14 @@ ADJACENCY_CHOICES: dict[str, str] = {a.replace("_", "-"): a for a in sorted(ADJA
                                                                           reverse=True)}
 
 
+def _target_arguments(parser: argparse.ArgumentParser, sample_rate_help: str) -> None:
+    """The target every plan command takes: epsilon at delta after rounds at a sampling rate."""
+    parser.add_argument("--target-epsilon", type=float, required=True)
+    parser.add_argument("--delta", type=float, required=True)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--sample-rate", type=float, required=True, help=sample_rate_help)
+
+
 def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``privacy plan`` and ``privacy report`` on an argparse subparsers object.
 
@@ -28,11 +36,7 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub = privacy.add_subparsers(dest="privacy_command", required=True)
 
     p = sub.add_parser("plan", help="calibrate the noise multiplier for a target epsilon")
-    p.add_argument("--target-epsilon", type=float, required=True)
-    p.add_argument("--delta", type=float, required=True)
-    p.add_argument("--rounds", type=int, required=True)
-    p.add_argument("--sample-rate", type=float, required=True,
-                   help="expected batch size / local dataset size")
+    _target_arguments(p, "expected batch size / local dataset size")
     p.add_argument("--local-steps", type=int, required=True, help="DP-SGD steps per round")
     p.add_argument("--accountant", choices=list(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT)
     p.add_argument("--adjacency", choices=list(ADJACENCY_CHOICES), default="replace-one",
@@ -44,11 +48,7 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
     u = sub.add_parser("plan-user", help="provision user-level distributed discrete Gaussian "
                                          "noise for a target epsilon (issue 15; not yet wired "
                                          "into runs)")
-    u.add_argument("--target-epsilon", type=float, required=True)
-    u.add_argument("--delta", type=float, required=True)
-    u.add_argument("--rounds", type=int, required=True)
-    u.add_argument("--sample-rate", type=float, required=True,
-                   help="Poisson rate at which users are sampled into a round")
+    _target_arguments(u, "Poisson rate at which users are sampled into a round")
     u.add_argument("--clip", type=float, required=True, help="L2 clip of a user's update")
     u.add_argument("--clients-per-round", type=int, required=True,
                    help="most clients summed in a round (plans the field)")
