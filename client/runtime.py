@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 from fedpeft.client.secagg_session import (
+    SESSION_DONE,
     UNMASK_MARKERS,
     answer_stage,
     end_session,
+    finish_user_session,
+    open_user_session,
     start_session,
 )
 from fedpeft.core.errors import ClientFault, ConfigError, FedPeftError, PayloadError
@@ -49,6 +52,7 @@ from fedpeft.core.protocol import (
     Value,
     require_field,
 )
+from fedpeft.core.vector import vector_length
 from fedpeft.core.wire import decode
 from fedpeft.core.wire import encode as encode_tensors
 from fedpeft.data.federation import client_corpus
@@ -64,15 +68,24 @@ from fedpeft.privacy.accounting import (
     compute_epsilon,
 )
 from fedpeft.privacy.accounting.errors import AccountingError
-from fedpeft.privacy.accounting.ledger import LedgerHead, composition_adjacency
+from fedpeft.privacy.accounting.ledger import (
+    LEDGER_SUFFIX,
+    LedgerHead,
+    ReleaseMetadata,
+    composition_adjacency,
+)
 from fedpeft.privacy.csprng import DPRandomness
 from fedpeft.privacy.dp_sgd import dp_local_train
-from fedpeft.runconfig.config import RunConfig
+from fedpeft.privacy.user_level import COORDINATOR_SAMPLE_RATE, RoundPlan
+from fedpeft.runconfig.config import RunConfig, user_round_plan
+from fedpeft.secagg.client import SecAggClient
 from fedpeft.training.config import TrainConfig
 from fedpeft.training.trainer import Progress, TrainResult, for_round, local_train
 
 log = logging.getLogger(__name__)
 
+#: Key (in the node's state) of this round's reserved user-level release, until committed.
+USER_RELEASE = "user-release"
 #: File (in the client's state) holding what stays on the device under DP: timings, losses.
 LOCAL_METRICS_FILE = "client-metrics.jsonl"
 
@@ -92,8 +105,14 @@ DP_REPLY_FIELDS: dict[str, frozenset[str]] = {
         "dp-epsilon", "dp-epsilon-rdp", "dp-delta", "dp-sigma", "dp-q", "dp-steps",
         "dp-rounds-joined", "dp-clip", "dp-adjacency", "dp-budget", "dp-budget-left",
         LEDGER_HEAD_KEY}),
+    # trained, user level (alone or with record level): no dataset size and nothing derived
+    # from it (num-examples, dp-q, dp-sigma, record-level epsilons): at user level a device's
+    # number of records is its user's data; the devices' own ledgers hold the record level
+    "secagg-user": frozenset({
+        "status", "client-id", "round", "steps", "secagg", "dp-level", "dp-user-epsilon-plan",
+        LEDGER_HEAD_KEY}),
     "exhausted": frozenset({"status", "client-id", "reason", "dp-epsilon", "dp-budget",
-                            "dp-adjacency"}),
+                            "dp-adjacency", "dp-level"}),
     "error": frozenset({"status", "client-id", "reason"}),
     "secagg-step": frozenset({"status", "client-id", "message"}),
 }
@@ -159,8 +178,8 @@ class ClientRuntime:
                 reply = self._secagg_step(content, state)
             else:
                 raise PayloadError(f"unknown message kind {kind!r}")
-            if self.run.dp.enabled:
-                check_dp_reply(reply)
+            if self.run.private:
+                check_dp_reply(reply, user_level=self.run.user_dp.enabled)
         except FedPeftError as exc:
             end_session(state)
             log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
@@ -179,7 +198,7 @@ class ClientRuntime:
         """The fault reason a reply may carry: the full message without DP; under DP only the
         error type for errors whose message could depend on private records (a loss value,
         the step at which training diverged), the details staying in this client's log."""
-        if not self.run.dp.enabled or isinstance(exc, PUBLIC_ERRORS):
+        if not self.run.private or isinstance(exc, PUBLIC_ERRORS):
             return f"{type(exc).__name__}: {exc}"
         return (f"{type(exc).__name__}: details stay on the device under differential privacy "
                 f"(client {self.identity.client_id}'s log)")
@@ -203,6 +222,13 @@ class ClientRuntime:
             raise ConfigError("the coordinator runs secure aggregation but this client has "
                               "secagg=false; use the same run config on both sides")
         model = self.model
+        user: tuple[SecAggClient, bytes, float, RoundPlan] | None = None
+        if self.run.user_dp.enabled:
+            # user level: the round is checked and the release reserved before training
+            opened = self._open_user_round(content, server_round, state)
+            if isinstance(opened, dict):  # the device's user-level budget refused the round
+                return opened
+            user = opened
         global_state = decode(payload, model.spec())
         model.load_adapter_state(global_state)
         data = self.data()
@@ -217,12 +243,20 @@ class ClientRuntime:
             result, privacy = private
         else:
             result, privacy = self._train(model, data, server_round), {}
-        # already private: record-level DP happens inside training (DP-SGD)
+        # record-level DP happened inside training (DP-SGD); user level adds its noise now
         delta = {k: v - global_state[k] for k, v in model.adapter_state().items()}
         reply = self._metrics(result, server_round)
         reply.update(privacy)
-        masked, local = self._mask(delta, content, state)
-        reply.update(masked)
+        if user is not None:
+            client, advertise, epsilon, plan = user
+            local = finish_user_session(client, delta, model.spec(), plan, state)
+            reply = {k: v for k, v in reply.items()
+                     if k in DP_REPLY_FIELDS["secagg-user"]}  # security: no n at user level
+            reply.update({SECAGG_ADVERTISE_KEY: advertise, "dp-level": self.run.dp_level,
+                          "dp-user-epsilon-plan": epsilon})
+        else:
+            masked, local = self._mask(delta, content, state)
+            reply.update(masked)
         self._keep_local(server_round, result, local)
         return reply
 
@@ -257,7 +291,7 @@ class ClientRuntime:
             row.update({"train-loss": result.mean_loss, "train-loss-first": result.losses[0],
                         "train-loss-last": result.losses[-1]})
         self.last_local = row
-        if not self.run.dp.enabled:
+        if not self.run.private:
             return
         path = self.state_dir() / LOCAL_METRICS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,11 +423,66 @@ class ClientRuntime:
             raise ConfigError("secure aggregation requested without secagg settings")
         return start_session(delta, self.model.spec(), cfg, content, state)
 
+    # -- user-level DP -------------------------------------------------------------------------
+    def user_ledger_path(self) -> Path:
+        """This device's own user-level ledger (beside its record-level one)."""
+        return self.ledger_path().with_name(f"{_safe(self.identity.client_id)}.user"
+                                            f"{LEDGER_SUFFIX}")
+
+    def _user_ledger(self, plan: RoundPlan) -> Ledger:
+        budget = Budget(plan.config.budget, plan.config.delta)
+        path = self.user_ledger_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Ledger(path, client_id=self.identity.client_id, level="user", budget=budget,
+                      anchor_dir=self.anchor_dir())
+
+    def _open_user_round(self, content: Mapping[str, Value], server_round: int,
+                         state: dict[str, bytes]
+                         ) -> tuple[SecAggClient, bytes, float, RoundPlan] | Content:
+        """Accept the SETUP, check the round against this device's own plan, and reserve the
+        release in this device's user-level ledger within its budget, before training.
+
+        The device cannot name the others in the sum; it counts the fewest the round accepts
+        (the threshold - 1, less the colluders), so its ledger is an upper bound that holds
+        even when the coordinator selects it more often than ``dp-user-participations``.
+        """
+        cfg = self.run.secagg
+        if cfg is None or SECAGG_SETUP_KEY not in content:  # checked by the caller
+            raise ConfigError("user-level DP needs the coordinator's secure aggregation setup")
+        plan = user_round_plan(self.run, self.identity.num_partitions,
+                               vector_length(self.model.spec()))
+        client, advertise, epsilon = open_user_session(content, cfg, plan)
+        event = plan.ddg.accounting_event(COORDINATOR_SAMPLE_RATE, plan.min_contributors)
+        meta = ReleaseMetadata(round_number=server_round, users=(self.identity.client_id,),
+                               delta=plan.config.delta, run_id=self.run.fingerprint(),
+                               others=plan.min_contributors + plan.config.colluders)
+        try:
+            with self._user_ledger(plan) as ledger:
+                ledger.reserve_release_within_budget(event, meta)
+        except BudgetExhaustedError as exc:
+            return {STATUS_KEY: STATUS_BUDGET_EXHAUSTED, CLIENT_ID_KEY: self.identity.client_id,
+                    REASON_KEY: str(exc), "dp-level": "user",
+                    "dp-budget": float(exc.epsilon_max)}
+        state[USER_RELEASE] = meta.event_id.encode()
+        return client, advertise, epsilon, plan
+
+    def _commit_user_release(self, state: dict[str, bytes]) -> None:
+        """After the unmask answer left: commit this round's release (idempotent)."""
+        event_id = state.pop(USER_RELEASE, None)
+        if event_id is None or not self.run.user_dp.enabled:
+            return
+        plan = user_round_plan(self.run, self.identity.num_partitions,
+                               vector_length(self.model.spec()))
+        with self._user_ledger(plan) as ledger:
+            ledger.commit(event_id.decode())
+
     def _secagg_step(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
         if self.run.secagg is None:
             raise ConfigError("secure aggregation message, but this client has secagg=false")
         out = answer_stage(content, self.run.secagg, state, client_id=self.identity.client_id,
                            marker_dir=self.ledger_path().parent / UNMASK_MARKERS)
+        if state.pop(SESSION_DONE, None) is not None:
+            self._commit_user_release(state)
         return {STATUS_KEY: STATUS_OK, CLIENT_ID_KEY: self.identity.client_id,
                 SECAGG_MESSAGE_KEY: out}
 
@@ -405,7 +494,7 @@ class ClientRuntime:
             NUM_EXAMPLES_KEY: result.examples,
             "steps": result.steps,
         }
-        if not self.run.dp.enabled:
+        if not self.run.private:
             # Training losses and timings are computed on private data without noise (the
             # time depends on the realised Poisson batch sizes and token lengths): under DP
             # they stay on the device (``last_local``, client-metrics.jsonl).
@@ -422,13 +511,14 @@ def _safe(client_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)
 
 
-def check_dp_reply(reply: Mapping[str, Value]) -> None:
-    """Refuse to send a reply under DP that carries a field outside :data:`DP_REPLY_FIELDS`.
+def check_dp_reply(reply: Mapping[str, Value], *, user_level: bool = False) -> None:
+    """Refuse to send a reply under DP that carries a field outside :data:`DP_REPLY_FIELDS`
+    (``user_level``: the stricter set of a user-level round).
 
     Raises :class:`ClientFault` (an internal error: the reply is not sent) naming the fields.
     """
     if SECAGG_ADVERTISE_KEY in reply:
-        kind = "secagg"
+        kind = "secagg-user" if user_level else "secagg"
     elif UPDATE_KEY in reply:
         kind = "update"
     elif SECAGG_MESSAGE_KEY in reply:

@@ -31,12 +31,15 @@ from fedpeft.core.protocol import (
 from fedpeft.core.vector import flatten, with_clip_stats
 from fedpeft.core.wire import TensorSpec
 from fedpeft.privacy.accounting.ledger import fsync_dir
+from fedpeft.privacy.user_level import RoundPlan, check_round, encode_update
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.stages import Stage
 
 #: Key of the session's exported state in the node's ``state``.
 SECAGG_STATE = "secagg"
+#: Key set (to the session id) when a session ends DONE: its unmask answer was sent.
+SESSION_DONE = "secagg-done"
 FINAL_STAGES = (Stage.DONE, Stage.ABORTED)
 #: Folder (beside the client's ledger) of the markers of answered unmask requests.
 UNMASK_MARKERS = "secagg-unmasked"
@@ -64,6 +67,33 @@ def start_session(delta: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSp
     return {SECAGG_ADVERTISE_KEY: advertise}, {"secagg-clipped": clipped}
 
 
+def open_user_session(content: Mapping[str, Value], cfg: SecAggConfig,
+                      plan: RoundPlan) -> tuple[SecAggClient, bytes, float]:
+    """User-level DP, before training: accept the SETUP (SecAgg's floor checks), then check
+    the round against this client's own plan (:func:`fedpeft.privacy.user_level.check_round`:
+    the threshold must guarantee the planned noise shares; the plan must meet this client's
+    budget). Returns (the session, the advertise reply, the plan's epsilon)."""
+    session = bytes(require_field(content, SECAGG_SESSION_KEY, bytes))
+    client = SecAggClient(int(require_field(content, SECAGG_ID_KEY, int)), session, cfg,
+                          expected_vector_length=plan.ddg.padded)
+    advertise = client.handle(bytes(require_field(content, SECAGG_SETUP_KEY, bytes)))
+    # security: verify before adding (and later revealing) anything
+    return client, advertise, check_round(plan, threshold=client.round_setup.threshold)
+
+
+def finish_user_session(client: SecAggClient, delta: Mapping[str, torch.Tensor],
+                        spec: Mapping[str, TensorSpec], plan: RoundPlan,
+                        state: dict[str, bytes]) -> Content:
+    """User-level DP, after training: clip, rotate, round and noise the update into field
+    words (:func:`fedpeft.privacy.user_level.encode_update`), which stay in ``state`` until
+    they are sent masked. Returns what stays on the device."""
+    vec = flatten(delta, spec).astype(np.float64)
+    norm = float(np.linalg.norm(vec))
+    client.set_field_input(encode_update(vec, plan, client.session_id))
+    state[SECAGG_STATE] = client.export_state()
+    return {"user-update-norm": norm, "user-clipped": norm > plan.config.clip}
+
+
 def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[str, bytes], *,
                  client_id: str, marker_dir: Path) -> bytes:
     """Answer one SecAgg+ stage of the session in ``state``; return the message to send.
@@ -84,6 +114,8 @@ def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[st
     out = client.handle(bytes(require_field(content, SECAGG_MESSAGE_KEY, bytes)))
     if client.stage in FINAL_STAGES:
         state.pop(SECAGG_STATE, None)
+        if client.stage is Stage.DONE:
+            state[SESSION_DONE] = client.session_id
     else:
         state[SECAGG_STATE] = client.export_state()
     return out

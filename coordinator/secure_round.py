@@ -9,7 +9,7 @@ learns only the sum of the survivors' quantised updates, and from it their mean.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from fedpeft.core.protocol import (
 from fedpeft.core.vector import CLIP_STATS, split_clip_stats, unflatten, vector_length
 from fedpeft.core.wire import TensorSpec
 from fedpeft.secagg.config import SecAggConfig
-from fedpeft.secagg.server import SecAggServer
+from fedpeft.secagg.server import AggregateResult, SecAggServer
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +78,38 @@ def _stage(transport: Transport, outgoing: Mapping[int, bytes], stage: str, time
     return _ok_messages(sorted(outgoing), replies, SECAGG_MESSAGE_KEY, stage, result)
 
 
+@dataclass(frozen=True)
+class FieldRound:
+    """A round whose clients send inputs already encoded in the field (user-level DP).
+
+    ``length``: the field vector's length; ``gate(survivors, client_rows)`` runs once the
+    masked inputs are in and before any unmask request leaves (it may raise a
+    :class:`FedPeftError` to abort: nothing is then released); ``decode(aggregate)`` turns
+    the unmasked modular sum into the survivors' mean update.
+    """
+
+    length: int
+    gate: Callable[[tuple[int, ...], list[dict[str, Any]]], None]
+    decode: Callable[[AggregateResult], dict[str, torch.Tensor]]
+
+
 def secure_round(transport: Transport, chosen: list[int], train_message: Content,
                  config: SecAggConfig, spec: Mapping[str, TensorSpec], session_id: bytes,
-                 timeout: float, extras: Mapping[int, Content] | None = None
-                 ) -> SecureRoundResult:
+                 timeout: float, extras: Mapping[int, Content] | None = None,
+                 field_round: FieldRound | None = None) -> SecureRoundResult:
     """Run one SecAgg+ round; on abort, ``mean_delta`` is None and ``abort_reason`` says why.
 
-    ``extras`` adds per-node fields to the train message (the client's ledger receipt).
+    ``extras`` adds per-node fields to the train message (the client's ledger receipt);
+    ``field_round`` runs a round of pre-encoded inputs (:class:`FieldRound`).
     """
     result = SecureRoundResult(mean_delta=None)
     extras = extras or {}
+    length = (vector_length(spec) + CLIP_STATS if field_round is None
+              else field_round.length)
     try:
         resolved = config.resolve(len(chosen))
         result.threshold, result.degree = int(resolved.threshold or 0), int(resolved.degree or 0)
-        server = SecAggServer(resolved, chosen, vector_length(spec) + CLIP_STATS, session_id,
-                              drop_invalid=True)
+        server = SecAggServer(resolved, chosen, length, session_id, drop_invalid=True)
         setup = server.start()
         messages: dict[int, Content] = {
             node: {**train_message, **extras.get(node, {}), SECAGG_SETUP_KEY: setup[node],
@@ -106,6 +123,9 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
         outgoing = server.on_advertise(adverts)
         for stage, step in (("share-keys", server.on_shares), ("masked-input", server.on_masked)):
             outgoing = step(_stage(transport, outgoing, stage, timeout, result))
+        if field_round is not None:
+            # security: the release is accounted (or refused) before any unmask request leaves
+            field_round.gate(tuple(sorted(outgoing)), result.client_rows)
         aggregate = server.on_unmask(_stage(transport, outgoing, "unmask", timeout, result))
     except FedPeftError as exc:
         result.abort_reason = f"secure aggregation aborted: {type(exc).__name__}: {exc}"
@@ -113,6 +133,9 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
         return result
     result.survivors = aggregate.survivors
     try:
+        if field_round is not None:
+            result.mean_delta = field_round.decode(aggregate)
+            return result
         update, result.clients_clipped, result.clipped = split_clip_stats(
             aggregate.float_mean(), len(aggregate.survivors), config.clip)
         result.mean_delta = unflatten(update, spec)

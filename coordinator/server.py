@@ -25,6 +25,7 @@ from fedpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
 from fedpeft.coordinator.secure_round import secure_round
 from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
 from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
+from fedpeft.coordinator.user_level import UserLevel
 from fedpeft.core.errors import FedPeftError
 from fedpeft.core.protocol import (
     ADAPTER_KEY,
@@ -91,6 +92,8 @@ class Coordinator:
         #: node id -> (client id, the ledger head it last reported): sent back as a receipt
         #: so that a client whose ledger was deleted or restored refuses to train.
         self.receipts: dict[int, tuple[str, str]] = self._load_receipts()
+        #: user-level DP (dp-level user | both): plan, ledger, who may still join
+        self.user: UserLevel | None = None
 
     @property
     def model(self) -> AdaptedModel:
@@ -160,6 +163,9 @@ class Coordinator:
         summary = RunSummary(start_round=start, rounds_completed=start)
         nodes = self.transport.node_ids()
         num_partitions = len(nodes)
+        if self.run.user_dp.enabled:
+            # the plan is checked here (a typed error naming the knob) before any round runs
+            self.user = UserLevel(self.run, self.run_dir, num_partitions, spec)
         if start == 0:
             metrics = evaluate(model, self.eval_data(num_partitions))
             row0 = {"round": 0, "eval": metrics, "time": time.time()}
@@ -170,6 +176,18 @@ class Coordinator:
         for server_round in rounds:
             t0 = time.perf_counter()
             nodes = [n for n in self.transport.node_ids() if n not in self.exhausted]
+            if self.user is not None:
+                nodes = self.user.eligible(nodes)
+                planned = self.user.plan.planned_clients
+                if len(nodes) < planned:
+                    # a smaller round has a smaller SecAgg threshold: it cannot carry the
+                    # planned noise shares, and every client would refuse it
+                    summary.stopped_reason = (
+                        f"round {server_round}: only {len(nodes)} users may still join (the "
+                        f"others reached dp-user-participations="
+                        f"{self.run.user_dp.participations} or their budget); the user-level "
+                        f"plan needs rounds of {planned}")
+                    break
             if len(nodes) < fed.min_clients:
                 why = (f"{len(self.exhausted)} clients have exhausted their privacy budget and "
                        if self.exhausted else "")
@@ -218,8 +236,14 @@ class Coordinator:
         fed = self.run.federation
         if self.run.secagg is not None:
             session = os.urandom(16) + server_round.to_bytes(8, "big")  # security: fresh per round
-            sec = secure_round(self.transport, chosen, message, self.run.secagg, spec, session,
-                               fed.round_timeout, extras=self._receipt_fields(chosen))
+            field_round = (None if self.user is None
+                           else self.user.field_round(server_round, session))
+            # user level: the complete graph (its threshold is what the plan counts on)
+            cfg = (self.run.secagg if self.user is None
+                   else self.run.secagg.resolve_complete(len(chosen)))
+            sec = secure_round(self.transport, chosen, message, cfg, spec, session,
+                               fed.round_timeout, extras=self._receipt_fields(chosen),
+                               field_round=field_round)
             client_rows, faults = sec.client_rows, sec.faults
             row.update({"secagg": {"survivors": len(sec.survivors), "threshold": sec.threshold,
                                    "degree": sec.degree, "aborted": sec.abort_reason or None,
@@ -232,6 +256,9 @@ class Coordinator:
                     "(docs/secagg.md, 'Choosing secagg-clip')", server_round, sec.clipped,
                     sec.clients_clipped, self.run.secagg.clip)
             row["bytes_up"] = sec.bytes_up
+            if self.user is not None and sec.mean_delta is None:
+                # a release is reserved before unmasking; nothing reserved: nothing released
+                self.user.record_abort(server_round, sec.abort_reason or "no usable sum")
             ok = len(sec.survivors)
             result, reason = sec.mean_delta, sec.abort_reason
         else:
@@ -296,11 +323,30 @@ class Coordinator:
                 prev["exhausted"] = True
         if self.run.dp.enabled:
             row["dp_exhausted"] = len(self.exhausted)
-            self._write_privacy_report()
+        if self.run.private:
+            self._write_privacy_report(row)
 
-    def _write_privacy_report(self) -> None:
+    def _write_privacy_report(self, row: dict[str, Any]) -> None:
+        doc: dict[str, Any] = {"levels": self.run.dp_level}
+        if self.run.dp.enabled and self.user is not None:
+            doc["record"] = {
+                "level": "record", "delta": self.run.dp.delta,
+                "epsilon_budget": self.run.dp.epsilon_max,
+                "note": "At dp-level both the devices do not send their record-level "
+                        "accounting (it reveals each device's dataset size, which is user data "
+                        "at user level); each device's ledger holds it (fedpeft privacy report "
+                        "<ledger-dir>)."}
+        elif self.run.dp.enabled:
+            doc["record"] = self._record_report()
+        if self.user is not None:
+            doc["user"] = user = self.user.report()
+            row["dp_user_epsilon_max"] = user["summary"].get("epsilon_max", 0.0)
+        (self.run_dir / "privacy_report.json").write_text(json.dumps(doc, indent=2))
+
+    def _record_report(self) -> dict[str, Any]:
         eps = sorted(float(v["dp-epsilon"]) for v in self.privacy.values() if "dp-epsilon" in v)
-        doc = {
+        return {
+            "level": "record",
             "accountant": "prv (rdp alongside)", "delta": self.run.dp.delta,
             "epsilon_budget": self.run.dp.epsilon_max,
             "clients": dict(sorted(self.privacy.items())),
@@ -310,7 +356,6 @@ class Coordinator:
             "note": "Collected from the clients' replies; each client's ledger on its device is "
                     "the record of truth (fedpeft privacy report <ledger-dir>).",
         }
-        (self.run_dir / "privacy_report.json").write_text(json.dumps(doc, indent=2))
 
     def _collect(self, chosen: list[int], replies: dict[int, Reply], spec: Any
                  ) -> tuple[list[dict[str, torch.Tensor]], list[float], list[dict[str, str]],

@@ -2,7 +2,7 @@
 
 Kairouz, Liu and Steinke, ICML 2021 (KLS), Algorithm 1, as pure functions:
 
-client  clip the whole update to L2 norm ``c`` -> pad to a power of two and rotate with a
+client  clip the whole update to L2 norm ``c`` -> pad to whole 2,048-blocks and rotate with a
         randomised Hadamard transform (signs from a round-shared key) -> scale by ``1/gamma``
         -> conditional randomised rounding to integers (retry until the rounded norm is within
         the bound of KLS Prop. 22; parameter ``beta``) -> add exact N_Z(0, sigma^2) noise
@@ -13,9 +13,10 @@ server  the modular sum of the survivors -> signed integers -> times ``gamma`` -
 
 :func:`plan_granularity` picks ``gamma`` so that the sum wraps the field with probability at
 most ``wrap_probability`` (union bound over coordinates; each rotated coordinate of an update
-of norm ``c`` is sub-Gaussian with variance proxy ``c^2 / d``, KLS Lemma 29) and fails closed
+of norm ``c`` is sub-Gaussian with variance proxy ``c^2 / B`` in the worst case of the whole
+norm in one Hadamard block of ``B``, KLS Lemma 29) and fails closed
 when no ``gamma`` fits. The accounting of what a plan releases is
-``fedpeft.privacy.accounting.ddg``. Not wired into the client and coordinator yet.
+``fedpeft.privacy.accounting.ddg``; a run uses it through ``fedpeft.privacy.user_level``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ from fedpeft.secagg.quantize import MAX_BITS, MIN_BITS, decode_signed, encode_si
 
 #: Nonce domain of the rotation's sign stream (the key is shared by the round's clients).
 NONCE_ROTATION = bytes(4) + b"fp-ddg-rot\x00\x00"
+#: Largest per-client integer noise variance a plan uses: the batch sampler's int64 path
+#: (``discrete_gaussian_batch``) covers it at about 3 us a coordinate; above it (a 32-bit field
+#: planned at its finest grid gives ~7e15) each draw falls back to Python integers (~40 us).
+MAX_GRID_VARIANCE = 1 << 28
+#: Length of one block of the randomised Hadamard rotation: the update is padded to a whole
+#: number of blocks (at most 2,047 zeros) rather than to a power of two (up to 2x the upload).
+#: Each block is an orthogonal map, so the guarantee is unchanged; the field planner assumes
+#: the worst case of an update's whole norm in one block.
+HADAMARD_BLOCK = 2048
 #: Conditional rounding retries before giving up (each retry fails with probability <= beta).
 MAX_ROUNDING_TRIES = 1000
 
@@ -51,11 +61,18 @@ class DDGMechanismError(ConfigError):
     """A distributed discrete Gaussian plan or input is invalid (the message names the knob)."""
 
 
-def padded_dimension(d: int) -> int:
-    """The smallest power of two >= ``d`` (the Hadamard transform's length)."""
+def block_size(d: int) -> int:
+    """The Hadamard block length for a vector of ``d``: :data:`HADAMARD_BLOCK`, or the smallest
+    power of two >= ``d`` when that is shorter."""
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise DDGMechanismError(f"dimension={d!r} must be an integer >= 1")
-    return 1 << (d - 1).bit_length()
+    return min(HADAMARD_BLOCK, 1 << (d - 1).bit_length())
+
+
+def padded_dimension(d: int) -> int:
+    """The rotated vector's length: ``d`` rounded up to a whole number of blocks."""
+    b = block_size(d)
+    return -(-d // b) * b
 
 
 @dataclass(frozen=True)
@@ -91,7 +108,7 @@ class DDGPlan:
 
     @property
     def padded(self) -> int:
-        """Length of the rotated vector (a power of two)."""
+        """Length of the rotated vector (a whole number of Hadamard blocks)."""
         return padded_dimension(self.dimension)
 
     def rounding_bound_squared(self) -> float:
@@ -130,35 +147,37 @@ def rotation_signs(key: bytes, length: int) -> FloatArray:
     return 1.0 - 2.0 * bits.astype(np.float64)
 
 
-def hadamard(x: FloatArray) -> FloatArray:
-    """The orthonormal Walsh-Hadamard transform of ``x`` (length a power of two); it is its
-    own inverse."""
+def hadamard(x: FloatArray, block: int | None = None) -> FloatArray:
+    """The orthonormal Walsh-Hadamard transform of each ``block`` of ``x`` (a power of two
+    dividing the length; default the whole length); it is its own inverse."""
     n = x.shape[0]
-    if n & (n - 1) or n == 0:
-        raise DDGMechanismError(f"Hadamard length {n} must be a power of two")
-    y = np.array(x, dtype=np.float64, copy=True)
+    b = n if block is None else block
+    if b & (b - 1) or b == 0 or n % b:
+        raise DDGMechanismError(f"Hadamard block {b} must be a power of two dividing {n}")
+    y: FloatArray = np.array(x, dtype=np.float64, copy=True).reshape(-1, b)
     h = 1
-    while h < n:
-        y = y.reshape(-1, 2, h)
-        a, b = y[:, 0, :].copy(), y[:, 1, :].copy()
-        y[:, 0, :], y[:, 1, :] = a + b, a - b
-        y = y.reshape(n)
+    while h < b:
+        y = y.reshape(y.shape[0], -1, 2, h)
+        first, second = y[:, :, 0, :].copy(), y[:, :, 1, :].copy()
+        y[:, :, 0, :], y[:, :, 1, :] = first + second, first - second
+        y = y.reshape(-1, b)
         h *= 2
-    return y / math.sqrt(n)
+    return y.reshape(n) / math.sqrt(b)
 
 
 def rotate(x: FloatArray, signs: FloatArray) -> FloatArray:
-    """Pad ``x`` with zeros to ``len(signs)`` and apply ``H D`` (D = diag(signs))."""
+    """Pad ``x`` with zeros to ``len(signs)`` and apply ``H D`` (D = diag(signs), H the
+    block-diagonal Hadamard transform of :func:`block_size`): an orthogonal map."""
     if x.shape[0] > signs.shape[0]:
         raise DDGMechanismError(f"vector of {x.shape[0]} exceeds the rotation's {signs.shape[0]}")
     padded = np.zeros(signs.shape[0])
     padded[: x.shape[0]] = x
-    return hadamard(padded * signs)
+    return hadamard(padded * signs, block_size(signs.shape[0]))
 
 
 def unrotate(y: FloatArray, signs: FloatArray, dimension: int) -> FloatArray:
     """The inverse of :func:`rotate`, cut back to ``dimension`` coordinates."""
-    return (hadamard(y) * signs)[:dimension]
+    return (hadamard(y, block_size(y.shape[0])) * signs)[:dimension]
 
 
 # -- the client's encoding -------------------------------------------------------------------
@@ -214,12 +233,14 @@ def sum_bound(clip: float, granularity: float, noise_std: float, clients: int, p
     """Bound (update units) that every coordinate of the sum of ``clients`` encoded updates
     stays below, except with probability ``wrap_probability`` over all coordinates.
 
-    Per coordinate the sum is sub-Gaussian with variance proxy ``clients^2 c^2 / d`` (signal,
-    clients' rotated updates aligned: the worst case) plus ``clients (gamma^2 / 4 + std^2)``
+    Per coordinate the sum is sub-Gaussian with variance proxy ``clients^2 c^2 / B`` (signal,
+    clients' rotated updates aligned and each update's whole norm in one Hadamard block of
+    ``B``: the worst case; KLS Lemma 29 per block) plus ``clients (gamma^2 / 4 + std^2)``
     (rounding and noise); ``k = sqrt(2 ln(2 d / p))`` of those, a union bound over ``d``.
     """
     k = math.sqrt(2.0 * math.log(2.0 * padded / wrap_probability))
-    proxy = clients ** 2 * clip ** 2 / padded + clients * (granularity ** 2 / 4 + noise_std ** 2)
+    proxy = (clients ** 2 * clip ** 2 / block_size(padded)
+             + clients * (granularity ** 2 / 4 + noise_std ** 2))
     return k * math.sqrt(proxy)
 
 
@@ -251,10 +272,16 @@ def plan_granularity(clip: float, noise_std: float, clients: int, dimension: int
         gamma = needed * (1 + 1e-12)
     else:  # pragma: no cover - the map is a contraction for any valid input
         raise DDGMechanismError("granularity planning did not converge")
+    # a grid no finer than the fast sampler's range: the rounding error (gamma^2 / 4 per
+    # coordinate) stays below 2^-32 of the noise variance, and a coarser grid never wraps more
+    gamma = max(gamma, noise_std / math.sqrt(MAX_GRID_VARIANCE))
     if sum_bound(clip, gamma, noise_std, clients, padded, wrap_probability) > gamma * half:
         raise DDGMechanismError("granularity planning failed its own check")  # security
-    # rounded up to a multiple of 1/1024: never less noise than asked, small exact fractions
-    local_variance = Fraction(math.ceil((noise_std / gamma) ** 2 * 1024), 1024)
+    # rounded up (never less noise than asked): to an integer above 1024, else to a multiple
+    # of 1/1024 (small exact fractions keep the sampler on its int64 path)
+    scaled = (noise_std / gamma) ** 2
+    local_variance = (Fraction(math.ceil(scaled)) if scaled >= 1024
+                      else Fraction(math.ceil(scaled * 1024), 1024))
     if local_variance < 1:
         raise DDGMechanismError(
             f"bits={bits} leave a grid of {gamma:.3g} for {clients} clients: the per-client "

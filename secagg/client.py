@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -79,7 +79,8 @@ class SecAggClient:
         self.expected_vector_length = expected_vector_length
         self.stage = Stage.SETUP
         self.abort_reason: str | None = None
-        self._update: npt.NDArray[np.floating[npt.NBitBase]] | None = None
+        #: float update (quantised at the masked-input stage) or uint32 field words (sent as is)
+        self._update: npt.NDArray[Any] | None = None
         self._rounding_seed: bytes | None = None
         self._setup: msg.Setup | None = None
         self._plan: QuantizationPlan | None = None
@@ -114,6 +115,30 @@ class SecAggClient:
             raise SecAggConfigError(f"rounding_seed length={len(rounding_seed)} must be {SEED_BYTES}")
         self._update = np.array(update, copy=True)
         self._rounding_seed = rounding_seed
+
+    def set_field_input(self, words: npt.NDArray[np.uint32]) -> None:
+        """Provide an input already encoded in the field (``uint32`` words ``< 2^bits``), masked
+        and sent as it is: no clipping, no quantisation (the distributed discrete Gaussian,
+        :mod:`fedpeft.privacy.ddg_mechanism`, encodes its own). Call after SETUP, before the
+        masked-input stage."""
+        if self.stage not in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
+            raise StageError(f"set_field_input in stage={self.stage.name}: call it after SETUP "
+                             "and before the masked-input stage")
+        s = _need(self._setup)
+        if (not isinstance(words, np.ndarray) or words.dtype != np.uint32 or words.ndim != 1
+                or words.shape[0] != s.vector_length):
+            raise UpdateError(f"field input must be a 1-D uint32 array of length "
+                              f"{s.vector_length}; got {getattr(words, 'dtype', type(words))} "
+                              f"of shape {getattr(words, 'shape', None)}")
+        if s.bits < 32 and bool(np.any(words >> np.uint32(s.bits))):
+            raise UpdateError(f"field input has words >= 2^bits={s.bits}")
+        self._update = np.array(words, copy=True)
+        self._rounding_seed = None
+
+    @property
+    def round_setup(self) -> msg.Setup:
+        """The round parameters this client accepted at SETUP (participants, threshold, bits)."""
+        return _need(self._setup)
 
     def handle(self, message: bytes) -> bytes:
         """Consume one server message for the current stage and return the reply."""
@@ -312,9 +337,12 @@ class SecAggClient:
             b_share, sk_share = decrypt_shares(key, self.session_id, sender, self.client_id, ct, view)
             self._held_b[sender], self._held_sk[sender] = b_share, sk_share
         self._u2 = frozenset(cts)
-        check_update(update, s.vector_length)
-        seed = self._rounding_seed if self._rounding_seed is not None else os.urandom(SEED_BYTES)
-        acc = quantize(update, plan, seed)
+        if update.dtype == np.uint32:  # field words (checked by set_field_input)
+            acc = np.array(update, dtype=np.uint32, copy=True)
+        else:
+            check_update(update, s.vector_length)
+            seed = self._rounding_seed if self._rounding_seed is not None else os.urandom(SEED_BYTES)
+            acc = quantize(update, plan, seed)
         acc += expand_mask(self._self_seed, s.vector_length)  # uint32 wraps mod 2^32
         for peer in sorted(self._u2):
             pseed = pairwise_mask_seed(self._mask_sk, self._peers[peer].mask_pk, self.session_id,
@@ -326,8 +354,7 @@ class SecAggClient:
                 acc -= mask
         acc &= np.uint32(plan.modulus - 1)
         self._update = None  # drop the plaintext update once masked
-        words = acc if plan.word_dtype is np.uint32 else acc.astype(np.uint16)
-        return msg.encode_masked(self.session_id, self.client_id, words)
+        return msg.encode_masked(self.session_id, self.client_id, acc, plan.bits)
 
     def _on_unmask_request(self, data: bytes) -> bytes:
         s = _need(self._setup)

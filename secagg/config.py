@@ -72,14 +72,19 @@ DEFAULT_EXPECTED_DROPOUT = 0.1
 
 
 def plan_graph(n: int, expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
-               max_abort_prob: float = 0.01) -> GraphPlan:
-    """Smallest even degree (or the complete graph) and then largest threshold meeting the target."""
+               max_abort_prob: float = 0.01, *, complete: bool = False) -> GraphPlan:
+    """Smallest even degree (or the complete graph) and then largest threshold meeting the target.
+
+    ``complete``: the complete graph only, whose threshold is the largest any graph allows
+    (user-level DP sizes each client's noise for ``threshold - 1`` other survivors).
+    """
     if n < MIN_CLIENTS:
         raise SecAggConfigError(f"n={n} must be >= {MIN_CLIENTS} for secure aggregation to hide anyone")
     _check_prob("expected_dropout", expected_dropout, upper_open=True)
     _check_prob("max_abort_prob", max_abort_prob, upper_open=False)
     floor_degree = min(n - 1, max(2, 2 * math.ceil(math.log2(n))))
-    candidates = [k for k in range(floor_degree, n - 1) if k % 2 == 0] + [n - 1]
+    candidates = [] if complete else [k for k in range(floor_degree, n - 1) if k % 2 == 0]
+    candidates.append(n - 1)
     for k in candidates:
         t = min_safe_threshold(k)
         if t > k or abort_probability(n, k, t, expected_dropout) > max_abort_prob:
@@ -166,6 +171,14 @@ class SecAggConfig:
                 )
         resolved.quantization(n)  # security: fail closed now if the sum of n clients could wrap
         return resolved
+
+    def resolve_complete(self, n: int) -> SecAggConfig:
+        """Like :meth:`resolve`, but a planned graph is the complete one with its largest
+        threshold meeting the abort target (explicit degree and threshold are kept)."""
+        if self.degree is None and n >= MIN_CLIENTS:
+            gp = plan_graph(n, self.expected_dropout, self.max_abort_prob, complete=True)
+            return replace(self, degree=gp.degree, threshold=gp.threshold).resolve(n)
+        return self.resolve(n)
 
     def quantization(self, n: int) -> QuantizationPlan:
         """Quantisation plan for ``n`` participants."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +42,7 @@ class InMemoryRun:
 
 def run_in_memory(
     config: SecAggConfig,
-    updates: Mapping[int, npt.NDArray[np.floating[npt.NBitBase]]],
+    updates: Mapping[int, npt.NDArray[Any]],
     *,
     session_id: bytes = b"fedpeft-secagg-test-session",
     dropouts: Mapping[Stage, Collection[int]] | None = None,
@@ -49,14 +50,21 @@ def run_in_memory(
     graph_seed: bytes | None = None,
     tamper: Tamper | None = None,
     drop_invalid: bool = False,
+    field_inputs: bool = False,
 ) -> InMemoryRun:
-    """Run SETUP .. UNMASK for ``updates`` (client id -> float vector) and return the result."""
+    """Run SETUP .. UNMASK for ``updates`` (client id -> float vector) and return the result.
+
+    ``field_inputs``: the updates are ``uint32`` field words, given to each client after SETUP
+    (:meth:`SecAggClient.set_field_input`) instead of quantised floats.
+    """
     ids = sorted(updates)
     length = int(next(iter(updates.values())).shape[0]) if updates else 0
     server = SecAggServer(config, ids, length, session_id, graph_seed=graph_seed, drop_invalid=drop_invalid)
     clients = {cid: SecAggClient(cid, session_id, config, expected_vector_length=length) for cid in ids}
     for cid in ids:
-        clients[cid].set_update(updates[cid], None if rounding_seeds is None else rounding_seeds[cid])
+        if not field_inputs:
+            clients[cid].set_update(updates[cid],
+                                    None if rounding_seeds is None else rounding_seeds[cid])
     gone: set[int] = set()
     drops = {stage: set(v) for stage, v in (dropouts or {}).items()}
     run_server_s: dict[str, float] = {}
@@ -79,6 +87,8 @@ def run_in_memory(
                 continue
             t0 = time.perf_counter()
             reply = clients[cid].handle(request)
+            if field_inputs and stage is Stage.ADVERTISE_KEYS:
+                clients[cid].set_field_input(updates[cid].astype(np.uint32))
             client_s[cid] += time.perf_counter() - t0
             if tamper is not None:
                 reply = tamper(stage, "reply", cid, reply)

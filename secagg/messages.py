@@ -24,12 +24,13 @@ import numpy.typing as npt
 
 from fedpeft.secagg.errors import MalformedMessageError, StageError
 from fedpeft.secagg.kdf import KEY_BYTES, SHARE_CIPHERTEXT_BYTES
+from fedpeft.secagg.packing import pack_words, packed_size, unpack_words
 from fedpeft.secagg.shamir import SHARE_BYTES
 
 #: First 4 bytes of every message.
 MAGIC = b"FPSA"
 #: Wire-format version (header byte 5); any other value is rejected.
-VERSION = 1
+VERSION = 2  # 2: masked inputs bit-packed (u8 bits, not a word size)
 #: Longest session id (the id binds every message and key to one round).
 MAX_SESSION_BYTES = 64
 #: Shortest session id.
@@ -347,38 +348,27 @@ def _read_ciphertexts(r: _Reader, what: str) -> dict[int, bytes]:
     return out
 
 
-def encode_masked(
-    session_id: bytes, me: int, words: npt.NDArray[np.uint16] | npt.NDArray[np.uint32]
-) -> bytes:
+def encode_masked(session_id: bytes, me: int, words: npt.NDArray[np.uint32], bits: int) -> bytes:
     """MASKED message from client ``me``: its masked input.
 
-    Body: ``u8 word size | u32 length | length x word`` (little-endian); ``words`` is the masked,
-    quantised update mod 2^bits (``uint16`` for bits <= 16, else ``uint32``).
+    Body: ``u8 bits | u32 length | packed words`` (:func:`fedpeft.secagg.packing.pack_words`:
+    ``bits`` bits a word, little-endian bit order); ``words`` is the masked input mod 2^bits.
     """
-    item = words.dtype.itemsize
-    return (
-        encode_header(Kind.MASKED, session_id, me)
-        + struct.pack(">BI", item, words.shape[0])
-        + words.astype(words.dtype.newbyteorder("<"), copy=False).tobytes()
-    )
+    return (encode_header(Kind.MASKED, session_id, me) + struct.pack(">BI", bits, words.shape[0])
+            + pack_words(words, bits))
 
 
-def decode_masked(
-    data: bytes, session_id: bytes, sender: int, length: int, dtype: type[np.uint16] | type[np.uint32]
-) -> npt.NDArray[np.uint16] | npt.NDArray[np.uint32]:
-    """Parse a MASKED message from ``sender`` with exactly ``length`` words of ``dtype``.
-
-    Returns a view of the message buffer (no copy; read-only for ``bytes`` input).
-    """
+def decode_masked(data: bytes, session_id: bytes, sender: int, length: int,
+                  bits: int) -> npt.NDArray[np.uint32]:
+    """Parse a MASKED message from ``sender`` with exactly ``length`` words of ``bits`` bits."""
     r = open_message(data, Kind.MASKED, session_id, sender)
-    item, count = r.unpack(">BI", "vector header")
-    want = np.dtype(dtype).itemsize
-    if int(item) != want or int(count) != length:  # security: exact size, no padding/truncation
+    got_bits, count = r.unpack(">BI", "vector header")
+    if int(got_bits) != bits or int(count) != length:  # security: exact size, no padding/truncation
         raise MalformedMessageError(
-            f"masked vector from client {sender} has word size={item}, length={count}; "
-            f"expected {want} and {length}"
+            f"masked vector from client {sender} has bits={got_bits}, length={count}; "
+            f"expected {bits} and {length}"
         )
-    words = np.frombuffer(r.view(want * length, "masked vector"), dtype=np.dtype(dtype).newbyteorder("<"))
+    words = unpack_words(r.view(packed_size(length, bits), "masked vector"), length, bits)
     r.end()
     return words
 

@@ -80,11 +80,6 @@ class QuantizationPlan:
         n = self.n_clients if n_summed is None else n_summed
         return self.step / (2.0 * math.sqrt(max(n, 1)))
 
-    @property
-    def word_dtype(self) -> type[np.uint16] | type[np.uint32]:
-        """Compact wire word: ``uint16`` for b <= 16, else ``uint32``."""
-        return np.uint16 if self.bits <= 16 else np.uint32
-
 
 def plan_quantization(
     clip: float, n_clients: int, bits: int = 32, max_level: int | None = None

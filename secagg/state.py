@@ -66,9 +66,12 @@ STAGE_CODES: dict[Stage, int] = {
     Stage.DONE: 4, Stage.ABORTED: 5,
 }
 _CODE_STAGES = {v: k for k, v in STAGE_CODES.items()}
-#: Wire codes of the update dtypes that can be exported.
+#: Wire codes of the update dtypes that can be exported (``uint32``: field words, sent as they
+#: are; a float update is quantised by the client at the masked-input stage).
 DTYPE_CODES: dict[np.dtype[Any], int] = {
     np.dtype(np.float16): 1, np.dtype(np.float32): 2, np.dtype(np.float64): 3,
+    # already encoded field words (the distributed discrete Gaussian's output, mod 2^bits)
+    np.dtype(np.uint32): 4,
 }
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _STAGE_RANK = {Stage.SETUP: 0, Stage.ADVERTISE_KEYS: 1, Stage.SHARE_KEYS: 2, Stage.COLLECT_MASKED: 3,
@@ -90,7 +93,7 @@ class ClientState:
     expected_vector_length: int | None
     stage: Stage
     abort_reason: str | None
-    update: npt.NDArray[np.floating[npt.NBitBase]] | None = field(repr=False)
+    update: npt.NDArray[Any] | None = field(repr=False)
     rounding_seed: bytes | None = field(repr=False)
     setup: msg.Setup | None
     graph_neighbours: frozenset[int]
@@ -127,6 +130,9 @@ class ClientState:
             n = update.shape[0]
             if (setup is not None and n != setup.vector_length) or (expected is not None and n != expected):
                 bad(f"update length={n} differs from the round's vector length")
+            if (update.dtype == np.uint32 and setup is not None and setup.bits < 32
+                    and bool(np.any(update >> np.uint32(setup.bits)))):
+                bad(f"field words >= 2^bits={setup.bits}")
         if stage is Stage.ABORTED:
             return
         rank = _STAGE_RANK[stage]
@@ -350,18 +356,19 @@ def _decode_config(r: _StateReader) -> SecAggConfig | None:
         raise StateError(f"stored config is invalid: {exc}") from exc
 
 
-def _encode_update(update: npt.NDArray[np.floating[npt.NBitBase]] | None) -> bytes:
+def _encode_update(update: npt.NDArray[Any] | None) -> bytes:
     if update is None:
         return b"\x00"
     dtype = np.dtype(update.dtype).newbyteorder("=")
     if dtype not in DTYPE_CODES:
-        raise StateError(f"update dtype={update.dtype} cannot be exported; use float16, float32 or float64")
+        raise StateError(f"update dtype={update.dtype} cannot be exported; use float16, float32, "
+                         "float64 or uint32 field words")
     raw = np.ascontiguousarray(update, dtype=dtype.newbyteorder("<")).tobytes()
     shape = struct.pack(f">B{update.ndim}Q", update.ndim, *update.shape)
     return b"\x01" + struct.pack(">B", DTYPE_CODES[dtype]) + shape + raw
 
 
-def _decode_update(r: _StateReader) -> npt.NDArray[np.floating[npt.NBitBase]] | None:
+def _decode_update(r: _StateReader) -> npt.NDArray[Any] | None:
     if not r.flag("update"):
         return None
     code = r.u(">B", "update dtype")
@@ -376,7 +383,7 @@ def _decode_update(r: _StateReader) -> npt.NDArray[np.floating[npt.NBitBase]] | 
         raise StateError(f"update length={length} exceeds {msg.MAX_VECTOR_LENGTH}; the state is corrupt")
     raw = r.take(length * dtype.itemsize, "update values")
     words = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
-    out: npt.NDArray[np.floating[npt.NBitBase]] = words.astype(dtype)
+    out: npt.NDArray[Any] = words.astype(dtype)
     return out
 
 

@@ -52,7 +52,25 @@ def summary_table(run_dir: Path) -> str:
             f"{r.get('seconds', 0):>7.1f}")
         for f in r.get("faults", []):
             lines.append(f"      fault: {f}")
+    lines.append(headline(run_dir, rows))
     return "\n".join(lines)
+
+
+def headline(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """One line: the held-out metric before and after, and which DP level the run had."""
+    try:
+        flat = json.loads((run_dir / "run_config.json").read_text())["run_config"]
+        dp, level, secagg = bool(flat.get("dp")), str(flat.get("dp-level", "record")), bool(
+            flat.get("secagg"))
+    except (OSError, ValueError, KeyError, TypeError):
+        dp, level, secagg = True, "unknown (run_config.json unreadable)", True
+    evals = [r["eval"] for r in rows if r.get("eval")]
+    if not evals:
+        return "held-out metric: none recorded"
+    name = "accuracy" if "accuracy" in evals[0] else "perplexity"
+    first, last = float(evals[0].get(name, float("nan"))), float(evals[-1].get(name, float("nan")))
+    return (f"held-out {name}: {first:.4g} before -> {last:.4g} after; DP level: "
+            f"{level if dp else 'off'}; secure aggregation {'on' if secagg else 'off'}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -99,9 +117,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def print_privacy_report(run_dir: Path) -> None:
-    """Recompute every client's epsilon from its ledger file and print the table (+JSON, PNG)."""
+    """Recompute every epsilon from the ledgers and print each level's table (+JSON, PNG):
+    record level from the clients' ledgers, user level from the coordinator's."""
+    user_dir = run_dir / "user-ledger"
+    user_level = user_dir.is_dir() and any(user_dir.glob("*.ledger.jsonl"))
+    if user_level:
+        print_user_report(user_dir, run_dir)
     ledgers = run_dir / "ledgers"
-    if not ledgers.is_dir() or not any(ledgers.glob("*.ledger.jsonl")):
+    record_files = list(ledgers.glob("*.ledger.jsonl")) if ledgers.is_dir() else []
+    if user_level and not _run_had_record_dp(run_dir):
+        return
+    if not record_files:
         if _run_had_dp(run_dir):
             print("\nprivacy: differential privacy was on, but no client trained in this run "
                   "(no ledger was written): no privacy was spent and no update was released; "
@@ -117,11 +143,50 @@ def print_privacy_report(run_dir: Path) -> None:
     )
 
     reports = reports_from_path(ledgers)
-    print("\nprivacy report (epsilon recomputed from each client's ledger):")
+    print("\nprivacy report, record level (epsilon recomputed from each client's ledger):")
     print(render_table(reports))
     write_report_json(reports, run_dir / "privacy_ledgers.json")
     plot_epsilon(reports, run_dir / "privacy_epsilon.png")
     print(f"written: {run_dir / 'privacy_ledgers.json'}, {run_dir / 'privacy_epsilon.png'}")
+
+
+#: Users listed one per row in the printed user-level table (more: the summary and the JSON).
+MAX_PRINTED_USERS = 30
+
+
+def print_user_report(user_dir: Path, run_dir: Path) -> None:
+    """Print the coordinator's user-level report (epsilon per user, recomputed)."""
+    from dataclasses import replace
+
+    from fedpeft.privacy.accounting.report import (
+        render_user_table,
+        reports_by_level,
+        user_report_to_dict,
+    )
+
+    reports = reports_by_level(user_dir, anchor_dir=run_dir / "user-ledger-anchors").user
+    print("\nprivacy report, user level (epsilon recomputed from the coordinator's ledger):")
+    for report in reports:
+        shown = report
+        if len(report.users) > MAX_PRINTED_USERS:
+            top = sorted(report.users, key=lambda u: -u.epsilon)[:MAX_PRINTED_USERS]
+            shown = replace(report, users=tuple(top))
+        print(render_user_table(shown))
+        if shown is not report:
+            print(f"(the {MAX_PRINTED_USERS} users with the largest epsilon of "
+                  f"{len(report.users)} are listed; every user is in the JSON)")
+    out = run_dir / "privacy_user_level.json"
+    out.write_text(json.dumps([user_report_to_dict(r) for r in reports], indent=1))
+    print(f"written: {out}")
+
+
+def _run_had_record_dp(run_dir: Path) -> bool:
+    """Whether the run's recorded config had record-level DP (True when unknown)."""
+    try:
+        doc = json.loads((run_dir / "run_config.json").read_text())
+        return str(doc["run_config"].get("dp-level", "record")) in ("record", "both")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
 
 
 def _run_had_dp(run_dir: Path) -> bool:

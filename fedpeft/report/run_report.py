@@ -98,7 +98,8 @@ def write_report(run_dir: Path) -> Path:
                for k in ("min", "median", "max")})
     lines = [f"# Run report: {run_dir.name}", "",
              f"Preset: `{config.get('preset', '?')}`; model `{config.get('model', '?')}`, "
-             f"method `{config.get('method', '?')}`; DP {'on' if config.get('dp') else 'off'}, "
+             f"method `{config.get('method', '?')}`; DP "
+             f"{'on (' + str(config.get('dp-level', 'record')) + ' level)' if config.get('dp') else 'off'}, "
              f"secure aggregation {'on' if config.get('secagg') else 'off'}.", "",
              "| round | " + metric + " | eval loss | clients ok/selected | epsilon min/median/max "
              "| exhausted | MB up | MB down | seconds | SecAgg clipped |",
@@ -107,6 +108,9 @@ def write_report(run_dir: Path) -> Path:
         ev = r.get("eval", {})
         eps = r.get("dp_epsilon")
         eps_s = f"{eps['min']:.2f}/{eps['median']:.2f}/{eps['max']:.2f}" if eps else "-"
+        if "dp_user_epsilon_max" in r:  # user level: the largest per-user epsilon so far
+            user_s = f"user max {float(r['dp_user_epsilon_max']):.2f}"
+            eps_s = user_s if eps_s == "-" else f"{eps_s}; {user_s}"
         lines.append(
             f"| {r['round']} | {ev.get(metric, float('nan')):.4f} | {ev.get('loss', float('nan')):.4f} "
             f"| {r.get('ok', '-')}/{r.get('selected', '-')} | {eps_s} | {r.get('dp_exhausted', '-')} "

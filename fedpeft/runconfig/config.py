@@ -19,6 +19,7 @@ from fedpeft.core.protocol import Scalar
 from fedpeft.data.config import DataConfig
 from fedpeft.peft_methods.registry import METHODS, AdapterConfig, method_knobs
 from fedpeft.privacy.dp_config import DPConfig
+from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, round_plan
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.errors import SecAggError
 from fedpeft.training.config import TrainConfig
@@ -36,6 +37,9 @@ def unused_server_knobs(aggregation: str) -> tuple[str, ...]:
     return tuple(k for k, users in SERVER_KNOBS.items() if aggregation not in users)
 
 WEIGHTINGS = ("examples", "uniform")
+#: ``dp-level``: record-level DP-SGD on each device, user-level distributed noise under SecAgg,
+#: or both (each guarantee accounted and reported on its own).
+DP_LEVELS = ("record", "user", "both")
 
 
 
@@ -98,6 +102,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     secagg: SecAggConfig | None = None
     dp: DPConfig = field(default_factory=DPConfig)
+    user_dp: UserDPConfig = field(default_factory=UserDPConfig)
     ledger_dir: str = ""
     seed: int = 0
     run_dir: str = "runs/latest"
@@ -113,6 +118,17 @@ class RunConfig:
 
     def as_flat(self) -> dict[str, Scalar]:
         return dict(self.flat)
+
+    @property
+    def dp_level(self) -> str:
+        """Which guarantees the run gives: ``record``, ``user``, ``both`` or ``off``."""
+        return {(True, False): "record", (False, True): "user", (True, True): "both",
+                (False, False): "off"}[(self.dp.enabled, self.user_dp.enabled)]
+
+    @property
+    def private(self) -> bool:
+        """Any DP level is on: replies carry only the documented fields."""
+        return self.dp.enabled or self.user_dp.enabled
 
 
 def _default(cls: type[Any], name: str) -> Scalar:
@@ -151,6 +167,8 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "lr-final-fraction": (TrainConfig, "lr_final_fraction"),
     "dp-delta": (DPConfig, "delta"), "dp-clip": (DPConfig, "max_grad_norm"),
     "dp-accountant": (DPConfig, "accountant"),
+    "dp-user-epsilon": (UserDPConfig, "target_epsilon"), "dp-user-delta": (UserDPConfig, "delta"),
+    "dp-user-clip": (UserDPConfig, "clip"), "dp-user-colluders": (UserDPConfig, "colluders"),
     "secagg-bits": (SecAggConfig, "bits"), "secagg-dropout": (SecAggConfig, "expected_dropout"),
     "secagg-max-abort": (SecAggConfig, "max_abort_prob"),
 }
@@ -180,6 +198,11 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-epsilon-budget": 0.0,  # 0 = the target epsilon is also the hard budget
     "dp-accountant": _default(*KNOB_FIELDS["dp-accountant"]),
     "dp-grad-sample-mode": "ew",  # the fastest exact engine here (docs/benchmarks.md)
+    "dp-level": "record",  # record | user | both (docs/privacy.md, "User-level DP")
+    **{k: _default(*KNOB_FIELDS[k]) for k in (
+        "dp-user-epsilon", "dp-user-delta", "dp-user-clip", "dp-user-colluders")},
+    "dp-user-participations": 0,  # 0 = num-rounds (a user may join every round)
+    "dp-user-budget": 0.0,  # 0 = dp-user-epsilon is also the hard per-user budget
     "ledger-dir": "",  # "" = RUN_DIR/ledgers
     "secagg": True,  # the coordinator sees only the sum
     "secagg-bits": _default(*KNOB_FIELDS["secagg-bits"]),
@@ -244,8 +267,27 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
                                   degree=int(v["secagg-degree"]) or None)
         except SecAggError as exc:
             raise ConfigError(f"secure aggregation settings: {exc}") from exc
+    level = str(v["dp-level"])
+    if level not in DP_LEVELS:
+        raise ConfigError(f"dp-level={level!r} must be one of {list(DP_LEVELS)}")
+    if not bool(v["dp"]) and level != "record":
+        raise ConfigError(f"dp=false with dp-level={level!r}: say which you mean; set dp=true "
+                          "for a private run, or drop dp-level for a non-private one")
+    user_dp = UserDPConfig()
+    if bool(v["dp"]) and level in ("user", "both"):
+        if secagg is None:
+            # security: the distributed noise protects a user only inside the secure sum
+            raise ConfigError(f"dp-level={level!r} needs secagg=true: each client adds only a "
+                              "share of the noise, so its update must never be seen alone")
+        user_budget = float(v["dp-user-budget"])
+        user_dp = UserDPConfig(
+            enabled=True, target_epsilon=float(v["dp-user-epsilon"]),
+            delta=float(v["dp-user-delta"]), clip=float(v["dp-user-clip"]),
+            participations=int(v["dp-user-participations"]) or int(v["num-rounds"]),
+            colluders=int(v["dp-user-colluders"]),
+            epsilon_max=user_budget if user_budget > 0 else None)
     dp = DPConfig()
-    if bool(v["dp"]):
+    if bool(v["dp"]) and level in ("record", "both"):
         sigma = float(v["dp-noise-multiplier"])
         target = float(v["dp-target-epsilon"])
         budget = float(v["dp-epsilon-budget"])
@@ -266,6 +308,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         preset=str(v["preset"]),
         secagg=secagg,
         dp=dp,
+        user_dp=user_dp,
         ledger_dir=str(v["ledger-dir"]),
         model=ModelConfig(name=str(v["model"]), task=task,  # type: ignore[arg-type]
                           num_hidden_layers=layers or None, num_labels=int(v["num-labels"]),
@@ -296,3 +339,40 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         flat=tuple(sorted(v.items())),
     )
 
+
+
+def planned_clients(run: RunConfig, population: int) -> int:
+    """Clients a round asks for: ``clients-per-round`` of ``population`` (all when 0)."""
+    k = run.federation.clients_per_round
+    return population if k <= 0 or k >= population else k
+
+
+def user_round_plan(run: RunConfig, population: int, dimension: int) -> RoundPlan:
+    """The user-level plan of this run's rounds, the same on every client and the coordinator
+    (:func:`fedpeft.privacy.user_level.round_plan`): the field and threshold of a round of
+    :func:`planned_clients` of ``population``, an update of ``dimension`` coordinates.
+
+    The SecAgg graph of a user-level round is the complete one unless ``secagg-degree`` is
+    set (:meth:`SecAggConfig.resolve_complete`): its threshold, the most noise shares every
+    client can verify are in the sum, is the largest, so each client adds the least noise.
+
+    Raises :class:`ConfigError` naming the knob when user-level DP is off or the plan cannot
+    meet its target (before any round runs)."""
+    if run.secagg is None or not run.user_dp.enabled:
+        raise ConfigError("user-level DP needs dp-level = 'user' or 'both' and secagg=true")
+    n = planned_clients(run, population)
+    try:
+        resolved = run.secagg.resolve_complete(n)
+    except SecAggError as exc:
+        raise ConfigError(f"user-level DP plans rounds of {n} clients: {exc}") from exc
+    try:
+        return round_plan(run.user_dp, planned_clients=n,
+                          threshold=int(resolved.threshold or 0), dimension=dimension,
+                          bits=run.secagg.bits)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"user-level DP cannot meet dp-user-epsilon={run.user_dp.target_epsilon} over "
+            f"dp-user-participations={run.user_dp.participations} with secagg-bits="
+            f"{run.secagg.bits} and rounds of {n} clients (SecAgg threshold "
+            f"{resolved.threshold}, dp-user-colluders={run.user_dp.colluders}): {exc}. Raise "
+            "secagg-bits or clients-per-round, or lower dp-user-participations") from exc

@@ -1,7 +1,8 @@
 """Framework-free differential privacy accounting for fedpeft clients.
 
 Events (:mod:`.events`), accountants (:mod:`.accountant`, PRV default and RDP), noise
-calibration (:mod:`.calibrate`), the crash-safe hash-chained ledger (:mod:`.ledger`), budgets
+calibration (:mod:`.calibrate`), the crash-safe hash-chained ledger (:mod:`.ledger`: clients'
+record-level ledgers and the coordinator's user-level release ledger), budgets
 (:mod:`.budget`) and reports (:mod:`.report`); replace-one (substitution) maths in
 :mod:`.replace_one`. Importing this package does not import torch or
 Opacus; accountants import Opacus lazily. See docs/privacy.md.
@@ -48,21 +49,29 @@ from fedpeft.privacy.accounting.events import (
     sample_rate_from,
 )
 from fedpeft.privacy.accounting.ledger import (
+    AbortRecord,
     Ledger,
     LedgerEntry,
     LedgerHead,
+    LedgerLevel,
     LedgerSnapshot,
+    ReleaseEntry,
+    ReleaseMetadata,
+    UserBudgetExhaustedError,
     read_ledger,
+    user_epsilons,
+    user_events,
 )
 
 __all__ = [
     "ACCOUNTANTS", "ADJACENCIES", "BUDGET_EXHAUSTED_STATUS", "DEFAULT_ACCOUNTANT",
-    "DEFAULT_ADJACENCY", "Adjacency", "AccountingError",
+    "DEFAULT_ADJACENCY", "AbortRecord", "Adjacency", "AccountingError",
     "Budget", "BudgetDecision", "BudgetExhaustedError", "CalibrationError", "EpsilonResult",
     "EventMetadata", "EventValidationError", "Ledger", "LedgerCorruptedError", "LedgerEntry",
-    "LedgerError", "LedgerHead", "LedgerLockedError", "LedgerReceiptError",
+    "LedgerError", "LedgerHead", "LedgerLevel", "LedgerLockedError", "LedgerReceiptError",
     "LedgerRollbackError", "LedgerSnapshot", "PoissonSampledGaussianEvent",
-    "PrivacyPlan", "calibrate_noise_multiplier", "check_round", "compute_epsilon", "epsilon",
+    "PrivacyPlan", "ReleaseEntry", "ReleaseMetadata", "UserBudgetExhaustedError",
+    "calibrate_noise_multiplier", "check_round", "compute_epsilon", "epsilon",
     "epsilon_side_by_side", "group_events", "new_event_id", "plan", "read_ledger",
-    "require_round", "sample_rate_from", "validate_adjacency",
+    "require_round", "sample_rate_from", "user_epsilons", "user_events", "validate_adjacency",
 ]

@@ -60,7 +60,8 @@ def add_privacy_parser(subparsers: Any) -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="print JSON instead of text")
     u.set_defaults(func=cmd_plan_user)
 
-    r = sub.add_parser("report", help="privacy report from ledger files")
+    r = sub.add_parser("report", help="privacy report from ledger files (record- and "
+                                      "user-level, each level in its own table)")
     r.add_argument("path", help="a *.ledger.jsonl file or a directory searched recursively")
     r.add_argument("--json-out", default=None, help="write the report as JSON here")
     r.add_argument("--png-out", default=None, help="write an epsilon-over-rounds plot here")
@@ -133,21 +134,29 @@ def cmd_plan_user(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the privacy table for a ledger or directory; optionally write JSON/PNG."""
+    """Print the privacy table of each level found (record-level clients in one table, each
+    user-level ledger in its own); optionally write JSON/PNG. Returns the exit code."""
     from fedpeft.privacy.accounting.report import (
         plot_epsilon,
         render_table,
-        reports_from_path,
+        render_user_table,
+        reports_by_level,
         write_report_json,
     )
 
-    reports = reports_from_path(args.path)
-    if not reports:
+    got = reports_by_level(args.path)
+    if not got.levels:
         print(f"no ledger files (*.ledger.jsonl) found under {args.path}", file=sys.stderr)
         return 1
-    print(render_table(reports))
+    tables = ([render_table(got.record)] if got.record else []) + [
+        render_user_table(u) for u in got.user]
+    print("\n\n".join(tables))
     if args.json_out:
-        print(f"wrote {write_report_json(reports, args.json_out)}")
+        print(f"wrote {write_report_json(got.record, args.json_out, got.user)}")
     if args.png_out:
-        print(f"wrote {plot_epsilon(reports, args.png_out)}")
+        if got.record:
+            print(f"wrote {plot_epsilon(got.record, args.png_out)}")
+        else:
+            print("no record-level ledgers: --png-out plots clients' epsilon over rounds, "
+                  "nothing written", file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""Append-only, hash-chained, crash-safe privacy ledger of mechanism events (one per client).
+"""Append-only, hash-chained, crash-safe privacy ledger of mechanism events (one per client;
+the coordinator keeps a user-level one of its releases).
 
 Format
 ------
@@ -20,9 +21,26 @@ the public run seed, so those rounds are not private against the coordinator). A
 opened by this code is continued, never rewritten: new reserve records are appended in the
 v2 form (after the first one, v1-form reserve records are refused).
 
-Accounting rules: a reserved event without commit counts as SPENT (the noisy update may have
-been released); commit is idempotent by event id; reserving an existing id is an error.
-Epsilon is always recomputed from events; a cached epsilon in a commit record is labelled
+Version 3 (:data:`FORMAT_VERSION`) headers carry ``level`` (:data:`LedgerLevel`, below);
+v1 and v2 headers are read as level ``"record"`` and such ledgers are continued as they are.
+
+Levels
+------
+A ``"record"`` ledger (a client's, on its device) holds that client's DP-SGD events:
+``reserve`` and ``commit`` records. A ``"user"`` ledger (the coordinator's) holds one
+*release* per round of user-level DP, the distributed discrete Gaussian under secure
+aggregation (Kairouz, Liu and Steinke, ICML 2021; :mod:`.ddg`): a ``release`` record (the
+:class:`~fedpeft.privacy.accounting.ddg.DistributedDiscreteGaussianEvent` of the noisy sum
+actually released, and the sorted client ids of the users whose updates are in it), written
+and fsynced before the sum may be unmasked; a ``commit`` record once it was; and ``abort``
+records (a round that released nothing, and why; they spend nothing). A user's epsilon is the
+composition of the releases that include the user (:func:`user_epsilons`). Each level's
+records in a ledger of the other level are corruption, and each level's methods refuse on the
+other level. Everything else below (hash chain, head, anchors, lock, receipts) is the same.
+
+Accounting rules: a reserved event (or release) without commit counts as SPENT (the noisy
+update may have been released); commit is idempotent by event id; reserving an existing id
+is an error. Epsilon is always recomputed from events; a cached epsilon in a commit record is labelled
 display-only and never read back as truth. A ledger composes under ``"replace_one"`` if any
 of its events is replace-one, else ``"add_remove"`` (:attr:`LedgerSnapshot.adjacency`): the
 more conservative relation wins, never the optimistic one.
@@ -119,14 +137,16 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedpeft.privacy.accounting.budget import Budget, BudgetDecision, require_round
 from fedpeft.privacy.accounting.errors import (
+    BudgetExhaustedError,
     EventValidationError,
     LedgerCorruptedError,
     LedgerError,
@@ -139,17 +159,28 @@ from fedpeft.privacy.accounting.events import (
     EventMetadata,
     PoissonSampledGaussianEvent,
     Sampling,
+    new_event_id,
     utc_now,
+    validate_delta,
     validate_identifier,
 )
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
 
 LOGGER = logging.getLogger(__name__)
 
 LEDGER_SUFFIX = ".ledger.jsonl"
 FORMAT_NAME = "fedpeft-privacy-ledger"
-FORMAT_VERSION = 2
-#: Versions this code reads (v1: reserve records without adjacency/sampling).
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this code reads (v1: reserve records without adjacency/sampling; v3: ``level``).
+SUPPORTED_VERSIONS = (1, 2, 3)
+#: What a ledger accounts: ``"record"`` (a client's DP-SGD events) or ``"user"`` (the
+#: coordinator's releases of user-level DP). Fixed when the ledger is created.
+LedgerLevel = Literal["record", "user"]
+LEVELS: tuple[LedgerLevel, ...] = ("record", "user")
+#: Longest reason an ``abort`` record holds.
+ABORT_REASON_MAX_CHARS = 1000
 #: How v1 reserve records are read (see the module docstring).
 V1_ADJACENCY: Adjacency = "replace_one"
 V1_SAMPLING: Sampling = "seeded"
@@ -162,6 +193,7 @@ ANCHOR_VERSION = 1
 RECEIPT_MAX_CHARS = 96
 _READ_ATTEMPTS = 3
 _OPEN_ATTEMPTS = 5
+_EPSILON_CACHE_MAX = 4096
 
 EntryStatus = Literal["pending", "committed"]
 
@@ -170,7 +202,14 @@ _HEADER_KEYS = frozenset({"kind", "seq", "prev", "hash", "format", "version", "c
 _RESERVE_KEYS_V1 = frozenset({"kind", "seq", "prev", "hash", "event_id", "sample_rate",
                               "noise_multiplier", "steps", "round_number", "dataset_size",
                               "delta", "clip_norm", "run_id", "timestamp"})
+_HEADER_KEYS_V3 = _HEADER_KEYS | {"level"}
 _RESERVE_KEYS = _RESERVE_KEYS_V1 | {"adjacency", "sampling"}
+_RELEASE_KEYS = frozenset({"kind", "seq", "prev", "hash", "event_id", "sample_rate", "clip",
+                           "granularity", "local_variance", "contributors", "dimension",
+                           "beta", "steps", "round_number", "users", "others", "delta",
+                           "run_id", "timestamp"})
+_ABORT_KEYS = frozenset({"kind", "seq", "prev", "hash", "round_number", "reason",
+                         "timestamp"})
 _COMMIT_KEYS = frozenset({"kind", "seq", "prev", "hash", "event_id", "timestamp",
                           CACHED_EPSILON_KEY})
 _ANCHOR_KEYS = frozenset({"format", "version", "client_id", "ledger_path", "ledger_id",
@@ -281,12 +320,166 @@ class LedgerEntry:
     cached_epsilon_display_only: float | None = None
 
 
+def validate_level(level: str, *, name: str = "level") -> LedgerLevel:
+    """Return ``level`` if it is ``"record"`` or ``"user"``."""
+    if level == "record":
+        return "record"
+    if level == "user":
+        return "user"
+    raise EventValidationError(
+        f"{name}={level!r} must be one of {list(LEVELS)} ('record' for a client's DP-SGD "
+        "ledger, 'user' for the coordinator's ledger of user-level releases).")
+
+
+def _require_round_number(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EventValidationError(f"round_number={value!r} must be an integer >= 0.")
+    return value
+
+
+def _require_timestamp(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise EventValidationError(f"timestamp={value!r} must be a non-empty string.")
+    return value
+
+
+@dataclass(frozen=True)
+class ReleaseMetadata:
+    """What a user-level ledger records about a release besides the mechanism itself.
+
+    ``users`` are the client ids whose updates are in the released sum (each a
+    :func:`validate_identifier` id; at least one; stored sorted, duplicates refused: a user's
+    update is in a sum at most once). ``delta`` is the delta the release is accounted at.
+    """
+
+    round_number: int
+    users: tuple[str, ...]
+    delta: float
+    run_id: str
+    event_id: str = field(default_factory=new_event_id)
+    timestamp: str = field(default_factory=utc_now)
+    #: users in the sum besides ``users`` that the recorder cannot name: a device records its
+    #: own releases knowing only that at least the SecAgg threshold - 1 others are summed
+    others: int = 0
+
+    def __post_init__(self) -> None:
+        _require_round_number(self.round_number)
+        if isinstance(self.others, bool) or not isinstance(self.others, int) or self.others < 0:
+            raise EventValidationError(f"others={self.others!r} must be an integer >= 0 (the "
+                                       "users in the sum the recorder cannot name)")
+        users: object = self.users
+        if isinstance(users, (str, bytes)) or not isinstance(users, (tuple, list)):
+            raise EventValidationError(
+                f"users={users!r} must be a tuple of client-id strings (the users whose "
+                "updates are in the released sum).")
+        for i, user in enumerate(users):
+            validate_identifier(user, name=f"users[{i}]")
+        if not users:
+            raise EventValidationError("users=() is empty: a release sums the updates of at "
+                                       "least one user; record a round without one with "
+                                       "Ledger.record_abort.")
+        ordered = tuple(sorted(users))
+        twice = sorted({a for a, b in zip(ordered, ordered[1:], strict=False) if a == b})
+        if twice:
+            raise EventValidationError(
+                f"users lists {twice[:5]!r} more than once: a user's update can be in a sum "
+                "only once; deduplicate the survivors' client ids (two nodes reporting the "
+                "same client id must not both be summed).")
+        object.__setattr__(self, "users", ordered)
+        object.__setattr__(self, "delta", validate_delta(self.delta))
+        validate_identifier(self.run_id, name="run_id")
+        validate_identifier(self.event_id, name="event_id")
+        _require_timestamp(self.timestamp)
+
+
+@dataclass(frozen=True)
+class ReleaseEntry:
+    """One reserved release with its metadata and status (pending counts as spent)."""
+
+    event: DistributedDiscreteGaussianEvent
+    metadata: ReleaseMetadata
+    status: EntryStatus
+
+
+@dataclass(frozen=True)
+class AbortRecord:
+    """A user-level round that released nothing, and why (spends nothing)."""
+
+    round_number: int
+    reason: str
+    timestamp: str = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        _require_round_number(self.round_number)
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise EventValidationError(f"reason={self.reason!r} must be a non-empty string "
+                                       "saying why the round released nothing.")
+        if len(self.reason) > ABORT_REASON_MAX_CHARS:
+            raise EventValidationError(
+                f"reason of {len(self.reason)} characters ({self.reason[:40]!r}...) is too "
+                f"long; shorten it to at most {ABORT_REASON_MAX_CHARS} characters.")
+        _require_timestamp(self.timestamp)
+
+
+class UserBudgetExhaustedError(BudgetExhaustedError):
+    """A release would take some users over the user-level budget (nothing was written).
+
+    ``users`` maps each offending user to its epsilon after the release; ``epsilon_before``
+    and ``epsilon_after`` are those of the worst of them.
+    """
+
+    def __init__(self, message: str, *, users: dict[str, float], epsilon_before: float,
+                 epsilon_after: float, epsilon_max: float) -> None:
+        super().__init__(message, epsilon_before=epsilon_before, epsilon_after=epsilon_after,
+                         epsilon_max=epsilon_max)
+        self.users = users
+
+
+def user_events(releases: Iterable[ReleaseEntry],
+                user: str) -> tuple[DistributedDiscreteGaussianEvent, ...]:
+    """The events of the releases that include ``user`` (pending ones too), in order."""
+    return tuple(r.event for r in releases if user in r.metadata.users)
+
+
+def _histories(releases: Sequence[ReleaseEntry]) -> dict[str, tuple[int, ...]]:
+    """User -> the positions in ``releases`` of the releases that include the user."""
+    held: dict[str, list[int]] = {}
+    for i, release in enumerate(releases):
+        for user in release.metadata.users:
+            held.setdefault(user, []).append(i)
+    return {u: tuple(held[u]) for u in sorted(held)}
+
+
+def user_epsilons(releases: Iterable[ReleaseEntry], delta: float) -> dict[str, float]:
+    """User-level epsilon at ``delta`` of every user in any of ``releases`` (sorted by user).
+
+    Each user's releases are composed with :func:`fedpeft.privacy.accounting.ddg.epsilon`;
+    users with the same releases share one accountant call.
+    """
+    from fedpeft.privacy.accounting import ddg
+
+    delta = validate_delta(delta)
+    got = list(releases)
+    out: dict[str, float] = {}
+    # RDP composes by addition, so a history is its multiset of events, and k equal events
+    # are one with k times the steps: users who joined equally many equal releases share a call
+    cache: dict[frozenset[tuple[DistributedDiscreteGaussianEvent, int]], float] = {}
+    for user, history in _histories(got).items():
+        key = frozenset(Counter(got[i].event for i in history).items())
+        if key not in cache:
+            cache[key] = ddg.epsilon([dataclasses.replace(ev, steps=ev.steps * k)
+                                      for ev, k in sorted(key, key=repr)], delta).epsilon
+        out[user] = cache[key]
+    return out
+
+
 @dataclass(frozen=True)
 class LedgerSnapshot:
     """A verified, read-only view of a ledger file.
 
     ``format_version`` is the header's version (a v1 ledger may hold v2 records appended
-    later); ``head`` is its last record.
+    later); ``head`` is its last record. ``level`` is the header's (v1/v2: ``"record"``); a
+    record-level snapshot has ``entries``, a user-level one ``releases`` and ``aborts``.
     """
 
     path: Path
@@ -297,9 +490,19 @@ class LedgerSnapshot:
     notes: tuple[str, ...]
     head: LedgerHead
     format_version: int
+    level: LedgerLevel = "record"
+    releases: tuple[ReleaseEntry, ...] = ()
+    aborts: tuple[AbortRecord, ...] = ()
 
     def spent_events(self) -> tuple[PoissonSampledGaussianEvent, ...]:
-        """Every reserved event, committed or pending (pending counts as spent)."""
+        """Every reserved event, committed or pending (pending counts as spent).
+
+        Raises :class:`LedgerError` on a user-level snapshot (use :func:`user_epsilons`).
+        """
+        if self.level != "record":
+            raise LedgerError(f"privacy ledger {str(self.path)!r} is a user-level ledger: it "
+                              "holds releases, not DP-SGD events; compose them per user with "
+                              "user_epsilons(snapshot.releases, delta).")
         return tuple(e.event for e in self.entries)
 
     @property
@@ -426,21 +629,95 @@ def _entry_from_reserve(rec: dict[str, Any], line: int, *, v1_form: bool) -> Led
     return LedgerEntry(event, meta, "pending")
 
 
-def _interpret(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[LedgerEntry]]:
+def _release_from_record(rec: dict[str, Any], line: int) -> ReleaseEntry:
+    from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+
+    users = rec["users"]
+    if not (all(_is_num(rec[k]) for k in ("sample_rate", "clip", "granularity",
+                                          "local_variance", "beta", "delta"))
+            and all(_is_int(rec[k]) for k in ("contributors", "dimension", "steps",
+                                              "round_number", "others"))
+            and isinstance(users, list) and all(isinstance(u, str) for u in users)):
+        raise _Corrupt(line, "release record has fields of the wrong type")
+    if users != sorted(set(users)):
+        raise _Corrupt(line, "release record's users are not sorted and unique")
+    try:
+        event = DistributedDiscreteGaussianEvent(
+            sample_rate=float(rec["sample_rate"]), clip=float(rec["clip"]),
+            granularity=float(rec["granularity"]),
+            local_variance=float(rec["local_variance"]), contributors=rec["contributors"],
+            dimension=rec["dimension"], beta=float(rec["beta"]), steps=rec["steps"])
+        meta = ReleaseMetadata(round_number=rec["round_number"], users=tuple(users),
+                               delta=float(rec["delta"]), run_id=rec["run_id"],
+                               event_id=rec["event_id"], timestamp=rec["timestamp"],
+                               others=rec["others"])
+        _check_contributors(event, meta)
+    except EventValidationError as exc:
+        raise _Corrupt(line, f"invalid release: {exc}") from None
+    return ReleaseEntry(event, meta, "pending")
+
+
+def _abort_from_record(rec: dict[str, Any], line: int) -> AbortRecord:
+    try:
+        return AbortRecord(rec["round_number"], rec["reason"], rec["timestamp"])
+    except EventValidationError as exc:
+        raise _Corrupt(line, f"invalid abort record: {exc}") from None
+
+
+def _check_contributors(event: DistributedDiscreteGaussianEvent,
+                        metadata: ReleaseMetadata) -> None:
+    """A user is protected only by the other users' noise shares: at most
+    ``users + others - 1``."""
+    if event.contributors > len(metadata.users) + metadata.others - 1:
+        raise EventValidationError(
+            f"contributors={event.contributors} exceeds the {len(metadata.users)} named and "
+            f"{metadata.others} unnamed users in the sum, minus one: only the other users' "
+            "noise shares protect a user; count "
+            "the survivors actually summed (minus one, minus colluders), never the planned "
+            "clients.")
+
+
+@dataclass
+class _Interpreted:
+    header: dict[str, Any]
+    level: LedgerLevel
+    entries: list[LedgerEntry]
+    releases: list[ReleaseEntry]
+    aborts: list[AbortRecord]
+
+
+_OTHER_LEVEL_KINDS = {"record": ("release", "abort"), "user": ("reserve",)}
+
+
+def _interpret(records: list[dict[str, Any]]) -> _Interpreted:
     if not records:
         raise _Corrupt(1, "the ledger has no header record")
     header = records[0]
-    if header.get("kind") != "header" or set(header) != _HEADER_KEYS:
+    if header.get("kind") != "header" or set(header) not in (_HEADER_KEYS, _HEADER_KEYS_V3):
         raise _Corrupt(1, "first record is not a valid header")
     version = header["version"]
     if header["format"] != FORMAT_NAME or not _is_int(version) or (
             version not in SUPPORTED_VERSIONS):
         raise _Corrupt(1, f"unsupported format {header['format']!r} v{version!r} (this "
                           f"version reads {FORMAT_NAME!r} v{SUPPORTED_VERSIONS})")
+    if (version >= 3) != ("level" in header):
+        raise _Corrupt(1, f"a v{version} header {'must' if version >= 3 else 'cannot'} "
+                          "carry a level")
+    try:
+        level = validate_level(header.get("level", "record"))
+    except EventValidationError:
+        raise _Corrupt(1, f"unknown ledger level {header['level']!r} (this version reads "
+                          f"{list(LEVELS)})") from None
     v1_allowed = version == 1  # until the first v2-form reserve record
     entries: dict[str, LedgerEntry] = {}
+    releases: dict[str, ReleaseEntry] = {}
+    aborts: list[AbortRecord] = []
     for i, rec in enumerate(records[1:], start=2):
         kind = rec.get("kind")
+        if kind in _OTHER_LEVEL_KINDS[level]:
+            other = "user" if level == "record" else "record"
+            raise _Corrupt(i, f"{kind!r} records belong in a {other}-level ledger, not in "
+                              f"this {level}-level one")
         if kind == "reserve":
             keys = set(rec)
             if keys == _RESERVE_KEYS_V1 and v1_allowed:
@@ -453,23 +730,45 @@ def _interpret(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Ledg
             if entry.metadata.event_id in entries:
                 raise _Corrupt(i, f"event_id={entry.metadata.event_id!r} reserved twice")
             entries[entry.metadata.event_id] = entry
+        elif kind == "release":
+            if set(rec) != _RELEASE_KEYS:
+                raise _Corrupt(i, f"release record has keys {sorted(rec)}")
+            release = _release_from_record(rec, i)
+            if release.metadata.event_id in releases:
+                raise _Corrupt(i, f"event_id={release.metadata.event_id!r} reserved twice")
+            releases[release.metadata.event_id] = release
+        elif kind == "abort":
+            if set(rec) != _ABORT_KEYS:
+                raise _Corrupt(i, f"abort record has keys {sorted(rec)}")
+            aborts.append(_abort_from_record(rec, i))
         elif kind == "commit":
             if set(rec) != _COMMIT_KEYS:
                 raise _Corrupt(i, f"commit record has keys {sorted(rec)}")
             eid = rec["event_id"]
+            cached = rec[CACHED_EPSILON_KEY]
+            if cached is not None and not _is_num(cached):
+                raise _Corrupt(i, f"{CACHED_EPSILON_KEY}={cached!r} is not a number")
+            if level == "user":
+                rel = releases.get(eid) if isinstance(eid, str) else None
+                if rel is None:
+                    raise _Corrupt(i, f"commit of event_id={eid!r} that was never reserved")
+                if rel.status == "committed":
+                    raise _Corrupt(i, f"event_id={eid!r} committed twice")
+                if cached is not None:
+                    raise _Corrupt(i, f"commit of release {eid!r} carries a cached epsilon "
+                                      "(a release has one epsilon per user)")
+                releases[eid] = ReleaseEntry(rel.event, rel.metadata, "committed")
+                continue
             old = entries.get(eid) if isinstance(eid, str) else None
             if old is None:
                 raise _Corrupt(i, f"commit of event_id={eid!r} that was never reserved")
             if old.status == "committed":
                 raise _Corrupt(i, f"event_id={eid!r} committed twice")
-            cached = rec[CACHED_EPSILON_KEY]
-            if cached is not None and not _is_num(cached):
-                raise _Corrupt(i, f"{CACHED_EPSILON_KEY}={cached!r} is not a number")
             entries[eid] = LedgerEntry(old.event, old.metadata, "committed",
                                        None if cached is None else float(cached))
         else:
             raise _Corrupt(i, f"unknown record kind {kind!r}")
-    return header, list(entries.values())
+    return _Interpreted(header, level, list(entries.values()), list(releases.values()), aborts)
 
 
 def _read_head(path: Path) -> tuple[int, str] | None:
@@ -571,9 +870,10 @@ def _read_consistent(path: Path) -> _Parsed:
 
 def _snapshot(path: Path, parsed: _Parsed) -> LedgerSnapshot:
     try:
-        header, entries = _interpret(parsed.records)
+        got = _interpret(parsed.records)
     except _Corrupt as exc:
         raise _corrupted(path, exc.line, exc.reason) from None
+    header = got.header
     budget = None
     if header["budget_epsilon"] is not None or header["budget_delta"] is not None:
         try:
@@ -586,9 +886,10 @@ def _snapshot(path: Path, parsed: _Parsed) -> LedgerSnapshot:
     if parsed.head_stale:
         notes.append("head file was one append behind (interrupted write); repaired on open")
     return LedgerSnapshot(path, str(header["client_id"]), str(header["created"]), budget,
-                          tuple(entries), tuple(notes),
+                          tuple(got.entries), tuple(notes),
                           LedgerHead(len(parsed.records), parsed.records[-1]["hash"]),
-                          int(header["version"]))
+                          int(header["version"]), got.level, tuple(got.releases),
+                          tuple(got.aborts))
 
 
 def _not_yet_created(path: Path) -> LedgerError:
@@ -776,26 +1077,34 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 class Ledger:
-    """Writer handle on a client's ledger; holds an exclusive ``flock`` on it until closed.
+    """Writer handle on a ledger; holds an exclusive ``flock`` on it until closed.
 
-    Use as a context manager. ``budget`` is stored in the header when the ledger is created;
-    reopening with a different budget is refused. With ``anchor_dir`` (a directory separate
-    from the ledger's, the same on every open), the ledger is checked against its anchor on
-    open and the anchor is updated after every append (see the module docstring); a ledger
-    that was deleted or rolled back raises :class:`LedgerRollbackError`.
+    Use as a context manager. ``budget`` and ``level`` (:data:`LedgerLevel`: ``"record"``
+    for a client's ledger, ``"user"`` for the coordinator's release ledger) are stored in the
+    header when the ledger is created; reopening with a different budget or level is
+    refused. With ``anchor_dir`` (a directory separate from the ledger's, the same on every
+    open), the ledger is checked against its anchor on open and the anchor is updated after
+    every append (see the module docstring); a ledger that was deleted or rolled back raises
+    :class:`LedgerRollbackError`.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, client_id: str,
                  budget: Budget | None = None, create: bool = True,
-                 anchor_dir: str | os.PathLike[str] | None = None) -> None:
+                 anchor_dir: str | os.PathLike[str] | None = None,
+                 level: LedgerLevel = "record") -> None:
         self.path = Path(path)
         if not self.path.name.endswith(LEDGER_SUFFIX):
             raise LedgerError(f"path={str(self.path)!r} must end with {LEDGER_SUFFIX!r} so "
                               "reports can find it.")
         validate_identifier(client_id, name="client_id")
+        level = validate_level(level)
         self._fd: int | None = None
         self._records: list[dict[str, Any]] = []
         self._entries: dict[str, LedgerEntry] = {}
+        self._releases: dict[str, ReleaseEntry] = {}
+        self._aborts: list[AbortRecord] = []
+        #: (delta, event ids a user holds) -> that user's epsilon (see _user_epsilon)
+        self._epsilon_cache: dict[tuple[float, tuple[str, ...]], float] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._anchor_file: Path | None = None
         if anchor_dir is not None:
@@ -809,7 +1118,7 @@ class Ledger:
         self._precheck(create)
         self._fd = self._lock(create)
         try:
-            self._open(client_id, budget, create)
+            self._open(client_id, budget, create, level)
         except BaseException:
             self.close()
             raise
@@ -878,7 +1187,8 @@ class Ledger:
             f"privacy ledger {str(self.path)!r} kept being replaced or deleted while opening "
             f"it ({_OPEN_ATTEMPTS} attempts); make sure only one client process uses it.")
 
-    def _open(self, client_id: str, budget: Budget | None, create: bool) -> None:
+    def _open(self, client_id: str, budget: Budget | None, create: bool,
+              level: LedgerLevel) -> None:
         fd = self._require_open()
         head = _read_head(self.path)
         parsed = _parse_file(self.path, _read_all(fd), head)
@@ -893,12 +1203,18 @@ class Ledger:
             if parsed.torn_tail:
                 os.ftruncate(fd, 0)
                 os.fsync(fd)
-            self._create(client_id, budget)
+            self._create(client_id, budget, level)
             return
         snap = _snapshot(self.path, parsed)
         if snap.client_id != client_id:
             raise LedgerError(f"client_id={client_id!r} does not match the ledger's client "
                               f"{snap.client_id!r} in {str(self.path)!r}.")
+        if snap.level != level:
+            raise LedgerError(f"level={level!r} does not match the ledger's level "
+                              f"{snap.level!r} (format v{snap.format_version}) in "
+                              f"{str(self.path)!r}; a ledger's level is fixed when it is "
+                              f"created: open it with level={snap.level!r}, or use another "
+                              "ledger file for the other level.")
         if budget is not None and snap.budget != budget:
             raise LedgerError(f"budget={budget!r} differs from the budget {snap.budget!r} "
                               f"recorded in {str(self.path)!r}; budgets are fixed when a "
@@ -927,14 +1243,16 @@ class Ledger:
             self._write_anchor()
         self._snapshot = dataclasses.replace(snap, notes=tuple(notes))
         self._entries = {e.metadata.event_id: e for e in snap.entries}
+        self._releases = {r.metadata.event_id: r for r in snap.releases}
+        self._aborts = list(snap.aborts)
 
-    def _create(self, client_id: str, budget: Budget | None) -> None:
+    def _create(self, client_id: str, budget: Budget | None, level: LedgerLevel) -> None:
         fd = self._require_open()
         body: dict[str, Any] = {
             "kind": "header", "seq": 0, "prev": GENESIS_HASH, "format": FORMAT_NAME,
             "version": FORMAT_VERSION, "client_id": client_id, "created": utc_now(),
             "budget_epsilon": None if budget is None else budget.epsilon_max,
-            "budget_delta": None if budget is None else budget.delta,
+            "budget_delta": None if budget is None else budget.delta, "level": level,
         }
         record = dict(body, hash=record_hash(GENESIS_HASH, body))
         _write_all(fd, (canonical_json(record) + "\n").encode("ascii"))
@@ -944,8 +1262,10 @@ class Ledger:
         self._write_head()
         self._write_anchor()
         self._snapshot = LedgerSnapshot(self.path, client_id, body["created"], budget, (), (),
-                                        self.head(), FORMAT_VERSION)
+                                        self.head(), FORMAT_VERSION, level)
         self._entries = {}
+        self._releases = {}
+        self._aborts = []
 
     def close(self) -> None:
         """Release the writer lock (idempotent)."""
@@ -1015,9 +1335,11 @@ class Ledger:
     def reserve(self, event: PoissonSampledGaussianEvent, metadata: EventMetadata) -> LedgerEntry:
         """Durably record ``event`` as PENDING (spent) before training; returns the entry.
 
-        Train only after this returns. Raises :class:`LedgerError` if the id exists.
+        Train only after this returns. Raises :class:`LedgerError` if the id exists or the
+        ledger is user-level.
         """
         self._require_open()
+        self._require_level("record", "reserve")
         if not isinstance(event, PoissonSampledGaussianEvent):
             raise EventValidationError(f"event={event!r} must be a PoissonSampledGaussianEvent.")
         if not isinstance(metadata, EventMetadata):
@@ -1049,6 +1371,7 @@ class Ledger:
         written) if the round would exceed the budget.
         """
         self._require_open()
+        self._require_level("record", "reserve_within_budget")
         if not isinstance(metadata, EventMetadata):
             raise EventValidationError(f"metadata={metadata!r} must be an EventMetadata.")
         use = budget if budget is not None else self._snapshot.budget
@@ -1063,11 +1386,15 @@ class Ledger:
         return decision
 
     def commit(self, event_id: str, *, cached_epsilon_display_only: float | None = None) -> bool:
-        """Mark a reserved event as committed. Idempotent: returns False if already committed.
+        """Mark a reserved event (or release) as committed. Idempotent: returns False if
+        already committed.
 
-        ``cached_epsilon_display_only`` is stored for display and never used for accounting.
+        ``cached_epsilon_display_only`` is stored for display and never used for accounting;
+        a release takes none (it has one epsilon per user).
         """
         self._require_open()
+        if self.level == "user":
+            return self._commit_release(event_id, cached_epsilon_display_only)
         entry = self._entries.get(event_id)
         if entry is None:
             raise LedgerError(f"event_id={event_id!r} was never reserved in "
@@ -1083,6 +1410,174 @@ class Ledger:
                       CACHED_EPSILON_KEY: cached})
         self._entries[event_id] = LedgerEntry(entry.event, entry.metadata, "committed", cached)
         return True
+
+    def _commit_release(self, event_id: str, cached: float | None) -> bool:
+        release = self._releases.get(event_id)
+        if release is None:
+            raise LedgerError(f"event_id={event_id!r} was never reserved in "
+                              f"{str(self.path)!r}; reserve the release before unmasking.")
+        if cached is not None:
+            raise EventValidationError(
+                f"cached_epsilon_display_only={cached!r} cannot be stored with a release (it "
+                "has one epsilon per user); commit it without one.")
+        if release.status == "committed":
+            return False
+        self._append({"kind": "commit", "event_id": event_id, "timestamp": utc_now(),
+                      CACHED_EPSILON_KEY: None})
+        self._releases[event_id] = ReleaseEntry(release.event, release.metadata, "committed")
+        return True
+
+    # -- user level (the coordinator's releases) -------------------------------------------
+    def _require_level(self, level: LedgerLevel, what: str) -> None:
+        if self.level != level:
+            raise LedgerError(
+                f"{what} needs a {level}-level ledger, but {str(self.path)!r} is "
+                f"{self.level}-level. Record-level ledgers hold a client's DP-SGD events "
+                "(reserve, commit); user-level ledgers hold the coordinator's releases "
+                "(reserve_release, commit, record_abort).")
+
+    def reserve_release(self, event: DistributedDiscreteGaussianEvent,
+                        metadata: ReleaseMetadata) -> ReleaseEntry:
+        """Durably record a release as PENDING (spent) before the sum is unmasked.
+
+        Unmask only after this returns. Raises :class:`LedgerError` if the id exists or the
+        ledger is record-level, :class:`EventValidationError` if ``event.contributors``
+        exceeds ``len(metadata.users) - 1`` (only the other users' noise protects a user).
+        """
+        from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+
+        self._check_release(event, metadata, "reserve_release")
+        # What is written is what is read back: floats as floats (the event compares equal).
+        stored = DistributedDiscreteGaussianEvent(
+            sample_rate=float(event.sample_rate), clip=float(event.clip),
+            granularity=float(event.granularity), local_variance=float(event.local_variance),
+            contributors=event.contributors, dimension=event.dimension,
+            beta=float(event.beta), steps=event.steps)
+        self._append({
+            "kind": "release", "event_id": metadata.event_id,
+            "sample_rate": stored.sample_rate, "clip": stored.clip,
+            "granularity": stored.granularity, "local_variance": stored.local_variance,
+            "contributors": stored.contributors, "dimension": stored.dimension,
+            "beta": stored.beta, "steps": stored.steps,
+            "round_number": metadata.round_number, "users": list(metadata.users),
+            "others": metadata.others,
+            "delta": metadata.delta, "run_id": metadata.run_id,
+            "timestamp": metadata.timestamp,
+        })
+        release = ReleaseEntry(stored, metadata, "pending")
+        self._releases[metadata.event_id] = release
+        return release
+
+    def _check_release(self, event: DistributedDiscreteGaussianEvent,
+                       metadata: ReleaseMetadata, what: str) -> None:
+        from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+
+        self._require_open()
+        self._require_level("user", what)
+        if not isinstance(event, DistributedDiscreteGaussianEvent):
+            raise EventValidationError(
+                f"event={event!r} must be a DistributedDiscreteGaussianEvent.")
+        if not isinstance(metadata, ReleaseMetadata):
+            raise EventValidationError(f"metadata={metadata!r} must be a ReleaseMetadata.")
+        _check_contributors(event, metadata)
+        if metadata.event_id in self._releases:
+            raise LedgerError(f"event_id={metadata.event_id!r} is already reserved in "
+                              f"{str(self.path)!r}; use a fresh event id per release.")
+
+    def _user_histories(self) -> dict[str, tuple[str, ...]]:
+        """User -> the event ids of the releases (pending too) that include the user."""
+        held: dict[str, list[str]] = {}
+        for eid, release in self._releases.items():
+            for user in release.metadata.users:
+                held.setdefault(user, []).append(eid)
+        return {u: tuple(ids) for u, ids in held.items()}
+
+    def _user_epsilon(self, delta: float, ids: tuple[str, ...],
+                      proposed: DistributedDiscreteGaussianEvent | None = None) -> float:
+        """Epsilon of the releases ``ids`` (plus ``proposed``); the ledger's own releases are
+        cached by their ids (an id names one release forever in an append-only ledger)."""
+        from fedpeft.privacy.accounting import ddg
+
+        events = [self._releases[i].event for i in ids]
+        if proposed is not None:
+            return ddg.epsilon(events + [proposed], delta).epsilon
+        key = (delta, ids)
+        if key not in self._epsilon_cache:
+            if len(self._epsilon_cache) >= _EPSILON_CACHE_MAX:
+                self._epsilon_cache.clear()
+            self._epsilon_cache[key] = ddg.epsilon(events, delta).epsilon
+        return self._epsilon_cache[key]
+
+    def reserve_release_within_budget(self, event: DistributedDiscreteGaussianEvent,
+                                      metadata: ReleaseMetadata,
+                                      budget: Budget | None = None) -> dict[str, float]:
+        """Reserve the release only if every user in it stays within ``budget`` (the
+        header's unless given); return each of its users' epsilon after it.
+
+        Each user's releases plus this one are composed (:func:`~.ddg.epsilon`, KLS 2021) at
+        ``budget.delta``; users holding the same releases share one accountant call. Raises
+        :class:`UserBudgetExhaustedError` (a :class:`BudgetExhaustedError`), with nothing
+        written, naming the users who would exceed ``budget.epsilon_max``.
+        """
+        self._check_release(event, metadata, "reserve_release_within_budget")
+        use = budget if budget is not None else self._snapshot.budget
+        if use is None:
+            raise LedgerError(f"privacy ledger {str(self.path)!r} has no budget; pass "
+                              "budget= or create the ledger with one.")
+        if not isinstance(use, Budget):
+            raise EventValidationError(f"budget={use!r} must be a Budget.")
+        histories = self._user_histories()
+        after_by_history: dict[tuple[str, ...], float] = {}
+        after: dict[str, float] = {}
+        for user in metadata.users:
+            ids = histories.get(user, ())
+            if ids not in after_by_history:
+                after_by_history[ids] = self._user_epsilon(use.delta, ids, event)
+            after[user] = after_by_history[ids]
+        over = {u: e for u, e in after.items()
+                if not (math.isfinite(e) and e <= use.epsilon_max)}
+        if over:
+            worst = max(over, key=lambda u: over[u])
+            before = self._user_epsilon(use.delta, histories.get(worst, ()))
+            shown = ", ".join(f"{u} ({e:.4g})" for u, e in sorted(over.items())[:10])
+            more = f" and {len(over) - 10} more" if len(over) > 10 else ""
+            raise UserBudgetExhaustedError(
+                f"release of round {metadata.round_number} refused: it would take "
+                f"{len(over)} user(s) over the user-level budget epsilon_max="
+                f"{use.epsilon_max:.4g} at delta={use.delta:.3g}: {shown}{more}; nothing was "
+                "recorded. Leave these users out of the round (or release nothing); raise the "
+                "budget only with the users' consent.",
+                users=over, epsilon_before=before, epsilon_after=over[worst],
+                epsilon_max=use.epsilon_max)
+        self.reserve_release(event, metadata)
+        for ids, value in after_by_history.items():
+            key = (use.delta, ids + (metadata.event_id,))
+            if len(self._epsilon_cache) >= _EPSILON_CACHE_MAX:
+                self._epsilon_cache.clear()
+            self._epsilon_cache[key] = value
+        return dict(sorted(after.items()))
+
+    def record_abort(self, round_number: int, reason: str) -> AbortRecord:
+        """Durably record that round ``round_number`` released nothing, and why (at most
+        :data:`ABORT_REASON_MAX_CHARS` characters). Spends nothing; never cancels a release
+        already reserved (that one stays spent)."""
+        self._require_open()
+        self._require_level("user", "record_abort")
+        abort = AbortRecord(round_number, reason)
+        self._append({"kind": "abort", "round_number": abort.round_number,
+                      "reason": abort.reason, "timestamp": abort.timestamp})
+        self._aborts.append(abort)
+        return abort
+
+    def releases(self) -> tuple[ReleaseEntry, ...]:
+        """All reserved releases in reserve order, with their status (pending = spent)."""
+        self._require_level("user", "releases")
+        return tuple(self._releases.values())
+
+    def aborts(self) -> tuple[AbortRecord, ...]:
+        """All abort records in order."""
+        self._require_level("user", "aborts")
+        return tuple(self._aborts)
 
     # -- receipts --------------------------------------------------------------------------
     def head(self) -> LedgerHead:
@@ -1115,6 +1610,11 @@ class Ledger:
         return self._snapshot.notes
 
     @property
+    def level(self) -> LedgerLevel:
+        """The ledger's level from its header (``"record"`` for v1/v2 ledgers)."""
+        return self._snapshot.level
+
+    @property
     def format_version(self) -> int:
         """Format version of the ledger's header (1 for a continued v1 ledger)."""
         return self._snapshot.format_version
@@ -1135,20 +1635,25 @@ class Ledger:
         return self.snapshot().private_against_coordinator
 
     def entries(self) -> tuple[LedgerEntry, ...]:
-        """All reserved events in reserve order, with their status."""
+        """All reserved events in reserve order, with their status (record level)."""
+        self._require_level("record", "entries")
         return tuple(self._entries.values())
 
     def pending(self) -> tuple[LedgerEntry, ...]:
-        """Reserved but uncommitted events (counted as spent)."""
+        """Reserved but uncommitted events (counted as spent; record level)."""
+        self._require_level("record", "pending")
         return tuple(e for e in self._entries.values() if e.status == "pending")
 
     def spent_events(self) -> tuple[PoissonSampledGaussianEvent, ...]:
         """Every reserved event, committed or pending: what the accountant composes."""
+        self._require_level("record", "spent_events")
         return tuple(e.event for e in self._entries.values())
 
     def snapshot(self) -> LedgerSnapshot:
         """A read-only view of the ledger as this writer holds it now."""
-        return dataclasses.replace(self._snapshot, entries=self.entries(), head=self.head())
+        return dataclasses.replace(self._snapshot, entries=tuple(self._entries.values()),
+                                   releases=tuple(self._releases.values()),
+                                   aborts=tuple(self._aborts), head=self.head())
 
     def __iter__(self) -> Iterator[LedgerEntry]:
         return iter(self.entries())

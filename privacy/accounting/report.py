@@ -1,10 +1,16 @@
-"""Per-client and federation-wide privacy reports, computed from ledger files alone.
+"""Per-client, per-user and federation-wide privacy reports, computed from ledger files alone.
 
-Epsilon is recomputed from the ledger's events (pending reservations count as spent); cached
+Every report names its level. Record level (clients' ledgers, :func:`client_report`):
+epsilon is recomputed from the ledger's events (pending reservations count as spent); cached
 display values in the ledger are ignored. Each ledger is composed under its own adjacency
 (:attr:`LedgerSnapshot.adjacency`: ``"replace_one"`` if any of its events is replace-one,
 else ``"add_remove"``). A client with any seeded-sampling event (all v1 ledgers) is marked
 NOT private against the coordinator: the coordinator knows the seed its batches came from.
+
+User level (the coordinator's release ledger, :func:`user_report`): each user's epsilon is the
+composition of the releases that include the user (distributed discrete Gaussian, KLS 2021;
+:func:`~fedpeft.privacy.accounting.ledger.user_epsilons`), pending releases included, stated
+against the coordinator; aborted rounds are listed with their reasons.
 """
 
 from __future__ import annotations
@@ -22,13 +28,26 @@ from fedpeft.privacy.accounting.accountant import DEFAULT_ACCOUNTANT, compute_ep
 from fedpeft.privacy.accounting.budget import check_round
 from fedpeft.privacy.accounting.errors import LedgerError
 from fedpeft.privacy.accounting.events import ADJACENCIES
-from fedpeft.privacy.accounting.ledger import LEDGER_SUFFIX, LedgerSnapshot, read_ledger
+from fedpeft.privacy.accounting.ledger import (
+    LEDGER_SUFFIX,
+    AbortRecord,
+    LedgerSnapshot,
+    read_ledger,
+    user_epsilons,
+)
 
 #: Text marking a client whose ledger has seeded-sampling events.
 NOT_PRIVATE_AGAINST_COORDINATOR = "NOT private against the coordinator (seeded batch sampling)"
 
 #: Delta used when a ledger has neither a budget nor any event to take delta from.
 FALLBACK_DELTA = 1e-5
+
+#: First line of a record-level table.
+RECORD_LEVEL_LINE = ("level: record (each client's DP-SGD over its own records, accounted on "
+                     "its device)")
+#: What a user-level epsilon holds against when no release claims amplification by sampling.
+USER_LEVEL_AGAINST = ("against the coordinator: the coordinator knows who is in each round, so "
+                      "no amplification by sampling is claimed")
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class ClientPrivacyReport:
     notes: tuple[str, ...]
     adjacency: str
     private_against_coordinator: bool
+    level: str = "record"
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class FederationSummary:
     exhausted: int
     adjacency: str
     not_private_against_coordinator: int
+    level: str = "record"
 
 
 def _unique(values: Sequence[float]) -> tuple[float, ...]:
@@ -85,7 +106,11 @@ def _unique(values: Sequence[float]) -> tuple[float, ...]:
 
 
 def client_report(snapshot: LedgerSnapshot) -> ClientPrivacyReport:
-    """Report for one verified ledger snapshot."""
+    """Report for one verified record-level ledger snapshot (a user-level one raises
+    :class:`LedgerError`: use :func:`user_report`)."""
+    if snapshot.level != "record":
+        raise LedgerError(f"privacy ledger {str(snapshot.path)!r} is {snapshot.level}-level; "
+                          "report it with user_report(snapshot).")
     entries = snapshot.entries
     events = snapshot.spent_events()
     adjacency = snapshot.adjacency
@@ -136,6 +161,112 @@ def client_report(snapshot: LedgerSnapshot) -> ClientPrivacyReport:
     )
 
 
+@dataclass(frozen=True)
+class UserPrivacyReport:
+    """Privacy one user spent in a user-level ledger, against the coordinator.
+
+    ``min_contributors`` is the fewest noise shares that protected the user in any of its
+    releases; ``pending_releases`` of them were reserved but not committed (spent).
+    """
+
+    user: str
+    releases_joined: int
+    round_numbers: tuple[int, ...]
+    min_contributors: int
+    epsilon: float
+    delta: float
+    budget_left: float | None
+    pending_releases: int
+
+
+@dataclass(frozen=True)
+class UserLedgerReport:
+    """Report of one user-level (coordinator) ledger: one :class:`UserPrivacyReport` per user.
+
+    ``against`` says whom the epsilons hold against; ``amplification_claimed`` is True when
+    any release's ``sample_rate`` is below 1 (amplification by sampling then enters the
+    epsilons, which does not hold against a coordinator that chose the users). ``aborts``
+    are the rounds that released nothing, with their reasons.
+    """
+
+    ledger_path: str
+    owner: str
+    against: str
+    amplification_claimed: bool
+    sample_rates: tuple[float, ...]
+    delta: float
+    budget_epsilon: float | None
+    releases: int
+    pending_releases: int
+    aborted_rounds: int
+    aborts: tuple[AbortRecord, ...]
+    users: tuple[UserPrivacyReport, ...]
+    notes: tuple[str, ...]
+    level: str = "user"
+
+
+def _against(sample_rates: tuple[float, ...], releases: int, sampled: int) -> str:
+    if not sampled:
+        return USER_LEVEL_AGAINST
+    rates = ",".join(_fmt(q, ".4g") for q in sample_rates if q < 1.0)
+    return (f"against the coordinator: the coordinator knows who is in each round, but "
+            f"{sampled} of {releases} releases claim amplification by sampling at q={rates}, "
+            "which holds only against parties that do not know who was sampled")
+
+
+def user_report(snapshot: LedgerSnapshot) -> UserLedgerReport:
+    """Report for one verified user-level ledger snapshot (a record-level one raises
+    :class:`LedgerError`: use :func:`client_report`)."""
+    if snapshot.level != "user":
+        raise LedgerError(f"privacy ledger {str(snapshot.path)!r} is {snapshot.level}-level; "
+                          "report it with client_report(snapshot).")
+    releases = snapshot.releases
+    if snapshot.budget is not None:
+        delta = snapshot.budget.delta
+    elif releases:
+        delta = min(r.metadata.delta for r in releases)  # smallest delta: strongest claim
+    else:
+        delta = FALLBACK_DELTA
+    eps = user_epsilons(releases, delta)
+    users = []
+    for user, value in eps.items():
+        mine = [r for r in releases if user in r.metadata.users]
+        left = None
+        if snapshot.budget is not None:
+            left = max(0.0, snapshot.budget.epsilon_max - value) if math.isfinite(value) else 0.0
+        users.append(UserPrivacyReport(
+            user=user, releases_joined=len(mine),
+            round_numbers=tuple(sorted({r.metadata.round_number for r in mine})),
+            min_contributors=min(r.event.contributors for r in mine), epsilon=value,
+            delta=delta, budget_left=left,
+            pending_releases=sum(1 for r in mine if r.status == "pending")))
+    rates = _unique([r.event.sample_rate for r in releases])
+    sampled = sum(1 for r in releases if r.event.sample_rate < 1.0)
+    return UserLedgerReport(
+        ledger_path=str(snapshot.path), owner=snapshot.client_id,
+        against=_against(rates, len(releases), sampled), amplification_claimed=sampled > 0,
+        sample_rates=rates, delta=delta,
+        budget_epsilon=None if snapshot.budget is None else snapshot.budget.epsilon_max,
+        releases=len(releases),
+        pending_releases=sum(1 for r in releases if r.status == "pending"),
+        aborted_rounds=len(snapshot.aborts), aborts=snapshot.aborts, users=tuple(users),
+        notes=snapshot.notes)
+
+
+@dataclass(frozen=True)
+class LevelReports:
+    """Reports of every ledger found, by level (each level is reported in its own table)."""
+
+    record: tuple[ClientPrivacyReport, ...]
+    user: tuple[UserLedgerReport, ...]
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The levels present, ``"record"`` before ``"user"``."""
+        return tuple(name for name, got in (("record", self.record), ("user", self.user))
+                     if got)
+
+
 def find_ledgers(path: str | os.PathLike[str]) -> list[Path]:
     """``path`` itself if it is a file, else every ``*.ledger.jsonl`` below it (sorted)."""
     p = Path(path)
@@ -146,15 +277,36 @@ def find_ledgers(path: str | os.PathLike[str]) -> list[Path]:
     raise LedgerError(f"path={str(p)!r} is neither a ledger file nor a directory.")
 
 
-def reports_from_path(path: str | os.PathLike[str], *,
-                      anchor_dir: str | os.PathLike[str] | None = None
-                      ) -> list[ClientPrivacyReport]:
-    """Reports for every ledger at ``path``; any corrupted ledger raises (fail closed).
+def reports_by_level(path: str | os.PathLike[str], *,
+                     anchor_dir: str | os.PathLike[str] | None = None) -> LevelReports:
+    """Reports for every ledger at ``path``, record- and user-level apart; any corrupted
+    ledger raises (fail closed).
 
     With ``anchor_dir``, each ledger is also checked against its anchor there (a rolled-back
     ledger raises :class:`LedgerRollbackError`).
     """
-    return [client_report(read_ledger(p, anchor_dir=anchor_dir)) for p in find_ledgers(path)]
+    record: list[ClientPrivacyReport] = []
+    user: list[UserLedgerReport] = []
+    for p in find_ledgers(path):
+        snap = read_ledger(p, anchor_dir=anchor_dir)
+        if snap.level == "user":
+            user.append(user_report(snap))
+        else:
+            record.append(client_report(snap))
+    return LevelReports(tuple(record), tuple(user))
+
+
+def reports_from_path(path: str | os.PathLike[str], *,
+                      anchor_dir: str | os.PathLike[str] | None = None
+                      ) -> list[ClientPrivacyReport]:
+    """Record-level reports for every ledger at ``path``; any corrupted ledger raises (fail
+    closed). User-level ledgers there are verified too and reported by
+    :func:`reports_by_level`.
+
+    With ``anchor_dir``, each ledger is also checked against its anchor there (a rolled-back
+    ledger raises :class:`LedgerRollbackError`).
+    """
+    return list(reports_by_level(path, anchor_dir=anchor_dir).record)
 
 
 def summarize(reports: Sequence[ClientPrivacyReport]) -> FederationSummary:
@@ -179,21 +331,41 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def report_to_dict(reports: Sequence[ClientPrivacyReport]) -> dict[str, Any]:
-    """JSON-ready dict: ``{"clients": [...], "summary": {...}}`` (inf written as "inf")."""
-    data: dict[str, Any] = _json_safe({"clients": [asdict(r) for r in reports],
+def user_report_to_dict(report: UserLedgerReport) -> dict[str, Any]:
+    """JSON-ready dict of one user-level ledger report, with a ``summary`` of its users."""
+    eps = [u.epsilon for u in report.users]
+    summary: dict[str, Any] = {"level": "user", "users": len(eps), "releases": report.releases,
+                               "aborted_rounds": report.aborted_rounds}
+    if eps:
+        summary.update(epsilon_min=min(eps), epsilon_median=float(statistics.median(eps)),
+                       epsilon_max=max(eps),
+                       at_budget=sum(1 for u in report.users if u.budget_left == 0.0))
+    data: dict[str, Any] = _json_safe(dict(asdict(report), summary=summary))
+    return data
+
+
+def report_to_dict(reports: Sequence[ClientPrivacyReport],
+                   user_ledgers: Sequence[UserLedgerReport] = ()) -> dict[str, Any]:
+    """JSON-ready dict (inf written as "inf"): ``{"levels": [...], "clients": [...],
+    "summary": {...}, "user_ledgers": [...]}``; clients and summary are record level (each
+    says ``"level": "record"``), each user ledger says ``"level": "user"``."""
+    levels = LevelReports(tuple(reports), tuple(user_ledgers)).levels
+    data: dict[str, Any] = _json_safe({"levels": list(levels),
+                                       "clients": [asdict(r) for r in reports],
                                        "summary": asdict(summarize(reports))})
+    data["user_ledgers"] = [user_report_to_dict(u) for u in user_ledgers]
     return data
 
 
 def write_report_json(reports: Sequence[ClientPrivacyReport],
-                      path: str | os.PathLike[str]) -> Path:
+                      path: str | os.PathLike[str],
+                      user_ledgers: Sequence[UserLedgerReport] = ()) -> Path:
     """Write :func:`report_to_dict` to ``path`` (atomically) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report_to_dict(reports), indent=2, allow_nan=False) + "\n",
-                   encoding="utf-8")
+    tmp.write_text(json.dumps(report_to_dict(reports, user_ledgers), indent=2,
+                              allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, out)
     return out
 
@@ -223,8 +395,18 @@ def _adjacency_line(s: FederationSummary, reports: Sequence[ClientPrivacyReport]
     return f"adjacency: every client's epsilon is composed under {s.adjacency}"
 
 
+def _grid(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, a rule under the first row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def render_table(reports: Sequence[ClientPrivacyReport]) -> str:
-    """Plain-text table (one row per client), warnings, and federation summary lines.
+    """Plain-text record-level table: :data:`RECORD_LEVEL_LINE`, one row per client,
+    warnings, and federation summary lines.
 
     Clients with seeded-sampling events are marked ``*`` and listed under the table as
     :data:`NOT_PRIVATE_AGAINST_COORDINATOR`.
@@ -237,10 +419,7 @@ def render_table(reports: Sequence[ClientPrivacyReport]) -> str:
          _fmt(r.budget_left) + (" (exhausted)" if r.exhausted else ""))
         for r in reports
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [RECORD_LEVEL_LINE] + _grid(rows)
     seeded = [r for r in reports if not r.private_against_coordinator]
     if seeded:
         lines.append("")
@@ -252,6 +431,45 @@ def render_table(reports: Sequence[ClientPrivacyReport]) -> str:
                  f"{_fmt(s.epsilon_median)}/{_fmt(s.epsilon_max)}  exhausted: {s.exhausted}  "
                  f"not private against the coordinator: {s.not_private_against_coordinator}")
     lines.append(_adjacency_line(s, reports))
+    return "\n".join(lines)
+
+
+USER_TABLE_COLUMNS = ("user", "releases joined", "rounds", "min contributors", "epsilon",
+                      "delta", "budget left")
+
+
+def _fmt_rounds(rounds: tuple[int, ...], limit: int = 40) -> str:
+    """``(1, 2, 3, 5)`` -> ``"1-3,5"`` (cut at ``limit`` characters)."""
+    parts: list[str] = []
+    for r in rounds:
+        if parts and parts[-1].split("-")[-1] == str(r - 1):
+            parts[-1] = parts[-1].split("-")[0] + f"-{r}"
+        else:
+            parts.append(str(r))
+    text = ",".join(parts) or "-"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def render_user_table(report: UserLedgerReport) -> str:
+    """Plain-text table of one user-level ledger: a ``level: user (against ...)`` line, one
+    row per user, then the releases, pending releases and aborted rounds."""
+    rows = [USER_TABLE_COLUMNS] + [
+        (u.user, str(u.releases_joined), _fmt_rounds(u.round_numbers), str(u.min_contributors),
+         _fmt(u.epsilon), format(u.delta, ".3g"), _fmt(u.budget_left))
+        for u in report.users
+    ]
+    lines = [f"level: user ({report.against})", f"ledger: {report.ledger_path} (owner "
+             f"{report.owner})"]
+    lines += _grid(rows) if report.users else ["(no releases yet)"]
+    eps = [u.epsilon for u in report.users]
+    spread = (f"  epsilon min/median/max: {_fmt(min(eps))}/"
+              f"{_fmt(float(statistics.median(eps)))}/{_fmt(max(eps))}" if eps else "")
+    aborted = str(report.aborted_rounds)
+    if report.aborts:
+        rounds = _fmt_rounds(tuple(sorted({a.round_number for a in report.aborts})))
+        aborted += f" (rounds {rounds}; reasons in the JSON report)"
+    lines += ["", f"users: {len(eps)}{spread}  releases: {report.releases} (pending, counted "
+                  f"as spent: {report.pending_releases})  aborted rounds: {aborted}"]
     return "\n".join(lines)
 
 

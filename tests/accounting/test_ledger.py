@@ -80,9 +80,9 @@ def test_round_trip(ledger_path: Path) -> None:
     assert len(lines(ledger_path)) == 7
     assert json.loads(head_path(ledger_path).read_text())["count"] == 7
     header, reserve = json.loads(lines(ledger_path)[0]), json.loads(lines(ledger_path)[1])
-    assert header["version"] == FORMAT_VERSION == 2
+    assert header["version"] == FORMAT_VERSION == 3 and header["level"] == "record"
     assert (reserve["adjacency"], reserve["sampling"]) == ("replace_one", "csprng")
-    assert snap.format_version == 2 and snap.head.count == 7
+    assert snap.format_version == 3 and snap.head.count == 7 and snap.level == "record"
     assert snap.adjacency == "replace_one" and snap.private_against_coordinator
     # The writer lock is on the ledger itself: no side lock file is created any more.
     assert not ledger_path.with_name(ledger_path.name + ".lock").exists()
@@ -428,7 +428,7 @@ def test_v1_ledger_reads_as_replace_one_and_seeded(tmp_path: Path) -> None:
     assert report.private_against_coordinator is False
     table = render_table([report])
     assert f"old: {NOT_PRIVATE_AGAINST_COORDINATOR}" in table
-    assert "replace_one" in table.splitlines()[2]  # the client's row
+    assert "replace_one" in table.splitlines()[3]  # the client's row (after level, header)
 
     # A v1 ledger is continued (never rewritten): new reserve records are v2-form.
     before = path.read_bytes()
@@ -459,7 +459,7 @@ def test_v1_form_record_after_v2_form_or_in_v2_ledger_is_refused(tmp_path: Path)
     v2 = tmp_path / "new.ledger.jsonl"
     Ledger(v2, client_id="new").close()
     _append_record(v2, v1_body)
-    with pytest.raises(LedgerCorruptedError, match=r"line 2: reserve record has keys .*v2"):
+    with pytest.raises(LedgerCorruptedError, match=r"line 2: reserve record has keys .*v3"):
         read_ledger(v2)
 
 

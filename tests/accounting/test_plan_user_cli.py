@@ -31,7 +31,7 @@ def test_plan_user_json_names_the_level_and_meets_the_target(
     assert args.func(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["level"] == "user" and doc["epsilon"] <= 8.0
-    assert doc["padded_dimension"] == 16384 and doc["bits"] == 18
+    assert doc["padded_dimension"] == 10240 and doc["bits"] == 18  # 5 blocks of 2048
     # the printed plan, rebuilt, spends what it says (the variance printed as a float is the
     # planned Fraction's value, a multiple of 1/1024)
     plan = DDGPlan(1.0, doc["granularity"], Fraction(doc["local_variance"]), 18, 10_000)

@@ -74,7 +74,8 @@ def test_reports_from_directory(tmp_path: Path) -> None:
     assert s.epsilon_max == max(r.epsilon_prv for r in reports)
 
     table = render_table(reports)
-    header = table.splitlines()[0]
+    assert table.splitlines()[0].startswith("level: record")
+    header = table.splitlines()[1]
     for col in TABLE_COLUMNS:
         assert col in header
     assert "alice" in table and "(exhausted)" in table
@@ -124,7 +125,7 @@ def test_report_adjacency_and_seeded_sampling(tmp_path: Path,
     assert summarize([ann, cat]).adjacency == "add_remove"
 
     table = render_table([ann, ben, cat])
-    rows = table.splitlines()
+    rows = table.splitlines()[1:]  # after the "level: record" line
     assert "adjacency" in rows[0]
     assert "add_remove" in rows[2] and "replace_one" in rows[3]
     assert rows[4].startswith("cat *") and not rows[2].startswith("ann *")
@@ -187,3 +188,125 @@ def test_cli_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
                                  "--local-steps", "30", "--accountant", "rdp"])
     assert text.func(text) == 0
     assert "noise multiplier" in capsys.readouterr().out
+
+
+# -- levels: record and user (the coordinator's release ledger) ------------------------------
+def _make_user_ledger(root: Path, sample_rate: float = 1.0) -> Path:
+    import math
+
+    from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
+    from fedpeft.privacy.accounting.ledger import ReleaseMetadata
+
+    path = root / "user-ledger" / "coordinator.ledger.jsonl"
+
+    def dev(contributors: int) -> DistributedDiscreteGaussianEvent:
+        return DistributedDiscreteGaussianEvent(
+            sample_rate=sample_rate, clip=1.0, granularity=0.01, local_variance=8000.0,
+            contributors=contributors, dimension=1000, beta=math.exp(-0.5))
+
+    with Ledger(path, client_id="coordinator", level="user", budget=Budget(6.0, DELTA)) as led:
+        m1 = ReleaseMetadata(round_number=1, users=("u1", "u2", "u3", "u4"), delta=DELTA,
+                             run_id="run-9")
+        led.reserve_release(dev(3), m1)
+        led.commit(m1.event_id)
+        led.record_abort(2, "only 2 masked inputs arrived; nothing was released")
+        led.reserve_release(dev(2), ReleaseMetadata(round_number=3, users=("u1", "u2", "u5"),
+                                                    delta=DELTA, run_id="run-9"))
+    return path
+
+
+def test_user_ledger_report_table_and_json_say_level_user(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.privacy.accounting import ddg
+    from fedpeft.privacy.accounting.ledger import read_ledger, user_events
+    from fedpeft.privacy.accounting.report import (
+        USER_LEVEL_AGAINST,
+        USER_TABLE_COLUMNS,
+        render_user_table,
+        reports_by_level,
+    )
+
+    path = _make_user_ledger(tmp_path)
+    got = reports_by_level(tmp_path)
+    assert got.levels == ("user",) and got.record == () and reports_from_path(tmp_path) == []
+    (rep,) = got.user
+    assert rep.level == "user" and rep.against == USER_LEVEL_AGAINST
+    assert not rep.amplification_claimed and rep.owner == "coordinator"
+    assert (rep.releases, rep.pending_releases, rep.aborted_rounds) == (2, 1, 1)
+    releases = read_ledger(path).releases
+    by_user = {u.user: u for u in rep.users}
+    assert sorted(by_user) == ["u1", "u2", "u3", "u4", "u5"]
+    for name, u in by_user.items():
+        assert u.epsilon == ddg.epsilon(user_events(releases, name), DELTA).epsilon
+    u1 = by_user["u1"]
+    assert (u1.releases_joined, u1.round_numbers, u1.min_contributors, u1.pending_releases) == (
+        2, (1, 3), 2, 1)
+    assert u1.budget_left == pytest.approx(6.0 - u1.epsilon)
+
+    table = render_user_table(rep)
+    first = table.splitlines()[0]
+    assert first.startswith("level: user (against the coordinator: the coordinator knows who "
+                            "is in each round, so no amplification by sampling is claimed")
+    header = table.splitlines()[2]
+    for col in USER_TABLE_COLUMNS:
+        assert col in header
+    assert "u1" in table and "1,3" in table and "aborted rounds: 1 (rounds 2" in table
+    assert "level: record" not in table
+
+    out = tmp_path / "r.json"
+    args = _parser().parse_args(["privacy", "report", str(tmp_path), "--json-out", str(out),
+                                 "--png-out", str(tmp_path / "p.png")])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("level: user (") and "level: record" not in captured.out
+    assert "nothing written" in captured.err and not (tmp_path / "p.png").exists()
+    data = json.loads(out.read_text())
+    assert data["levels"] == ["user"] and data["clients"] == []
+    (doc,) = data["user_ledgers"]
+    assert doc["level"] == "user" and doc["summary"]["level"] == "user"
+    assert doc["summary"]["users"] == 5 and doc["aborted_rounds"] == 1
+    assert doc["aborts"][0]["round_number"] == 2
+    assert "nothing was released" in doc["aborts"][0]["reason"]
+    assert {u["user"]: u["epsilon"] for u in doc["users"]} == {
+        n: u.epsilon for n, u in by_user.items()}
+
+
+def test_user_report_flags_claimed_amplification(tmp_path: Path) -> None:
+    from fedpeft.privacy.accounting.report import render_user_table, reports_by_level
+
+    _make_user_ledger(tmp_path, sample_rate=0.5)
+    (rep,) = reports_by_level(tmp_path).user
+    assert rep.amplification_claimed and rep.sample_rates == (0.5,)
+    assert "2 of 2 releases claim amplification by sampling at q=0.5" in rep.against
+    assert render_user_table(rep).startswith("level: user (against the coordinator")
+
+
+def test_record_report_says_level_record_and_both_levels_get_their_own_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.privacy.accounting.report import RECORD_LEVEL_LINE, reports_by_level
+
+    _make_run(tmp_path / "ledgers")
+    only_record = _parser().parse_args(["privacy", "report", str(tmp_path / "ledgers"),
+                                        "--json-out", str(tmp_path / "rec.json")])
+    assert only_record.func(only_record) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(RECORD_LEVEL_LINE) and RECORD_LEVEL_LINE.startswith("level: record")
+    assert "level: user" not in out
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["levels"] == ["record"] and rec["user_ledgers"] == []
+    assert rec["summary"]["level"] == "record" and rec["clients"][0]["level"] == "record"
+
+    _make_user_ledger(tmp_path)
+    got = reports_by_level(tmp_path)
+    assert got.levels == ("record", "user")
+    assert [r.client_id for r in got.record] == ["alice", "bob", "carol"]
+    args = _parser().parse_args(["privacy", "report", str(tmp_path), "--json-out",
+                                 str(tmp_path / "both.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    record_at, user_at = out.index("level: record"), out.index("level: user")
+    assert record_at == 0 < user_at
+    assert "alice" in out[:user_at] and "u1" in out[user_at:] and "u1" not in out[:user_at]
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["levels"] == ["record", "user"] and len(both["clients"]) == 3
+    assert [d["level"] for d in both["user_ledgers"]] == ["user"]

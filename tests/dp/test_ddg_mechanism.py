@@ -35,6 +35,25 @@ Z = stats.norm.isf(1e-6 / 2)
 ROT = b"\x07" * 32
 
 
+def test_blockwise_rotation_pads_to_whole_blocks_and_stays_orthogonal() -> None:
+    from fedpeft.privacy.ddg_mechanism import HADAMARD_BLOCK, block_size
+
+    assert padded_dimension(300) == 512 and block_size(300) == 512  # one block
+    assert padded_dimension(460_800) == 460_800  # 225 whole blocks: no padding at all
+    assert padded_dimension(37_634) == 19 * HADAMARD_BLOCK  # not 65,536
+    signs = rotation_signs(ROT, padded_dimension(5000))
+    x = np.random.default_rng(3).standard_normal(5000)
+    y = rotate(x, signs)
+    assert y.shape == (3 * HADAMARD_BLOCK,)
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x))
+    assert np.allclose(unrotate(y, signs, 5000), x)
+    block = scipy_hadamard(HADAMARD_BLOCK) / math.sqrt(HADAMARD_BLOCK)
+    padded = np.zeros(3 * HADAMARD_BLOCK)
+    padded[:5000] = x * signs[:5000]
+    assert np.allclose(y[HADAMARD_BLOCK:2 * HADAMARD_BLOCK],
+                       block @ padded[HADAMARD_BLOCK:2 * HADAMARD_BLOCK])
+
+
 def test_hadamard_is_orthonormal_and_matches_scipy() -> None:
     x = np.random.default_rng(0).normal(size=16)
     h = scipy_hadamard(16) / 4.0

@@ -59,7 +59,9 @@ def test_epsilon_grows_matches_ledger_and_survives_restart(tmp_path: Path) -> No
     assert all("train-loss" not in c for r in rows for c in r["clients"])  # type: ignore[union-attr]
     assert all(r["dp_epsilon"]["max"] <= 8.0 for r in rows)  # type: ignore[index]
     report = json.loads((tmp_path / "privacy_report.json").read_text())
-    assert report["summary"]["clients"] == 3 and report["summary"]["exhausted"] == 0
+    assert report["levels"] == "record" and report["record"]["level"] == "record"
+    assert report["record"]["summary"]["clients"] == 3
+    assert report["record"]["summary"]["exhausted"] == 0
 
 
 def test_client_over_budget_sits_out_and_run_stops_cleanly(tmp_path: Path) -> None:

@@ -147,7 +147,7 @@ def test_server_rejects_wrong_length_session_sender_and_unknown_ids(case: str) -
     replies = _replies(clients, requests)
     a, b = IDS[0], IDS[1]
     if case == "short_vector":
-        replies[a] = msg.encode_masked(SID, a, np.zeros(L - 1, dtype=np.uint32))
+        replies[a] = msg.encode_masked(SID, a, np.zeros(L - 1, dtype=np.uint32), 32)
         err: type[SecAggError] = MalformedMessageError
     elif case == "unknown_sender":
         replies[999] = replies[a]
@@ -156,7 +156,7 @@ def test_server_rejects_wrong_length_session_sender_and_unknown_ids(case: str) -
         replies[a] = replies[b]
         err = MalformedMessageError
     else:
-        replies[a] = msg.encode_masked(b"other-session", a, np.zeros(L, np.uint32))
+        replies[a] = msg.encode_masked(b"other-session", a, np.zeros(L, np.uint32), 32)
         err = MalformedMessageError
     with pytest.raises(err):
         server.on_masked(replies)

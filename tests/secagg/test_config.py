@@ -90,3 +90,16 @@ def test_config_validation_names_parameter() -> None:
 def test_binom_cdf_edges() -> None:
     assert binom_cdf(-1, 5, 0.5) == 0.0 and binom_cdf(5, 5, 0.5) == 1.0
     assert abs(binom_cdf(2, 4, 0.5) - 11 / 16) < 1e-15
+
+
+def test_complete_graph_plan_has_the_largest_threshold() -> None:
+    from fedpeft.secagg.config import SecAggConfig, abort_probability, plan_graph
+
+    sparse, full = plan_graph(100, 0.1, 0.01), plan_graph(100, 0.1, 0.01, complete=True)
+    assert sparse.degree < 99 and full.degree == 99 and full.exact
+    assert full.threshold == 82 > sparse.threshold
+    assert full.abort_probability <= 0.01 < abort_probability(100, 99, 83, 0.1)
+    cfg = SecAggConfig(clip=1.0, expected_dropout=0.1)
+    assert cfg.resolve_complete(100).degree == 99 and cfg.resolve_complete(100).threshold == 82
+    pinned = SecAggConfig(clip=1.0, threshold=9, degree=16)  # an explicit graph is kept
+    assert (pinned.resolve_complete(100).degree, pinned.resolve_complete(100).threshold) == (16, 9)

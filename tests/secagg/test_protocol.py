@@ -152,7 +152,9 @@ def test_16_bit_words_exact_and_compact() -> None:
     run = run_in_memory(cfg, ups, session_id=SID, rounding_seeds=seeds,
                         dropouts={Stage.COLLECT_MASKED: [1000]})
     res = run.result
-    assert res.plan.word_dtype is np.uint16 and int(res.modular_sum.max()) < 2**16
+    assert res.plan.bits == 16 and int(res.modular_sum.max()) < 2**16
+    # 2 bytes a coordinate on the wire (plus the header)
+    assert all(100 * 2 < run.upload_bytes[c] for c in res.survivors)
     assert np.array_equal(res.int_sum, _expected_int_sum(ups, res.survivors, res.plan, seeds))
 
 

@@ -208,7 +208,7 @@ def _round_states() -> list[bytes]:
         requests = result if isinstance(result, dict) else {}
     aborted = SecAggClient.import_state(out[2])
     with pytest.raises(StageError):
-        aborted.handle(b"FPSA\x01\x01" + bytes([len(SID)]) + SID + struct.pack(">Q", 23))
+        aborted.handle(msg.MAGIC + bytes([msg.VERSION, 1, len(SID)]) + SID + struct.pack(">Q", 23))
     return [*out, aborted.export_state(), encode_state(FULL), _fresh()]
 
 

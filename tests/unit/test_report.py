@@ -33,7 +33,7 @@ def test_report_lists_rounds_plots_and_config(tmp_path: Path) -> None:
             in text)
     assert "| 2 | 66.7000 | 4.2000 | 1/5 | - | - | 0.000 | 0.000 | 12.0 | - |" in text
     assert "secagg-clip=`1.0` in rounds 1:" in text
-    assert "round 2: 1 usable updates" in text and "DP on, secure aggregation on" in text
+    assert "round 2: 1 usable updates" in text and "DP on (record level), secure aggregation on" in text
     for name in ("report_metric.png", "report_bytes.png", "report_time.png", "report_epsilon.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
