@@ -400,8 +400,9 @@ def _noise(row: dict[str, Any]) -> str:
         return (f"{u['per_client_noise_std']:.3g} per client, {u['min_contributors']} shares "
                 f"accounted (mean: {u.get('mean_noise_std_over_clip', float('nan')):.3g} x clip)")
     if "record" in row and row["record"]["sigma"]:
-        s = row["record"]["sigma"]
-        return f"sigma {s[0]:.3g}" + (f"-{s[-1]:.3g}" if s[-1] != s[0] else "")
+        s, q = row["record"]["sigma"], row["record"].get("sample_rate") or [float("nan")]
+        return (f"sigma {s[0]:.3g}" + (f"-{s[-1]:.3g}" if s[-1] != s[0] else "")
+                + f", q {q[0]:.2g}")
     return "-"
 
 
@@ -416,14 +417,17 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{s['clients_per_round']} per round, {s['rounds']} rounds, SecAgg+ on "
              "(accuracy %; gap: to the non-private arm)", "",
              "| arm | start | final | best | gap | epsilon reached | noise | "
-             "upload / client / round | s / round |", "|---|---|---|---|---|---|---|---|---|"]
+             "upload / client / round | s / round (median) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         gap = "-" if ref is None or a["arm"] == "non-private" else f"{100 * (a['final'] - ref):+.1f}"
         eps = "-" if a["epsilon"] is None else f"{a['epsilon']:.2f}"
+        if "user" in a and a["epsilon"] is not None:  # accounted with the shares present
+            eps += f" (planned {a['user']['epsilon_budget']:g})"
         lines.append(f"| {a['label']} | {_pct(a['initial'])} | {_pct(a['final'])} | "
                      f"{_pct(a['best'])} | {gap} | {eps} | {_noise(a)} | "
                      f"{a['upload_bytes_per_client_round'] / 1000:.0f} KB | "
-                     f"{a['seconds_per_round']:.0f} |")
+                     f"{statistics.median(a['seconds_per_round_each'] or [0.0]):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -466,7 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="where the arms' run directories go (default: a new temporary folder)")
     ap.add_argument("--fresh", action="store_true", help="rerun arms already in the output")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rewrite the .md table from the stored JSON; run nothing")
     args = ap.parse_args(argv)
+    if args.table_only:
+        path: Path = args.out or DEFAULT_OUT
+        stored = _load(path)
+        if not stored.get("arms"):
+            print(f"{path} holds no arms", file=sys.stderr)
+            return 1
+        path.with_suffix(".md").write_text(markdown(stored))
+        print(markdown(stored), flush=True)
+        return 0
 
     import torch
 
@@ -514,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{RECORD_OVERFLOW:g} at rate clients-per-round/clients",
         "delta": DELTA}
     done = {a["key"]: a for a in previous.get("arms", [])}
+    old_meta = previous.get("meta", {})
+    if old_meta:  # the invocations whose arms may be reused here
+        meta["earlier_invocations"] = [*old_meta.get("earlier_invocations", []), {
+            k: old_meta[k] for k in ("started", "wall_seconds", "machine", "skipped_for_time",
+                                     "arms_run") if k in old_meta}]
+    meta["arms_run"] = []
     doc: dict[str, Any] = {"meta": meta, "arms": []}
     for name in arms:
         overrides = arm_config(name, scale, args.seed, clip)
@@ -542,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"WARNING arm {name}: {row['rounds']} of {scale.rounds} rounds, "
                   f"{row['skipped']} skipped, stopped: {row['stopped'] or '-'}", flush=True)
         doc["arms"].append(row)
+        meta["arms_run"].append(name)
         meta["wall_seconds"] = time.time() - started
         _write(out, doc)
     meta["wall_seconds"] = time.time() - started
