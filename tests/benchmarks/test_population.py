@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.population_bench import FULL, record_planned_rounds, user_participations
+from benchmarks.population_bench import (
+    FULL,
+    arm_config,
+    record_planned_rounds,
+    user_participations,
+)
 from fedpeft.data.paths import data_available
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +30,11 @@ def test_participation_choices_fit_the_rounds() -> None:
     # is selected more than 3 times with probability about 1.3 %
     assert user_participations(FULL) == 1
     assert record_planned_rounds(FULL) == 3
+    # user level pins its SecAgg+ graph: the complete one by default, the sparse one apart
+    complete = arm_config("user-eps8", FULL, 0, 1.0)
+    sparse = arm_config("user-eps8-sparse", FULL, 0, 1.0)
+    assert complete["secagg-degree"] == FULL.clients_per_round - 1
+    assert sparse["secagg-threshold"] < complete["secagg-threshold"]
 
 
 @pytest.mark.integration
