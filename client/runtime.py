@@ -76,7 +76,7 @@ from fedpeft.privacy.accounting.ledger import (
 )
 from fedpeft.privacy.csprng import DPRandomness
 from fedpeft.privacy.dp_sgd import dp_local_train
-from fedpeft.privacy.user_level import COORDINATOR_SAMPLE_RATE, RoundPlan
+from fedpeft.privacy.user_level import RoundPlan
 from fedpeft.runconfig.config import RunConfig, user_round_plan
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.training.config import TrainConfig
@@ -429,8 +429,8 @@ class ClientRuntime:
         return self.ledger_path().with_name(f"{_safe(self.identity.client_id)}.user"
                                             f"{LEDGER_SUFFIX}")
 
-    def _user_ledger(self, plan: RoundPlan) -> Ledger:
-        budget = Budget(plan.config.budget, plan.config.delta)
+    def _user_ledger(self) -> Ledger:
+        budget = Budget(self.run.user_dp.budget, self.run.user_dp.delta)
         path = self.user_ledger_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         return Ledger(path, client_id=self.identity.client_id, level="user", budget=budget,
@@ -452,12 +452,12 @@ class ClientRuntime:
         plan = user_round_plan(self.run, self.identity.num_partitions,
                                vector_length(self.model.spec()))
         client, advertise, epsilon = open_user_session(content, cfg, plan)
-        event = plan.ddg.accounting_event(COORDINATOR_SAMPLE_RATE, plan.min_contributors)
+        event = plan.worst_case_event()
         meta = ReleaseMetadata(round_number=server_round, users=(self.identity.client_id,),
                                delta=plan.config.delta, run_id=self.run.fingerprint(),
                                others=plan.min_contributors + plan.config.colluders)
         try:
-            with self._user_ledger(plan) as ledger:
+            with self._user_ledger() as ledger:
                 ledger.reserve_release_within_budget(event, meta)
         except BudgetExhaustedError as exc:
             return {STATUS_KEY: STATUS_BUDGET_EXHAUSTED, CLIENT_ID_KEY: self.identity.client_id,
@@ -471,9 +471,7 @@ class ClientRuntime:
         event_id = state.pop(USER_RELEASE, None)
         if event_id is None or not self.run.user_dp.enabled:
             return
-        plan = user_round_plan(self.run, self.identity.num_partitions,
-                               vector_length(self.model.spec()))
-        with self._user_ledger(plan) as ledger:
+        with self._user_ledger() as ledger:
             ledger.commit(event_id.decode())
 
     def _secagg_step(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:

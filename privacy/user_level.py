@@ -127,6 +127,11 @@ class RoundPlan:
     def ddg(self) -> DDGPlan:
         return self.provisioned.plan
 
+    def worst_case_event(self) -> DistributedDiscreteGaussianEvent:
+        """A release with only the planned (fewest accepted) noise shares: what a device, which
+        cannot count the survivors, records for itself."""
+        return self.ddg.accounting_event(COORDINATOR_SAMPLE_RATE, self.min_contributors)
+
     def release_event(self, survivors: int) -> DistributedDiscreteGaussianEvent:
         """What one release spends for each of its users, counting the noise actually in the
         sum: the other ``survivors - 1`` shares less the colluders (never the planned amount)."""
