@@ -142,6 +142,41 @@ class ClientIdentity:
             raise ConfigError(f"epsilon-budget={self.epsilon_budget} must be >= 0 (0: the run's)")
 
 
+@dataclass(frozen=True)
+class UserRound:
+    """A user-level round opened before training: its SecAgg+ client and this device's plan."""
+
+    client: SecAggClient
+    advertise: bytes
+    epsilon: float
+    plan: RoundPlan
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    """A record-level DP-SGD round reserved in the ledger, and its randomness."""
+
+    sigma: float
+    event: PoissonSampledGaussianEvent
+    meta: EventMetadata
+    budget: Budget | None
+    randomness: DPRandomness
+
+
+@dataclass(frozen=True)
+class RoundJob:
+    """One client's round between its checks and its training (:meth:`ClientRuntime.begin_round`):
+    what to train from, on what, how, and what was reserved for it."""
+
+    server_round: int
+    content: Mapping[str, Value]
+    global_state: dict[str, torch.Tensor]
+    data: Encoded
+    train: TrainConfig
+    user: UserRound | None
+    private: PrivateRound | None
+
+
 class ClientRuntime:
     """A client's data and identity, plus the round pipeline."""
 
@@ -178,21 +213,29 @@ class ClientRuntime:
                 reply = self._secagg_step(content, state)
             else:
                 raise PayloadError(f"unknown message kind {kind!r}")
-            if self.run.private:
-                check_dp_reply(reply, user_level=self.run.user_dp.enabled)
-        except FedPeftError as exc:
-            end_session(state)
+            return self.checked(reply)
+        except Exception as exc:  # noqa: BLE001 - typed or not, it becomes a fault reply
+            return self.fault_reply(kind, exc, state)
+
+    def checked(self, reply: Content) -> Content:
+        """``reply`` if it may leave the device (:func:`check_dp_reply` under DP), else raises."""
+        if self.run.private:
+            check_dp_reply(reply, user_level=self.run.user_dp.enabled)
+        return reply
+
+    def fault_reply(self, kind: str, exc: Exception, state: dict[str, bytes]) -> Content:
+        """The ``error`` reply for ``exc`` raised while answering ``kind``; the SecAgg session
+        (if any) is ended, so nothing of it is answered later."""
+        end_session(state)
+        if isinstance(exc, FedPeftError):
             log.warning("client %s: %s failed: %s", self.identity.client_id, kind, exc)
-            reply = {STATUS_KEY: STATUS_ERROR, REASON_KEY: self.public_reason(exc),
-                     CLIENT_ID_KEY: self.identity.client_id}
-        except Exception as exc:  # noqa: BLE001 - an unexpected error (I/O, torch, Opacus)
+        else:
             # security: never let the framework send an untyped error's text (an OOM size
             # or a loss value can depend on the sampled records): type only under DP
-            end_session(state)
-            log.exception("client %s: %s failed unexpectedly", self.identity.client_id, kind)
-            reply = {STATUS_KEY: STATUS_ERROR, REASON_KEY: self.public_reason(exc),
-                     CLIENT_ID_KEY: self.identity.client_id}
-        return reply
+            log.error("client %s: %s failed unexpectedly", self.identity.client_id, kind,
+                      exc_info=exc)
+        return {STATUS_KEY: STATUS_ERROR, REASON_KEY: self.public_reason(exc),
+                CLIENT_ID_KEY: self.identity.client_id}
 
     def public_reason(self, exc: Exception) -> str:
         """The fault reason a reply may carry: the full message without DP; under DP only the
@@ -205,6 +248,17 @@ class ClientRuntime:
 
     # -- the round pipeline: load -> train -> privatize -> mask -> send -------------------------
     def _train_round(self, content: Mapping[str, Value], state: dict[str, bytes]) -> Content:
+        job = self.begin_round(content, state)
+        if isinstance(job, dict):  # a budget refused the round: nothing trained
+            return job
+        result, final = self.train_alone(job)
+        return self.finish_round(job, result, final, state)
+
+    def begin_round(self, content: Mapping[str, Value],
+                    state: dict[str, bytes]) -> RoundJob | Content:
+        """Everything before training: check the message, open a user-level round (reserved in
+        the device's user ledger), reserve the record-level event (DP-SGD), load the global
+        adapter. Returns the job, or the reply of a round a budget refused."""
         fingerprint = str(require_field(content, FINGERPRINT_KEY, str))
         if fingerprint != self.run.fingerprint():
             raise ConfigError(f"coordinator's model/adapter fingerprint {fingerprint} differs "
@@ -222,7 +276,7 @@ class ClientRuntime:
             raise ConfigError("the coordinator runs secure aggregation but this client has "
                               "secagg=false; use the same run config on both sides")
         model = self.model
-        user: tuple[SecAggClient, bytes, float, RoundPlan] | None = None
+        user: UserRound | None = None
         if self.run.user_dp.enabled:
             # user level: the round is checked and the release reserved before training
             opened = self._open_user_round(content, server_round, state)
@@ -230,37 +284,61 @@ class ClientRuntime:
                 return opened
             user = opened
         global_state = decode(payload, model.spec())
-        model.load_adapter_state(global_state)
         data = self.data()
+        private: PrivateRound | None = None
         if self.run.dp.enabled:
             receipt = content.get(RECEIPT_KEY)
             if receipt is not None and not isinstance(receipt, str):
                 raise PayloadError(f"message field {RECEIPT_KEY!r} is "
                                    f"{type(receipt).__name__}, expected str")
-            private = self._train_private(model, data, server_round, receipt)
-            if isinstance(private, dict):  # the budget refused this round: nothing trained
-                return private
-            result, privacy = private
+            reserved = self._reserve_private(data, server_round, receipt)
+            if isinstance(reserved, dict):  # the budget refused this round: nothing trained
+                return reserved
+            private = reserved
+        return RoundJob(server_round, content, global_state, data, self._train_config(
+            server_round), user, private)
+
+    def train_alone(self, job: RoundJob) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+        """Train ``job`` on the shared model alone; returns the result and the trained tensors."""
+        model = self.model
+        model.load_adapter_state(job.global_state)
+        if job.private is not None:
+            model.train()
+            result: TrainResult = dp_local_train(
+                model, job.data, job.train, self.run.dp,
+                noise_multiplier=job.private.sigma, randomness=job.private.randomness,
+                progress=self._progress(job.server_round))
+            model.eval()
         else:
-            result, privacy = self._train(model, data, server_round), {}
+            result = local_train(model, job.data, job.train,
+                                 generator=self.shuffle_generator(job.server_round),
+                                 progress=self._progress(job.server_round))
+        return result, model.adapter_state()
+
+    def finish_round(self, job: RoundJob, result: TrainResult,
+                     trained: Mapping[str, torch.Tensor], state: dict[str, bytes]) -> Content:
+        """Everything after training: commit the record-level event, add the user-level noise
+        or start the SecAgg+ session (or encode the plain update), keep the local metrics."""
         # record-level DP happened inside training (DP-SGD); user level adds its noise now
-        delta = {k: v - global_state[k] for k, v in model.adapter_state().items()}
-        reply = self._metrics(result, server_round)
+        privacy = self._commit_private(job.private) if job.private is not None else {}
+        delta = {k: v - job.global_state[k] for k, v in trained.items()}
+        reply = self._metrics(result, job.server_round)
         reply.update(privacy)
-        if user is not None:
-            client, advertise, epsilon, plan = user
-            local = finish_user_session(client, delta, model.spec(), plan, state)
+        spec = self.model.spec()
+        if job.user is not None:
+            local = finish_user_session(job.user.client, delta, spec, job.user.plan, state)
             reply = {k: v for k, v in reply.items()
                      if k in DP_REPLY_FIELDS["secagg-user"]}  # security: no n at user level
-            reply.update({SECAGG_ADVERTISE_KEY: advertise, "dp-level": self.run.dp_level,
-                          "dp-user-epsilon-plan": epsilon})
+            reply.update({SECAGG_ADVERTISE_KEY: job.user.advertise,
+                          "dp-level": self.run.dp_level,
+                          "dp-user-epsilon-plan": job.user.epsilon})
         else:
-            masked, local = self._mask(delta, content, state)
+            masked, local = self._mask(delta, job.content, state)
             reply.update(masked)
-        self._keep_local(server_round, result, local)
+        self._keep_local(job.server_round, result, local)
         return reply
 
-    def _generator(self, server_round: int) -> torch.Generator:
+    def shuffle_generator(self, server_round: int) -> torch.Generator:
         """Shuffling for non-private training only: reproducible from the run seed.
 
         Never used under DP: DP-SGD's Poisson batches come from a CSPRNG keyed by the OS per
@@ -307,11 +385,6 @@ class ClientRuntime:
         """Local training settings of this round (the lr schedule applied)."""
         return for_round(self.run.train, server_round, self.run.federation.num_rounds)
 
-    def _train(self, model: AdaptedModel, data: Encoded, server_round: int) -> TrainResult:
-        return local_train(model, data, self._train_config(server_round),
-                           generator=self._generator(server_round),
-                           progress=self._progress(server_round))
-
     # -- record-level DP -------------------------------------------------------------------------
     def ledger_path(self) -> Path:
         """This client's privacy ledger: ledger-dir, else the node's state-dir, else the run's."""
@@ -326,30 +399,26 @@ class ClientRuntime:
                                                                self.run.train.local_steps)
         return self._sigma
 
-    def _train_private(self, model: AdaptedModel, data: Encoded, server_round: int,
-                       receipt: str | None = None) -> tuple[TrainResult, Content] | Content:
-        """DP-SGD with the ledger: verify -> check budget and reserve -> train -> commit.
+    def _reserve_private(self, data: Encoded, server_round: int,
+                         receipt: str | None = None) -> PrivateRound | Content:
+        """Verify the ledger, check the budget and reserve this round's DP-SGD event.
 
         The ledger is checked against its anchor (kept apart from the ledger files) and
         against the coordinator's receipt of its last head, so a deleted or restored ledger is
         refused before anything is spent. The event is reserved (fsynced) before any noise is
-        drawn, so a crash mid-round counts the round as spent; commit is idempotent, so a
-        restart never counts it twice.
+        drawn, so a crash mid-round counts the round as spent; :meth:`_commit_private` is
+        idempotent, so a restart never counts it twice.
         """
         dp = self.run.dp
         n = len(data)
         sigma = self.noise_multiplier(n)
         event = PoissonSampledGaussianEvent(dp.sample_rate(n), sigma, self.run.train.local_steps)
-        randomness = DPRandomness.from_os()  # security: fresh OS keys per client and round
         meta = EventMetadata(round_number=server_round, dataset_size=n, delta=dp.delta,
                              clip_norm=dp.max_grad_norm, run_id=self.run.fingerprint(),
                              adjacency=dp.adjacency, sampling="csprng")
         eps_max = self.identity.epsilon_budget or dp.epsilon_max
         budget = None if eps_max is None else Budget(eps_max, dp.delta)
-        path = self.ledger_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with Ledger(path, client_id=self.identity.client_id, budget=budget,
-                    anchor_dir=self.anchor_dir()) as ledger:
+        with self._record_ledger(budget) as ledger:
             if receipt:
                 self._verify_receipt(ledger, receipt)
             try:
@@ -365,12 +434,20 @@ class ClientRuntime:
                         # what the refused decision was accounted under
                         "dp-adjacency": composition_adjacency(
                             [*(e.metadata for e in ledger.entries()), meta])}
-            model.train()
-            result = dp_local_train(model, data, self._train_config(server_round), dp,
-                                    noise_multiplier=sigma, randomness=randomness,
-                                    progress=self._progress(server_round))
-            model.eval()
-            ledger.commit(meta.event_id)
+        # security: fresh OS keys per client and round, drawn after the event is reserved
+        return PrivateRound(sigma, event, meta, budget, DPRandomness.from_os())
+
+    def _record_ledger(self, budget: Budget | None) -> Ledger:
+        path = self.ledger_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Ledger(path, client_id=self.identity.client_id, budget=budget,
+                      anchor_dir=self.anchor_dir())
+
+    def _commit_private(self, private: PrivateRound) -> Content:
+        """Commit the reserved DP-SGD event; the privacy fields of the reply."""
+        dp = self.run.dp
+        with self._record_ledger(private.budget) as ledger:
+            ledger.commit(private.meta.event_id)
             spent = ledger.spent_events()
             adjacency = ledger.adjacency
             rounds = len({e.metadata.round_number for e in ledger.entries()})
@@ -379,14 +456,14 @@ class ClientRuntime:
                for name in ("prv", "rdp")}
         privacy: Content = {
             "dp-epsilon": eps["prv"], "dp-epsilon-rdp": eps["rdp"], "dp-delta": dp.delta,
-            "dp-sigma": sigma, "dp-q": event.sample_rate, "dp-steps": event.steps,
-            "dp-rounds-joined": rounds, "dp-clip": dp.max_grad_norm,
-            "dp-adjacency": adjacency, LEDGER_HEAD_KEY: head,
+            "dp-sigma": private.sigma, "dp-q": private.event.sample_rate,
+            "dp-steps": private.event.steps, "dp-rounds-joined": rounds,
+            "dp-clip": dp.max_grad_norm, "dp-adjacency": adjacency, LEDGER_HEAD_KEY: head,
         }
-        if budget is not None:
-            privacy["dp-budget"] = budget.epsilon_max
-            privacy["dp-budget-left"] = max(0.0, budget.epsilon_max - eps["prv"])
-        return result, privacy
+        if private.budget is not None:
+            privacy["dp-budget"] = private.budget.epsilon_max
+            privacy["dp-budget-left"] = max(0.0, private.budget.epsilon_max - eps["prv"])
+        return privacy
 
     def _verify_receipt(self, ledger: Ledger, receipt: str) -> None:
         """Refuse a ledger that lacks the head the coordinator saw last (deleted or restored).
@@ -437,8 +514,7 @@ class ClientRuntime:
                       anchor_dir=self.anchor_dir())
 
     def _open_user_round(self, content: Mapping[str, Value], server_round: int,
-                         state: dict[str, bytes]
-                         ) -> tuple[SecAggClient, bytes, float, RoundPlan] | Content:
+                         state: dict[str, bytes]) -> UserRound | Content:
         """Accept the SETUP, check the round against this device's own plan, and reserve the
         release in this device's user-level ledger within its budget, before training.
 
@@ -464,7 +540,7 @@ class ClientRuntime:
                     REASON_KEY: str(exc), "dp-level": "user",
                     "dp-budget": float(exc.epsilon_max)}
         state[USER_RELEASE] = meta.event_id.encode()
-        return client, advertise, epsilon, plan
+        return UserRound(client, advertise, epsilon, plan)
 
     def _commit_user_release(self, state: dict[str, bytes]) -> None:
         """After the unmask answer left: commit this round's release (idempotent)."""

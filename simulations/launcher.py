@@ -60,6 +60,11 @@ def simulate(config: dict[str, Scalar], num_clients: int, run_dir: Path, *,
     run = parse_run_config(flat)  # fail fast, before anything starts
     if run.federation.min_clients > num_clients:
         raise ConfigError(f"min-clients={run.federation.min_clients} exceeds clients={num_clients}")
+    if run.cohort.clients > 1:
+        raise ConfigError(
+            f"batch-clients={run.cohort.clients}: batched training of several virtual clients runs "
+            "in-process only (fedpeft simulate --in-process); Flower's simulation engine trains one "
+            "ClientApp message at a time. Add --in-process or set batch-clients = 1")
     port = free_port()
     link = SuperLink.start(superlink_command("127.0.0.1", port, simulation=True),
                            run_dir=run_dir, address=f"127.0.0.1:{port}", connection=CONNECTION,

@@ -22,7 +22,7 @@ from fedpeft.privacy.dp_config import DPConfig
 from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, round_plan
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.errors import SecAggError
-from fedpeft.training.config import TrainConfig
+from fedpeft.training.config import CohortConfig, TrainConfig
 
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 #: Server-optimiser run-config keys and the aggregations that read them
@@ -99,6 +99,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cohort: CohortConfig = field(default_factory=CohortConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     secagg: SecAggConfig | None = None
     dp: DPConfig = field(default_factory=DPConfig)
@@ -165,6 +166,7 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "optimizer": (TrainConfig, "optimizer"), "momentum": (TrainConfig, "momentum"),
     "weight-decay": (TrainConfig, "weight_decay"),
     "lr-final-fraction": (TrainConfig, "lr_final_fraction"),
+    "batch-clients": (CohortConfig, "clients"), "batch-rows": (CohortConfig, "rows"),
     "dp-delta": (DPConfig, "delta"), "dp-clip": (DPConfig, "max_grad_norm"),
     "dp-accountant": (DPConfig, "accountant"),
     "dp-user-epsilon": (UserDPConfig, "target_epsilon"), "dp-user-delta": (UserDPConfig, "delta"),
@@ -188,7 +190,8 @@ DEFAULTS: dict[str, Scalar] = {
         "max-examples-per-client", "eval-examples", "num-rounds", "clients-per-round",
         "min-clients", "aggregation", "weighting", "server-lr", "server-momentum", "beta1",
         "beta2", "tau", "round-timeout", "local-steps", "batch-size", "lr", "head-lr",
-        "optimizer", "momentum", "weight-decay", "lr-final-fraction")},
+        "optimizer", "momentum", "weight-decay", "lr-final-fraction", "batch-clients",
+        "batch-rows")},
     "dp": True,  # private by default (the library's DPConfig is off until asked)
     "dp-noise-multiplier": 0.0,  # 0 = calibrate sigma from dp-target-epsilon
     "dp-target-epsilon": 8.0,
@@ -325,6 +328,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
                           optimizer=str(v["optimizer"]),
                           momentum=float(v["momentum"]), weight_decay=float(v["weight-decay"]),
                           lr_final_fraction=float(v["lr-final-fraction"])),
+        cohort=CohortConfig(clients=int(v["batch-clients"]), rows=int(v["batch-rows"])),
         federation=FederationConfig(
             num_rounds=int(v["num-rounds"]), clients_per_round=int(v["clients-per-round"]),
             min_clients=int(v["min-clients"]), aggregation=str(v["aggregation"]),

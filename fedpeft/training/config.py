@@ -45,3 +45,20 @@ class TrainConfig:
         if not 0 < self.lr_final_fraction <= 1:
             raise ConfigError(f"lr-final-fraction={self.lr_final_fraction} must be in (0, 1] "
                               "(1 keeps lr constant; 0.1 decays it to a tenth by the last round)")
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """How a process that holds many virtual clients trains them (``batch-clients``,
+    ``batch-rows``): ``clients`` at a time in one forward/backward per ``rows`` rows
+    (``fedpeft.training.batched``); 1 trains them one by one."""
+
+    clients: int = 1
+    rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ConfigError(f"batch-clients={self.clients} must be >= 1 (1: one by one)")
+        if self.rows < 1:
+            raise ConfigError(f"batch-rows={self.rows} must be >= 1 (rows per forward pass "
+                              "across the batched clients)")

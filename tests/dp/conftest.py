@@ -24,8 +24,9 @@ MODELS = {
 ADAPTERS = {
     "lora": AdapterConfig("lora", LoraSettings(r=4)),
     "prompt": AdapterConfig("prompt", PromptSettings(num_virtual_tokens=4)),
+    "ffa-lora": AdapterConfig("ffa-lora", LoraSettings(r=4)),
 }
-PAIRS = [(m, a) for m in MODELS for a in ADAPTERS]
+PAIRS = [(m, a) for m in MODELS for a in ("lora", "prompt")]
 SEQ = 16
 
 _BUILT: dict[tuple[str, str], tuple[AdaptedModel, dict[str, torch.Tensor]]] = {}
@@ -39,7 +40,7 @@ def get_model(model: str, adapter: str) -> AdaptedModel:
         for module in m.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0  # exactness tests compare against separate forward passes
-        if adapter == "lora":
+        if adapter in ("lora", "ffa-lora"):
             # PEFT initialises LoRA B to zero, which makes the gradient of A zero; perturb B
             # so every adapter tensor has a non-trivial per-example gradient.
             with torch.no_grad():

@@ -47,7 +47,7 @@ def _rows(run_dir: Path) -> list[dict[str, object]]:
 @pytest.mark.parametrize("secagg", [True, False])
 def test_reply_keys_are_exactly_the_documented_set(tmp_path: Path, secagg: bool) -> None:
     run = parse_run_config(_flat(tmp_path, secagg=secagg))
-    transport = InMemoryTransport(run, 4)
+    transport = InMemoryTransport(run, 4, record=True)
     Coordinator(run, transport, tmp_path).run_federation()
     train = [r for kind, _n, r in transport.received if kind == "train"]
     assert len(train) == 8

@@ -35,7 +35,7 @@ def test_secure_mean_equals_plain_mean_and_nothing_leaves_unmasked(tmp_path: Pat
     after_plain = model.adapter_state()
 
     secure = parse_run_config(_flat(tmp_path / "secure", secagg=True))
-    transport = InMemoryTransport(secure, 4)
+    transport = InMemoryTransport(secure, 4, record=True)
     Coordinator(secure, transport, tmp_path / "secure").run_federation()
     after_secure = model.adapter_state()
     row = _rows(tmp_path / "secure")[1]
@@ -66,7 +66,7 @@ def test_clipping_by_secagg_is_counted_and_warned(tmp_path: Path,
 
 def test_masked_input_looks_nothing_like_the_update(tmp_path: Path) -> None:
     run = parse_run_config(_flat(tmp_path, secagg=True))
-    transport = InMemoryTransport(run, 3)
+    transport = InMemoryTransport(run, 3, record=True)
     Coordinator(run, transport, tmp_path).run_federation()
     # the masked-input replies are the largest secagg messages: uniform 32-bit words
     sizes = sorted(((len(r["message"]), r["message"]) for k, _, r in transport.received
@@ -110,7 +110,7 @@ def test_too_many_dropouts_abort_the_round_cleanly(tmp_path: Path) -> None:
 def test_secagg_client_refuses_a_plain_round(tmp_path: Path) -> None:
     plain = parse_run_config(_flat(tmp_path))
     secure = parse_run_config(_flat(tmp_path, secagg=True))
-    transport = InMemoryTransport(plain, 3)
+    transport = InMemoryTransport(plain, 3, record=True)
     from fedpeft.client.runtime import ClientRuntime
 
     transport.runtimes[1] = ClientRuntime(secure, transport.runtimes[1].identity)

@@ -43,7 +43,7 @@ def test_user_level_rounds_release_only_noisy_sums_and_account_per_user(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = parse_run_config(_flat(tmp_path))
     assert run.dp_level == "user" and not run.dp.enabled
-    transport = InMemoryTransport(run, 6)
+    transport = InMemoryTransport(run, 6, record=True)
     summary = Coordinator(run, transport, tmp_path).run_federation()
     assert summary.rounds_completed == 2 and not summary.stopped_reason
     rows = _rows(tmp_path)[1:]
