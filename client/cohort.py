@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.client.runtime import ClientRuntime, RoundJob
-from fedpeft.core.errors import ClientFault
+from fedpeft.core.errors import ClientFault, FedPeftError
 from fedpeft.core.protocol import KIND_TRAIN, Content, Value
 from fedpeft.privacy.dp_sgd_batched import batched_dp_local_train
 from fedpeft.training.batched import (
@@ -87,7 +87,8 @@ def train_cohort(jobs: Sequence[CohortJob], batch_clients: int, micro_batch: int
                 try:
                     if error is not None:
                         raise error
-                    assert result is not None and trained is not None
+                    if result is None or trained is None:
+                        raise ClientFault("batched training returned no result for this client")
                     replies[i] = job.runtime.checked(
                         job.runtime.finish_round(rj, result, trained, job.state))
                 except Exception as exc:  # noqa: BLE001 - becomes this client's fault reply
@@ -95,11 +96,10 @@ def train_cohort(jobs: Sequence[CohortJob], batch_clients: int, micro_batch: int
             done += len(part)
             _progress(jobs[part[0][0]].runtime, part[0][1].server_round, done, total,
                       time.perf_counter() - t0)
-    out: list[Content] = []
-    for reply in replies:
-        assert reply is not None
-        out.append(reply)
-    return out
+    missing = [jobs[i].runtime.identity.client_id for i, r in enumerate(replies) if r is None]
+    if missing:
+        raise FedPeftError(f"train_cohort left clients without a reply: {missing}")
+    return [r for r in replies if r is not None]
 
 
 def _planned_clients(jobs: Sequence[CohortJob], members: Sequence[tuple[int, RoundJob]],
@@ -133,13 +133,14 @@ def _train_part(jobs: Sequence[CohortJob], part: Sequence[tuple[int, RoundJob]],
         starts = [rj.global_state for rj in rjs]
         cohort: CohortResult
         if rjs[0].private is not None:
-            privs = [rj.private for rj in rjs]
-            assert all(p is not None for p in privs)
+            privs = [rj.private for rj in rjs if rj.private is not None]
+            if len(privs) != len(rjs):
+                raise BatchingError("a batch mixes private and non-private rounds")
             model.train()
             cohort = batched_dp_local_train(
                 model, datas, starts, rjs[0].train, first.run.dp,
-                noise_multipliers=[p.sigma for p in privs if p is not None],
-                randomnesses=[p.randomness for p in privs if p is not None],
+                noise_multipliers=[p.sigma for p in privs],
+                randomnesses=[p.randomness for p in privs],
                 micro_batch=micro_batch)
         else:
             cohort = batched_local_train(

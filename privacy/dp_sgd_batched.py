@@ -48,6 +48,7 @@ from fedpeft.training.batched import (
     CohortResult,
     CohortRow,
     cohort_chunks,
+    cohort_result,
     forward_rows,
     routed,
 )
@@ -166,12 +167,4 @@ def batched_dp_local_train(
                 for attr in ("grad_sample", "summed_grad"):
                     p.__dict__.pop(attr, None)
     model.eval()
-    seconds = time.perf_counter() - start
-    states: list[dict[str, torch.Tensor] | None] = list(cohort.states())
-    for c in range(k):
-        result = results[c]
-        if result is None:
-            states[c] = None
-        else:
-            result.seconds = seconds / k
-    return CohortResult(results, states, errors, seconds=seconds, passes=passes)
+    return cohort_result(cohort, results, errors, start=start, passes=passes)

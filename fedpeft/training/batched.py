@@ -348,6 +348,20 @@ class CohortResult:
     passes: int = 0
 
 
+def cohort_result(cohort: Cohort, results: list[TrainResult | None],
+                  errors: list[Exception | None], *, start: float, passes: int) -> CohortResult:
+    """The cohort's outcome after training began at ``start`` (``perf_counter``): each
+    client's final state, none for a stopped client; the time shared out evenly."""
+    seconds = time.perf_counter() - start
+    states: list[dict[str, torch.Tensor] | None] = list(cohort.states())
+    for c, result in enumerate(results):
+        if result is None:
+            states[c] = None
+        else:
+            result.seconds = seconds / len(cohort)
+    return CohortResult(results, states, errors, seconds=seconds, passes=passes)
+
+
 def forward_rows(model: AdaptedModel, router: Router, data: Encoded, chunk: Sequence[CohortRow],
                  tensors: Sequence[Mapping[str, torch.Tensor]], *,
                  capture: bool = False) -> torch.Tensor:
@@ -427,22 +441,14 @@ def batched_local_train(
                     opt.zero_grad(set_to_none=True)
     finally:
         model.eval()
-    seconds = time.perf_counter() - start
-    states: list[dict[str, torch.Tensor] | None] = list(cohort.states())
-    for c in range(k):
-        result = results[c]
-        if result is None:
-            states[c] = None
-        else:
-            result.seconds = seconds / k
-    return CohortResult(results, states, errors, seconds=seconds, passes=passes)
+    return cohort_result(cohort, results, errors, start=start, passes=passes)
 
 
 def model_shape(model: AdaptedModel) -> ModelShape:
     """The base's shape for the memory estimate (:mod:`fedpeft.training.memory`)."""
     hf = model.base_info.model.config
     hidden = int(getattr(hf, "hidden_size", 0) or 0)
-    shape = ModelShape(
+    return ModelShape(
         layers=int(getattr(hf, "num_hidden_layers", 1) or 1),
         hidden=max(hidden, 1),
         heads=int(getattr(hf, "num_attention_heads", 1) or 1),
@@ -450,7 +456,6 @@ def model_shape(model: AdaptedModel) -> ModelShape:
         vocab=int(getattr(hf, "vocab_size", 0) or 0) if model.task == "causal_lm" else 0,
         gated=str(getattr(hf, "hidden_act", "")) in ("silu", "swiglu"),
     )
-    return shape
 
 
 def cohort_plan(model: AdaptedModel, datas: Sequence[Encoded], cfg: TrainConfig, *,
