@@ -89,7 +89,10 @@ QUICK = Scale("quick", clients=30, examples_per_client=20, clients_per_round=10,
 #: The issue's three arms: always run.
 DEFAULT_ARMS = ("non-private", "user-eps8", "record-eps8")
 #: Further rows, run (in the order asked) only while the time budget allows.
-OPTIONAL_ARMS = ("user-eps8-sparse", "user-eps3", "user-eps1")
+OPTIONAL_ARMS = ("user-eps8-sparse", "user-eps8-adaptive", "user-eps3", "user-eps1")
+#: The adaptive arm (Andrew et al. 2021): no probe; it starts from the default clip and
+#: follows the median update norm. lr 0.3 lets 10 rounds move the clip by up to e^1.5.
+ADAPTIVE_START_CLIP, ADAPTIVE_QUANTILE, ADAPTIVE_LR = 1.0, 0.5, 0.3
 #: What the full benchmark runs by default (quick: the issue's three arms).
 FULL_ARMS = (*DEFAULT_ARMS, "user-eps8-sparse")
 
@@ -150,10 +153,15 @@ def arm_config(name: str, scale: Scale, seed: int, user_clip: float) -> dict[str
         cfg = {**nodp, "dp": True, "dp-level": "user", "dp-user-epsilon": float(eps_text),
                "dp-user-delta": DELTA, "dp-user-clip": user_clip,
                "dp-user-participations": user_participations(scale)}
-        if variant not in ("", "sparse"):
+        if variant not in ("", "sparse", "adaptive"):
             raise ValueError(f"unknown arm {name!r}")
+        if variant == "adaptive":
+            cfg.update({"dp-user-clip": ADAPTIVE_START_CLIP,
+                        "dp-user-clip-quantile": ADAPTIVE_QUANTILE,
+                        "dp-user-clip-lr": ADAPTIVE_LR})
         # pinned, so that a stored row keeps meaning what it measured if a planner changes
-        degree, threshold = secagg_graph(scale.clients_per_round, complete=not variant)
+        degree, threshold = secagg_graph(scale.clients_per_round,
+                                         complete=variant != "sparse")
         cfg.update({"secagg-degree": degree, "secagg-threshold": threshold})
         return cfg
     if name.startswith("record-eps"):
@@ -172,8 +180,11 @@ def arm_label(name: str, config: dict[str, Any]) -> str:
         graph = ("complete graph" if config["secagg-degree"] >= config["clients-per-round"] - 1
                  else f"degree {config['secagg-degree']}")
         extra = f", SecAgg+ {graph}, threshold {config['secagg-threshold']}"
-        return (f"user level, epsilon {config['dp-user-epsilon']:g}: LoRA + AdamW, update clip "
-                f"{config['dp-user-clip']:.3g}{extra}")
+        clip = (f"adaptive clip from {config['dp-user-clip']:.3g} (median, lr "
+                f"{config['dp-user-clip-lr']:g})" if config.get("dp-user-clip-quantile")
+                else f"update clip {config['dp-user-clip']:.3g}")
+        return (f"user level, epsilon {config['dp-user-epsilon']:g}: LoRA + AdamW, "
+                f"{clip}{extra}")
     return (f"record level, epsilon {config['dp-target-epsilon']:g}: FFA-LoRA + DP-SGD "
             "momentum")
 
@@ -315,6 +326,12 @@ def summarise(run_dir: Path) -> dict[str, Any]:
         "secagg_clipped": sum(int(r.get("secagg", {}).get("clipped", 0)) for r in trained),
         "epsilon": None,
     }
+    clips = [r["dp_user_clip"] for r in trained if "dp_user_clip" in r]
+    if clips:  # adaptive clipping: the clip of each round and the noisy unclipped fraction
+        out["adaptive_clip"] = {
+            "clip_per_round": [float(c["clip"]) for c in clips],
+            "unclipped_fraction_per_round": [float(c["unclipped_fraction"]) for c in clips],
+            "count_std": float(clips[0]["count_std"])}
     report_path = run_dir / "privacy_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if "user" in report:

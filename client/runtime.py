@@ -25,6 +25,7 @@ from fedpeft.client.secagg_session import (
     end_session,
     finish_user_session,
     open_user_session,
+    round_clip,
     start_session,
 )
 from fedpeft.core.errors import ClientFault, ConfigError, FedPeftError, PayloadError
@@ -150,6 +151,8 @@ class UserRound:
     advertise: bytes
     epsilon: float
     plan: RoundPlan
+    #: this round's clip of the whole update (the coordinator's, checked; else dp-user-clip)
+    clip: float
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,8 @@ class ClientRuntime:
         reply.update(privacy)
         spec = self.model.spec()
         if job.user is not None:
-            local = finish_user_session(job.user.client, delta, spec, job.user.plan, state)
+            local = finish_user_session(job.user.client, delta, spec, job.user.plan, state,
+                                        clip=job.user.clip)
             reply = {k: v for k, v in reply.items()
                      if k in DP_REPLY_FIELDS["secagg-user"]}  # security: no n at user level
             reply.update({SECAGG_ADVERTISE_KEY: job.user.advertise,
@@ -527,6 +531,7 @@ class ClientRuntime:
             raise ConfigError("user-level DP needs the coordinator's secure aggregation setup")
         plan = user_round_plan(self.run, self.identity.num_partitions,
                                vector_length(self.model.spec()))
+        clip = round_clip(content, self.run.user_dp, server_round)  # security: before SETUP
         client, advertise, epsilon = open_user_session(content, cfg, plan)
         event = plan.worst_case_event()
         meta = ReleaseMetadata(round_number=server_round, users=(self.identity.client_id,),
@@ -540,7 +545,7 @@ class ClientRuntime:
                     REASON_KEY: str(exc), "dp-level": "user",
                     "dp-budget": float(exc.epsilon_max)}
         state[USER_RELEASE] = meta.event_id.encode()
-        return UserRound(client, advertise, epsilon, plan)
+        return UserRound(client, advertise, epsilon, plan, clip)
 
     def _commit_user_release(self, state: dict[str, bytes]) -> None:
         """After the unmask answer left: commit this round's release (idempotent)."""

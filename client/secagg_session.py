@@ -17,8 +17,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedpeft.core.errors import PayloadError
+from fedpeft.core.errors import ConfigError, PayloadError
 from fedpeft.core.protocol import (
+    ROUND_CLIP_KEY,
     SECAGG_ADVERTISE_KEY,
     SECAGG_ID_KEY,
     SECAGG_MESSAGE_KEY,
@@ -31,7 +32,8 @@ from fedpeft.core.protocol import (
 from fedpeft.core.vector import flatten, with_clip_stats
 from fedpeft.core.wire import TensorSpec
 from fedpeft.privacy.accounting.ledger import fsync_dir
-from fedpeft.privacy.user_level import RoundPlan, check_round, encode_update
+from fedpeft.privacy.adaptive_clip import check_round_clip
+from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, check_round, encode_update
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.stages import Stage
@@ -81,17 +83,39 @@ def open_user_session(content: Mapping[str, Value], cfg: SecAggConfig,
     return client, advertise, check_round(plan, threshold=client.round_setup.threshold)
 
 
+def round_clip(content: Mapping[str, Value], config: UserDPConfig, server_round: int) -> float:
+    """This round's clip of the whole update: with adaptive clipping the coordinator's
+    (:data:`ROUND_CLIP_KEY`), refused unless the update rule can reach it from
+    ``dp-user-clip`` in ``server_round - 1`` rounds; else ``dp-user-clip`` (and a coordinator
+    that sends a clip runs another config: refused)."""
+    sent = content.get(ROUND_CLIP_KEY)
+    if not config.adaptive:
+        if sent is not None:
+            raise ConfigError(f"the coordinator sent {ROUND_CLIP_KEY} (adaptive clipping) but "
+                              "this client has dp-user-clip-quantile=0; use the same run "
+                              "config on both sides")
+        return config.clip
+    if sent is None:
+        raise ConfigError(f"this client clips adaptively (dp-user-clip-quantile="
+                          f"{config.clip_quantile}) but the coordinator sent no "
+                          f"{ROUND_CLIP_KEY}; use the same run config on both sides")
+    return check_round_clip(sent, base_clip=config.clip, lr=config.clip_lr,
+                            target_quantile=config.clip_quantile, server_round=server_round)
+
+
 def finish_user_session(client: SecAggClient, delta: Mapping[str, torch.Tensor],
                         spec: Mapping[str, TensorSpec], plan: RoundPlan,
-                        state: dict[str, bytes]) -> Content:
+                        state: dict[str, bytes], *, clip: float | None = None) -> Content:
     """User-level DP, after training: clip, rotate, round and noise the update into field
     words (:func:`fedpeft.privacy.user_level.encode_update`), which stay in ``state`` until
-    they are sent masked. Returns what stays on the device."""
+    they are sent masked; ``clip`` is the round's (:func:`round_clip`). Returns what stays on
+    the device."""
     vec = flatten(delta, spec).astype(np.float64)
     norm = float(np.linalg.norm(vec))
-    client.set_field_input(encode_update(vec, plan, client.session_id))
+    bound = plan.config.clip if clip is None else clip
+    client.set_field_input(encode_update(vec, plan, client.session_id, round_clip=bound))
     state[SECAGG_STATE] = client.export_state()
-    return {"user-update-norm": norm, "user-clipped": norm > plan.config.clip}
+    return {"user-update-norm": norm, "user-clipped": norm > bound}
 
 
 def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[str, bytes], *,

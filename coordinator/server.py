@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -25,8 +26,8 @@ from fedpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
 from fedpeft.coordinator.secure_round import secure_round
 from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
 from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
-from fedpeft.coordinator.user_level import UserLevel
-from fedpeft.core.errors import FedPeftError
+from fedpeft.coordinator.user_level import CLIP_META_KEY, UserLevel
+from fedpeft.core.errors import ConfigError, FedPeftError
 from fedpeft.core.protocol import (
     ADAPTER_KEY,
     CLIENT_ID_KEY,
@@ -94,6 +95,8 @@ class Coordinator:
         self.receipts: dict[int, tuple[str, str]] = self._load_receipts()
         #: user-level DP (dp-level user | both): plan, ledger, who may still join
         self.user: UserLevel | None = None
+        #: clients of the federation (known once the run starts)
+        self.num_partitions = 0
 
     @property
     def model(self) -> AdaptedModel:
@@ -107,7 +110,13 @@ class Coordinator:
         return self._eval
 
     def _meta(self) -> dict[str, Any]:
-        return {"fingerprint": self.run.fingerprint(), "run_config": self.run.as_flat()}
+        meta: dict[str, Any] = {"fingerprint": self.run.fingerprint(),
+                                "run_config": self.run.as_flat()}
+        if self.num_partitions:  # the split (and its audit canaries) depend on it
+            meta["num_partitions"] = self.num_partitions
+        if self.user is not None and self.run.user_dp.adaptive:
+            meta[CLIP_META_KEY] = self.user.clip  # the next round's clip (resume)
+        return meta
 
     def _load_receipts(self) -> dict[int, tuple[str, str]]:
         path = self.run_dir / RECEIPTS_FILE
@@ -152,20 +161,24 @@ class Coordinator:
         model.load_adapter_state(params)
         opt_state: dict[str, torch.Tensor] = {}
         start = 0
+        resumed_clip: float | None = None
         if self.run.resume:
             ckpt = latest_checkpoint(self.run_dir, self.run.fingerprint())
             if ckpt is not None:
                 model.load_adapter_state(ckpt.params)
                 params, opt_state, start = model.adapter_state(), ckpt.opt_state, ckpt.round
+                if self.run.user_dp.adaptive:
+                    resumed_clip = _resumed_clip(ckpt.meta, ckpt.path)
                 log.info("resuming from %s (round %d)", ckpt.path, start)
         (self.run_dir / "run_config.json").write_text(json.dumps(self._meta(), indent=2,
                                                                  sort_keys=True))
         summary = RunSummary(start_round=start, rounds_completed=start)
         nodes = self.transport.node_ids()
-        num_partitions = len(nodes)
+        num_partitions = self.num_partitions = len(nodes)
         if self.run.user_dp.enabled:
             # the plan is checked here (a typed error naming the knob) before any round runs
-            self.user = UserLevel(self.run, self.run_dir, num_partitions, spec)
+            self.user = UserLevel(self.run, self.run_dir, num_partitions, spec,
+                                  clip=resumed_clip)
         if start == 0:
             metrics = evaluate(model, self.eval_data(num_partitions))
             row0 = {"round": 0, "eval": metrics, "time": time.time()}
@@ -199,6 +212,8 @@ class Coordinator:
             payload = encode_tensors(params)
             message: Content = {ROUND_KEY: server_round, FINGERPRINT_KEY: self.run.fingerprint(),
                                 ADAPTER_KEY: payload}
+            if self.user is not None:
+                message.update(self.user.round_fields())
             row: dict[str, Any] = {"round": server_round, "selected": len(chosen),
                                    "bytes_down": len(payload) * len(chosen)}
             delta, reason = self._round_updates(chosen, message, spec, server_round, row)
@@ -256,6 +271,8 @@ class Coordinator:
                     "(docs/secagg.md, 'Choosing secagg-clip')", server_round, sec.clipped,
                     sec.clients_clipped, self.run.secagg.clip)
             row["bytes_up"] = sec.bytes_up
+            if self.user is not None and self.user.last_clip_row is not None:
+                row["dp_user_clip"] = self.user.last_clip_row
             if self.user is not None and sec.mean_delta is None:
                 # a release is reserved before unmasking; nothing reserved: nothing released
                 self.user.record_abort(server_round, sec.abort_reason or "no usable sum")
@@ -387,6 +404,17 @@ class Coordinator:
             weights.append(float(n))
             rows.append({**content, "node": node})
         return updates, weights, faults, rows
+
+
+def _resumed_clip(meta: dict[str, Any], path: Path) -> float:
+    """The adaptive clip a checkpoint left for its next round (a typed error if missing)."""
+    clip = meta.get(CLIP_META_KEY)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (
+            math.isfinite(clip) and clip > 0):
+        raise ConfigError(f"checkpoint {path} has no valid {CLIP_META_KEY!r} ({clip!r}) but "
+                          "the run uses adaptive clipping (dp-user-clip-quantile > 0): resume "
+                          "it with the run config it was written with")
+    return float(clip)
 
 
 def _round_bar(total: int, start: int, enabled: bool) -> Any:

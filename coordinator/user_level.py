@@ -8,6 +8,11 @@ the ledger (too few survivors to carry the planned noise: nothing is released). 
 sum is unmasked the release is committed; a crash in between leaves it reserved, which
 counts as spent (never lost, never counted twice). A user who reached
 ``dp-user-participations`` releases is not selected again.
+
+With adaptive clipping (``dp-user-clip-quantile`` > 0) each round's clip is sent to the
+clients (:data:`ROUND_CLIP_KEY`) and the next one follows from the release's noisy count of
+unclipped updates (:mod:`fedpeft.privacy.adaptive_clip`); it is kept in the checkpoint, so a
+resumed run goes on from the clip of its last completed round.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import torch
 
 from fedpeft.coordinator.secure_round import FieldRound
 from fedpeft.core.errors import FedPeftError
-from fedpeft.core.protocol import CLIENT_ID_KEY
+from fedpeft.core.protocol import CLIENT_ID_KEY, ROUND_CLIP_KEY
 from fedpeft.core.vector import unflatten, vector_length
 from fedpeft.core.wire import TensorSpec
 from fedpeft.privacy.accounting.budget import Budget
 from fedpeft.privacy.accounting.errors import BudgetExhaustedError, EventValidationError
 from fedpeft.privacy.accounting.ledger import Ledger, ReleaseMetadata, user_epsilons
-from fedpeft.privacy.user_level import RoundPlan, decode_sum
+from fedpeft.privacy.adaptive_clip import next_clip
+from fedpeft.privacy.user_level import RoundPlan, decode_release
 from fedpeft.runconfig.config import RunConfig, user_round_plan
 from fedpeft.secagg.server import AggregateResult
 
@@ -43,6 +49,8 @@ USER_ANCHORS = "user-ledger-anchors"
 #: Node id -> client id of the users seen (a restart keeps who reached the cap).
 USER_IDS = "user-ids.json"
 LEDGER_OWNER = "coordinator"
+#: Checkpoint-meta field: the clip of the round after the checkpoint's.
+CLIP_META_KEY = "user_clip"
 
 
 class RoundAborted(FedPeftError):
@@ -53,9 +61,14 @@ class UserLevel:
     """User-level DP at the coordinator for one run (plan, ledger, eligibility)."""
 
     def __init__(self, run: RunConfig, run_dir: Path, population: int,
-                 spec: Mapping[str, TensorSpec]) -> None:
+                 spec: Mapping[str, TensorSpec], clip: float | None = None) -> None:
         self.run = run
         self.spec = spec
+        #: the clip of the next round (adaptive clipping; else always dp-user-clip), resumed
+        #: from the checkpoint when given
+        self.clip = run.user_dp.clip if clip is None else float(clip)
+        #: what the last decoded release said about clipping (metrics row), else None
+        self.last_clip_row: dict[str, float] | None = None
         # a plan that cannot meet the target fails here, naming the knob, before any round
         self.plan: RoundPlan = user_round_plan(run, population, vector_length(spec))
         self.path = run_dir / USER_LEDGER
@@ -102,10 +115,16 @@ class UserLevel:
         return [n for n in nodes
                 if n not in self.user_ids or self.joined[self.user_ids[n]] < cap]
 
+    def round_fields(self) -> dict[str, float]:
+        """Train-message fields of the next round (its clip, with adaptive clipping)."""
+        return {ROUND_CLIP_KEY: self.clip} if self.run.user_dp.adaptive else {}
+
     def field_round(self, server_round: int, session_id: bytes) -> FieldRound:
         """The :class:`FieldRound` of one round: its gate accounts the release, its decode
         commits it and returns the survivors' mean update."""
         plan, colluders = self.plan, self.run.user_dp.colluders
+        round_clip = self.clip
+        self.last_clip_row = None
         pending: dict[str, str] = {}
 
         def gate(survivors: tuple[int, ...], rows: list[dict[str, Any]]) -> None:
@@ -138,12 +157,21 @@ class UserLevel:
             self._reserved.add(server_round)
 
         def decode(aggregate: AggregateResult) -> dict[str, torch.Tensor]:
-            noisy = decode_sum(aggregate.modular_sum, plan, session_id)
+            survivors = aggregate.survivors
+            release = decode_release(aggregate.modular_sum, plan, session_id,
+                                     survivors=len(survivors), round_clip=round_clip)
             with self._ledger() as ledger:
                 ledger.commit(pending["event"])
-            survivors = aggregate.survivors
             self.joined.update(self.user_ids.get(n, str(n)) for n in survivors)
-            mean = noisy / len(survivors)
+            if release.unclipped_fraction is not None:
+                cfg = self.run.user_dp
+                # post-processing of the release: the next clip (Andrew et al. 2021)
+                self.clip = next_clip(round_clip, release.unclipped_fraction,
+                                      target_quantile=cfg.clip_quantile, lr=cfg.clip_lr)
+                self.last_clip_row = {"clip": round_clip, "next_clip": self.clip,
+                                      "unclipped_fraction": release.unclipped_fraction,
+                                      "count_std": plan.count_std(len(survivors))}
+            mean = release.total / len(survivors)
             return unflatten(np.asarray(mean, dtype=np.float64), self.spec)
 
         return FieldRound(length=plan.ddg.padded, gate=gate, decode=decode)
@@ -173,6 +201,11 @@ class UserLevel:
             "participations": self.run.user_dp.participations,
             "per_client_noise_std": self.plan.provisioned.noise_std,
             "clip": self.run.user_dp.clip, "min_contributors": self.plan.min_contributors,
+            **({"adaptive_clip": {"target_quantile": self.run.user_dp.clip_quantile,
+                                  "lr": self.run.user_dp.clip_lr, "next_clip": self.clip,
+                                  "count_weight": self.plan.count_weight,
+                                  "count_std": self.plan.count_std(self.plan.planned_clients)}}
+               if self.run.user_dp.adaptive else {}),
             "bits": self.plan.ddg.bits, "releases": len(releases), "aborted_rounds": len(aborts),
             "users": dict(sorted(eps.items())),
             "summary": {"users": len(eps), **({"epsilon_min": values[0],

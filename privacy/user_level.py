@@ -28,6 +28,14 @@ from fedpeft.core.checks import is_real
 from fedpeft.core.errors import ConfigError
 from fedpeft.privacy.accounting.ddg import DistributedDiscreteGaussianEvent
 from fedpeft.privacy.accounting.events import validate_delta
+from fedpeft.privacy.adaptive_clip import (
+    AdaptiveClipError,
+    append_count,
+    count_coordinate_weight,
+    mechanism_clip,
+    split_count,
+)
+from fedpeft.privacy.adaptive_clip import validate as validate_adaptive
 from fedpeft.privacy.csprng import DPRandomness
 from fedpeft.privacy.ddg_mechanism import (
     DDGPlan,
@@ -66,6 +74,11 @@ class UserDPConfig:
         epsilon_max: hard per-user budget the coordinator's user-level ledger enforces
             (``None``: the target).
         beta: conditional randomised rounding parameter (KLS 2021, Prop. 22).
+        clip_quantile: adaptive clipping's target quantile of update norms (Andrew et al.
+            2021; :mod:`fedpeft.privacy.adaptive_clip`); 0 keeps ``clip`` fixed.
+        clip_lr: the geometric update's learning rate (``dp-user-clip-lr``).
+        clip_count_std: noise std of the released count of unclipped updates, in clients
+            (0: clients-per-round / 20, Andrew et al.'s choice).
     """
 
     enabled: bool = False
@@ -77,6 +90,9 @@ class UserDPConfig:
     wrap_probability: float = 1e-9
     epsilon_max: float | None = None
     beta: float = math.exp(-0.5)
+    clip_quantile: float = 0.0
+    clip_lr: float = 0.2
+    clip_count_std: float = 0.0
 
     def __post_init__(self) -> None:
         for knob, v in (("dp-user-epsilon", self.target_epsilon), ("dp-user-clip", self.clip)):
@@ -96,6 +112,15 @@ class UserDPConfig:
                                              or self.epsilon_max < self.target_epsilon):
             raise UserDPError(f"dp-user-budget={self.epsilon_max!r} must be >= "
                               f"dp-user-epsilon={self.target_epsilon} (or 0: the target)")
+        try:
+            validate_adaptive(self.clip_quantile, self.clip_lr, self.clip_count_std)
+        except AdaptiveClipError as exc:
+            raise UserDPError(str(exc)) from exc
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the clip follows a target quantile (``dp-user-clip-quantile`` > 0)."""
+        return self.clip_quantile > 0
 
     @property
     def budget(self) -> float:
@@ -122,6 +147,21 @@ class RoundPlan:
     min_contributors: int
     planned_clients: int
     config: UserDPConfig
+    #: adaptive clipping: the weight of the appended count coordinate (0: a fixed clip, no
+    #: count; :mod:`fedpeft.privacy.adaptive_clip`)
+    count_weight: float = 0.0
+
+    @property
+    def update_dimension(self) -> int:
+        """Coordinates of the adapter update (the plan's dimension less the count)."""
+        return self.ddg.dimension - (1 if self.count_weight else 0)
+
+    def count_std(self, survivors: int) -> float:
+        """Noise std of the released count of unclipped updates in a sum of ``survivors``."""
+        if not self.count_weight:
+            raise UserDPError("this plan has no count (dp-user-clip-quantile = 0)")
+        return (math.sqrt(survivors) * self.provisioned.noise_std
+                / (2.0 * self.count_weight * self.config.clip))
 
     @property
     def ddg(self) -> DDGPlan:
@@ -146,16 +186,30 @@ def round_plan(config: UserDPConfig, *, planned_clients: int, threshold: int, di
     accepted set of noise shares present, meets ``config.target_epsilon`` after
     ``config.participations`` releases; the field is planned for ``planned_clients`` summands.
 
+    With adaptive clipping the plan is for the update plus one count coordinate at the clip
+    ``C_0 sqrt(1 + w^2)`` (:mod:`fedpeft.privacy.adaptive_clip`); ``w`` comes from the plan
+    without the count and ``config.clip_count_std``.
+
     Raises a typed error naming the knob (``secagg-bits``, ``dp-user-*``) when no plan fits.
     """
     contributors = min_contributors(threshold, config.colluders)
-    provisioned = provision(
-        target_epsilon=config.target_epsilon, delta=config.delta,
-        rounds=config.participations, sample_rate=COORDINATOR_SAMPLE_RATE, clip=config.clip,
-        min_contributors=contributors, clients_per_round=max(planned_clients, contributors),
-        dimension=dimension, bits=bits, wrap_probability=config.wrap_probability,
-        beta=config.beta)
-    return RoundPlan(provisioned, contributors, planned_clients, config)
+
+    def plan_for(clip: float, dim: int) -> Provisioned:
+        return provision(
+            target_epsilon=config.target_epsilon, delta=config.delta,
+            rounds=config.participations, sample_rate=COORDINATOR_SAMPLE_RATE, clip=clip,
+            min_contributors=contributors, clients_per_round=max(planned_clients, contributors),
+            dimension=dim, bits=bits, wrap_probability=config.wrap_probability,
+            beta=config.beta)
+
+    provisioned = plan_for(config.clip, dimension)
+    if not config.adaptive:
+        return RoundPlan(provisioned, contributors, planned_clients, config)
+    weight = count_coordinate_weight(
+        planned_clients=planned_clients, noise_std=provisioned.noise_std, base_clip=config.clip,
+        count_std=config.clip_count_std or planned_clients / 20.0)
+    return RoundPlan(plan_for(mechanism_clip(config.clip, weight), dimension + 1), contributors,
+                     planned_clients, config, weight)
 
 
 def rotation_key(session_id: bytes) -> bytes:
@@ -179,9 +233,17 @@ def check_round(plan: RoundPlan, *, threshold: int) -> float:
                                epsilon_max=plan.config.budget)
 
 
-def encode_update(update: npt.NDArray[np.float64], plan: RoundPlan,
-                  session_id: bytes) -> npt.NDArray[np.uint32]:
-    """A client's field words: clip, rotate, round, add exact N_Z noise; fresh OS keys."""
+def encode_update(update: npt.NDArray[np.float64], plan: RoundPlan, session_id: bytes,
+                  round_clip: float | None = None) -> npt.NDArray[np.uint32]:
+    """A client's field words: clip, rotate, round, add exact N_Z noise; fresh OS keys.
+
+    With adaptive clipping ``round_clip`` is this round's clip (checked by the caller) and the
+    count coordinate is appended (:func:`fedpeft.privacy.adaptive_clip.append_count`)."""
+    if plan.count_weight:
+        if round_clip is None:
+            raise UserDPError("adaptive clipping needs this round's clip")
+        update = append_count(update, round_clip=round_clip, base_clip=plan.config.clip,
+                              weight=plan.count_weight)
     return client_encode(update, plan.ddg, rotation_key(session_id),
                          rounding=DPRandomness.from_os().sampling.uniform,  # security: CSPRNG
                          noise=ExactIntegers.from_os())  # security: fresh OS key per round
@@ -189,5 +251,31 @@ def encode_update(update: npt.NDArray[np.float64], plan: RoundPlan,
 
 def decode_sum(field_sum: npt.NDArray[np.uint32], plan: RoundPlan,
                session_id: bytes) -> npt.NDArray[np.float64]:
-    """The noisy sum of the survivors' clipped updates from their modular sum."""
+    """The noisy sum of the survivors' clipped updates from their modular sum (a fixed clip;
+    with adaptive clipping use :func:`decode_release`)."""
+    if plan.count_weight:
+        raise UserDPError("this plan appends a count: decode it with decode_release")
     return server_decode(field_sum, plan.ddg, rotation_key(session_id))
+
+
+@dataclass(frozen=True)
+class Release:
+    """One decoded user-level release: the noisy sum of the survivors' clipped updates and,
+    with adaptive clipping, the noisy fraction of them that were not clipped."""
+
+    total: npt.NDArray[np.float64]
+    unclipped_fraction: float | None = None
+
+
+def decode_release(field_sum: npt.NDArray[np.uint32], plan: RoundPlan, session_id: bytes, *,
+                   survivors: int, round_clip: float | None = None) -> Release:
+    """The release of a round's modular sum of ``survivors`` field vectors (``round_clip``:
+    the clip the round asked for, with adaptive clipping)."""
+    noisy = server_decode(field_sum, plan.ddg, rotation_key(session_id))
+    if not plan.count_weight:
+        return Release(noisy)
+    if round_clip is None:
+        raise UserDPError("adaptive clipping needs the round's clip to decode its sum")
+    total, fraction = split_count(noisy, round_clip=round_clip, base_clip=plan.config.clip,
+                                  weight=plan.count_weight, survivors=survivors)
+    return Release(total, fraction)

@@ -113,12 +113,46 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(summary_table(run_dir))
     print_privacy_report(run_dir)
     print(f"\nrun status: {status}; outputs in {run_dir}")
+    args.finished_run_dir = run_dir
     return 0 if ok else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Run a federation with canaries (or take a finished one) and audit it."""
+    from fedpeft.privacy.auditing.report import audit_line
+    from fedpeft.report.audit import DEFAULT_CANARIES, audit_run
+
+    if args.existing:
+        run_dir = Path(args.existing)
+    else:
+        sets = parse_overrides(args.set or [])
+        canaries = args.canaries or int(sets.get("audit-canaries", 0)) or DEFAULT_CANARIES
+        args.set = [*(args.set or []), f"audit-canaries={canaries}"]
+        rc = cmd_simulate(args)
+        if rc != 0:
+            print("fedpeft: the federation did not complete; nothing audited", file=sys.stderr)
+            return rc
+        run_dir = args.finished_run_dir
+    print(f"\nauditing {run_dir} ...", flush=True)
+    doc = audit_run(run_dir, confidence=args.confidence)
+    print(audit_line(doc))
+    print(f"written: {run_dir / 'audit.json'}")
+    return 0
 
 
 def print_privacy_report(run_dir: Path) -> None:
     """Recompute every epsilon from the ledgers and print each level's table (+JSON, PNG):
-    record level from the clients' ledgers, user level from the coordinator's."""
+    record level from the clients' ledgers, user level from the coordinator's; then the
+    audited lower bound beside the claim when the run was audited."""
+    from fedpeft.privacy.auditing.report import audit_line, read_audit
+
+    _print_ledger_reports(run_dir)
+    audit = read_audit(run_dir)
+    if audit is not None:
+        print(audit_line(audit))
+
+
+def _print_ledger_reports(run_dir: Path) -> None:
     user_dir = run_dir / "user-ledger"
     user_level = user_dir.is_dir() and any(user_dir.glob("*.ledger.jsonl"))
     if user_level:
@@ -175,9 +209,31 @@ def print_user_report(user_dir: Path, run_dir: Path) -> None:
         if shown is not report:
             print(f"(the {MAX_PRINTED_USERS} users with the largest epsilon of "
                   f"{len(report.users)} are listed; every user is in the JSON)")
+    clips = _adaptive_clips(run_dir)
+    if clips:
+        print(f"adaptive clipping (Andrew et al. 2021): clip {clips[0]['clip']:.4g} in round 1, "
+              f"{clips[-1]['next_clip']:.4g} next; noisy fraction of unclipped updates last "
+              f"round {clips[-1]['unclipped_fraction']:.3f} (count noise std "
+              f"{clips[-1]['count_std']:.3g} users, released inside the same accounted sum)")
     out = run_dir / "privacy_user_level.json"
     out.write_text(json.dumps([user_report_to_dict(r) for r in reports], indent=1))
     print(f"written: {out}")
+
+
+def _adaptive_clips(run_dir: Path) -> list[dict[str, float]]:
+    """The rounds' adaptive-clipping rows of ``metrics.jsonl`` (empty: a fixed clip)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a crashed run
+        if isinstance(row, dict) and isinstance(row.get("dp_user_clip"), dict):
+            rows.append(row["dp_user_clip"])
+    return rows
 
 
 def _run_had_record_dp(run_dir: Path) -> bool:
@@ -215,11 +271,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a simulated federation")
+def _add_run_arguments(sim: argparse.ArgumentParser) -> None:
+    """The arguments of a simulated federation (``simulate``, ``audit``)."""
     sim.add_argument("--preset", default="chat-lora")
     sim.add_argument("--clients", type=int, help="number of virtual clients")
     sim.add_argument("--rounds", type=int)
@@ -240,7 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run coordinator and clients in this process, without Flower/Ray")
     sim.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
     sim.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a simulated federation")
+    _add_run_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
+    aud = sub.add_parser("audit", help="run a federation with canaries and audit its privacy "
+                                       "empirically (one-run lower bound on epsilon)")
+    _add_run_arguments(aud)
+    aud.add_argument("--canaries", type=int, default=None,
+                     help="canaries to plant (default: the run's audit-canaries, else 1000)")
+    aud.add_argument("--confidence", type=float, default=0.95)
+    aud.add_argument("--existing", metavar="RUN_DIR",
+                     help="audit this finished run (it ran with audit-canaries > 0); run nothing")
+    aud.set_defaults(func=cmd_audit)
     pre = sub.add_parser("presets", help="list simulation presets")
     pre.set_defaults(func=cmd_presets)
     rep = sub.add_parser("report", help="Markdown report + plots of a run directory")

@@ -45,6 +45,9 @@ ROUND_KEY = "round"
 #: Train-message fields: the run's model/adapter fingerprint and the global adapter (bytes).
 FINGERPRINT_KEY = "fingerprint"
 ADAPTER_KEY = "adapter"
+#: Train-message field under user-level DP with adaptive clipping: the round's clip of a
+#: user's whole update (``fedpeft.privacy.adaptive_clip``; each client checks it).
+ROUND_CLIP_KEY = "dp-user-round-clip"
 #: Plain reply fields: the update (safetensors bytes), its size and the example count.
 UPDATE_KEY = "update"
 UPDATE_BYTES_KEY = "update-bytes"

@@ -21,6 +21,8 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     max_examples_per_client: int = 64
     eval_examples: int = 128
+    #: audit canaries planted in clients' data (0: none; fedpeft.data.canaries)
+    canaries: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -37,3 +39,7 @@ class DataConfig:
             raise ConfigError(f"max-examples-per-client={self.max_examples_per_client} must be >= 1")
         if self.eval_examples < 1:
             raise ConfigError(f"eval-examples={self.eval_examples} must be >= 1")
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or (
+                self.canaries < 0):
+            raise ConfigError(f"audit-canaries={self.canaries!r} must be an integer >= 0 "
+                              "(0: no audit)")

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedpeft.core.errors import ConfigError, DataError
+from fedpeft.data.canaries import CanarySet, make_canaries
 from fedpeft.data.chitchat import load_chitchat
 from fedpeft.data.config import DataConfig
-from fedpeft.data.examples import Corpus
+from fedpeft.data.examples import Corpus, TextExample
 from fedpeft.data.partition import PartitionConfig, partition
 from fedpeft.data.paths import resolve_path
 from fedpeft.data.shakespeare import load_tinyshakespeare
@@ -35,6 +36,9 @@ class FederatedSplit:
     train: Corpus
     partitions: tuple[tuple[int, ...], ...]
     eval: Corpus
+    #: audit canaries (``audit-canaries`` > 0): each client's slots are appended to ``train``
+    #: and to its partition (a canary or its filler: the size does not depend on the bits)
+    canaries: CanarySet | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,7 +112,21 @@ def federated_split(data: DataConfig, num_partitions: int, seed: int) -> Federat
                                                       replace=False)
         eval_corpus = eval_corpus.subset(sorted(pick.tolist()), name=eval_corpus.name)
     capped = tuple(_cap(p, data.max_examples_per_client, rng) for p in parts)
-    return FederatedSplit(train=corpus, partitions=capped, eval=eval_corpus)
+    if not data.canaries:
+        return FederatedSplit(train=corpus, partitions=capped, eval=eval_corpus)
+    canaries = make_canaries(data.canaries, task=corpus.task, num_labels=corpus.num_labels,
+                             num_partitions=num_partitions, seed=seed)
+    extra: list[TextExample] = []
+    planted: list[tuple[int, ...]] = []
+    for pid, part in enumerate(capped):  # after the cap: a slot is never dropped
+        slots = canaries.planted(pid)
+        start = len(corpus) + len(extra)
+        extra.extend(slots)
+        planted.append(part + tuple(range(start, start + len(slots))))
+    train = Corpus(corpus.examples + tuple(extra), corpus.label_names, corpus.task,
+                   f"{corpus.name}+canaries")
+    return FederatedSplit(train=train, partitions=tuple(planted), eval=eval_corpus,
+                          canaries=canaries)
 
 
 def client_corpus(data: DataConfig, partition_id: int, num_partitions: int, seed: int) -> Corpus:

@@ -153,6 +153,7 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "dirichlet-alpha": (DataConfig, "dirichlet_alpha"),
     "max-examples-per-client": (DataConfig, "max_examples_per_client"),
     "eval-examples": (DataConfig, "eval_examples"),
+    "audit-canaries": (DataConfig, "canaries"),
     "num-rounds": (FederationConfig, "num_rounds"),
     "clients-per-round": (FederationConfig, "clients_per_round"),
     "min-clients": (FederationConfig, "min_clients"),
@@ -171,6 +172,9 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "dp-accountant": (DPConfig, "accountant"),
     "dp-user-epsilon": (UserDPConfig, "target_epsilon"), "dp-user-delta": (UserDPConfig, "delta"),
     "dp-user-clip": (UserDPConfig, "clip"), "dp-user-colluders": (UserDPConfig, "colluders"),
+    "dp-user-clip-quantile": (UserDPConfig, "clip_quantile"),
+    "dp-user-clip-lr": (UserDPConfig, "clip_lr"),
+    "dp-user-clip-count-std": (UserDPConfig, "clip_count_std"),
     "secagg-bits": (SecAggConfig, "bits"), "secagg-dropout": (SecAggConfig, "expected_dropout"),
     "secagg-max-abort": (SecAggConfig, "max_abort_prob"),
 }
@@ -187,7 +191,7 @@ DEFAULTS: dict[str, Scalar] = {
     **method_knobs(),
     **{k: _default(*KNOB_FIELDS[k]) for k in (
         "dataset", "data-path", "eval-path", "partitioner", "dirichlet-alpha",
-        "max-examples-per-client", "eval-examples", "num-rounds", "clients-per-round",
+        "max-examples-per-client", "eval-examples", "audit-canaries", "num-rounds", "clients-per-round",
         "min-clients", "aggregation", "weighting", "server-lr", "server-momentum", "beta1",
         "beta2", "tau", "round-timeout", "local-steps", "batch-size", "lr", "head-lr",
         "optimizer", "momentum", "weight-decay", "lr-final-fraction", "batch-clients",
@@ -203,7 +207,8 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-grad-sample-mode": "ew",  # the fastest exact engine here (docs/benchmarks.md)
     "dp-level": "record",  # record | user | both (docs/privacy.md, "User-level DP")
     **{k: _default(*KNOB_FIELDS[k]) for k in (
-        "dp-user-epsilon", "dp-user-delta", "dp-user-clip", "dp-user-colluders")},
+        "dp-user-epsilon", "dp-user-delta", "dp-user-clip", "dp-user-colluders",
+        "dp-user-clip-quantile", "dp-user-clip-lr", "dp-user-clip-count-std")},
     "dp-user-participations": 0,  # 0 = num-rounds (a user may join every round)
     "dp-user-budget": 0.0,  # 0 = dp-user-epsilon is also the hard per-user budget
     "ledger-dir": "",  # "" = RUN_DIR/ledgers
@@ -288,7 +293,10 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
             delta=float(v["dp-user-delta"]), clip=float(v["dp-user-clip"]),
             participations=int(v["dp-user-participations"]) or int(v["num-rounds"]),
             colluders=int(v["dp-user-colluders"]),
-            epsilon_max=user_budget if user_budget > 0 else None)
+            epsilon_max=user_budget if user_budget > 0 else None,
+            clip_quantile=float(v["dp-user-clip-quantile"]),
+            clip_lr=float(v["dp-user-clip-lr"]),
+            clip_count_std=float(v["dp-user-clip-count-std"]))
     dp = DPConfig()
     if bool(v["dp"]) and level in ("record", "both"):
         sigma = float(v["dp-noise-multiplier"])
@@ -322,7 +330,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
                         eval_path=str(v["eval-path"]), partitioner=str(v["partitioner"]),
                         dirichlet_alpha=float(v["dirichlet-alpha"]),
                         max_examples_per_client=int(v["max-examples-per-client"]),
-                        eval_examples=int(v["eval-examples"])),
+                        eval_examples=int(v["eval-examples"]),
+                        canaries=int(v["audit-canaries"])),
         train=TrainConfig(local_steps=int(v["local-steps"]), batch_size=int(v["batch-size"]),
                           lr=float(v["lr"]), head_lr=float(v["head-lr"]),
                           optimizer=str(v["optimizer"]),

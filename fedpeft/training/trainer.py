@@ -200,3 +200,19 @@ def evaluate(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> dict[s
     else:
         metrics["perplexity"] = math.exp(min(total_loss / n, 50.0))
     return metrics
+
+
+@torch.no_grad()
+def example_losses(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> torch.Tensor:
+    """Each example's loss under ``model`` (in ``data``'s order): the cross-entropy of its label
+    (classification) or its mean token negative log-likelihood (causal LM)."""
+    model.eval()
+    out = torch.empty(len(data), dtype=torch.float64)
+    order = torch.argsort(torch.tensor(data.lengths()), stable=True)  # less padding per batch
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
+        batch = data.rows(idx)
+        logits = model(batch.input_ids, batch.attention_mask,
+                       token_type_ids=batch.token_type_ids).logits
+        out[idx] = per_example_loss(logits, batch.labels, model.task).double()
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from fedpeft.privacy.accounting.accountant import ACCOUNTANTS, ADJACENCIES, DEFAULT_ACCOUNTANT
@@ -151,6 +152,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     tables = ([render_table(got.record)] if got.record else []) + [
         render_user_table(u) for u in got.user]
     print("\n\n".join(tables))
+    from fedpeft.privacy.auditing.report import audit_line, read_audit
+
+    audit = read_audit(Path(args.path))
+    if audit is not None:
+        print(audit_line(audit))
     if args.json_out:
         print(f"wrote {write_report_json(got.record, args.json_out, got.user)}")
     if args.png_out:

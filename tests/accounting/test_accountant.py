@@ -124,7 +124,6 @@ def test_validation() -> None:
         epsilon([(0.1, 1.0, 1)], 1e-5)  # type: ignore[list-item]
 
 
-@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([0.01, 0.05]), st.sampled_from([0.9, 1.5]),
                           st.integers(1, 100)), min_size=2, max_size=5))

@@ -76,7 +76,6 @@ _PARAMS = dict(
 )
 
 
-@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(**_PARAMS)
 def test_property_calibrated_sigma_meets_target_rdp(target: float, delta: float, q: float,
@@ -84,7 +83,6 @@ def test_property_calibrated_sigma_meets_target_rdp(target: float, delta: float,
     _check(target, delta, q, steps, 1, "rdp")
 
 
-@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(**_PARAMS)
 def test_property_calibrated_sigma_meets_target_prv(target: float, delta: float, q: float,

@@ -310,3 +310,21 @@ def test_record_report_says_level_record_and_both_levels_get_their_own_table(
     both = json.loads((tmp_path / "both.json").read_text())
     assert both["levels"] == ["record", "user"] and len(both["clients"]) == 3
     assert [d["level"] for d in both["user_ledgers"]] == ["user"]
+
+
+def test_report_shows_the_audited_bound_beside_the_claim(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run directory with an audit.json: `fedpeft privacy report RUN_DIR/ledgers` prints the
+    audited lower bound, its confidence and canaries beside the claimed epsilon."""
+    _make_run(tmp_path / "ledgers")
+    (tmp_path / "audit.json").write_text(json.dumps({
+        "level": "record", "method": "one run (Steinke, Nasr, Jagielski 2023)",
+        "epsilon_lower_bound": 0.42, "confidence": 0.95, "canaries": 1000, "ceiling": 5.09,
+        "claimed_epsilon": 3.0, "claimed_adjacency": "replace-one",
+        "tpr_at_fpr": {"0.01": 0.02}}))
+    args = _parser().parse_args(["privacy", "report", str(tmp_path / "ledgers")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert ("audit, record level (one run (Steinke, Nasr, Jagielski 2023)): epsilon >= 0.42 at "
+            "95% confidence from 1000 canaries (at most 5.09") in out
+    assert "claimed epsilon 3 (replace-one)" in out and "not the guarantee" in out

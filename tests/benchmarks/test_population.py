@@ -13,7 +13,9 @@ import pytest
 from benchmarks.population_bench import (
     FULL,
     arm_config,
+    arm_label,
     record_planned_rounds,
+    resolved,
     user_participations,
 )
 from fedpeft.data.paths import data_available
@@ -35,6 +37,13 @@ def test_participation_choices_fit_the_rounds() -> None:
     sparse = arm_config("user-eps8-sparse", FULL, 0, 1.0)
     assert complete["secagg-degree"] == FULL.clients_per_round - 1
     assert sparse["secagg-threshold"] < complete["secagg-threshold"]
+    # the adaptive arm: the complete graph, the default clip as a start, the median target
+    adaptive = arm_config("user-eps8-adaptive", FULL, 0, 2.22)
+    assert adaptive["secagg-degree"] == complete["secagg-degree"]
+    assert (adaptive["dp-user-clip"], adaptive["dp-user-clip-quantile"]) == (1.0, 0.5)
+    assert "adaptive clip from 1" in arm_label("user-eps8-adaptive", resolved(adaptive))
+    with pytest.raises(ValueError, match="unknown arm"):
+        arm_config("user-eps8-bogus", FULL, 0, 1.0)
 
 
 @pytest.mark.integration

@@ -107,7 +107,6 @@ def test_bad_json_and_missing(tmp_path: Path) -> None:
 # ------------------------------------------------------------- real packaged data (about 2 s)
 
 
-@pytest.mark.slow
 def test_real_counts() -> None:
     assert chitchat_json_path().name == "dataset.json"
     stats = chitchat_stats()
@@ -120,7 +119,6 @@ def test_real_counts() -> None:
     assert sum(v >= 50 for v in counts.values()) == 308
 
 
-@pytest.mark.slow
 def test_real_corpus_natural_federation() -> None:
     c = load_chitchat()
     assert len(c) == 138_716 and len(set(c.users)) == 1_315

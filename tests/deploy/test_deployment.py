@@ -23,7 +23,7 @@ from fedpeft.deploy.runner import (
     submit_run,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 REFUSAL_TIMEOUT = 60.0  # a refused node must have exited by then
 

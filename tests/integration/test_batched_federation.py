@@ -38,7 +38,8 @@ def _federate(tmp: Path, clients: int = 4, **kw: object) -> tuple[dict[str, torc
     return get_adapted(run.model, run.adapter, run.seed).adapter_state(), transport
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+# LoRA in the slow tier: the fast tier has it in tests/dp/test_batched.py, one pass at a time
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "prompt"])
 def test_batched_federation_equals_the_one_by_one_federation(method: str, tmp_path: Path) -> None:
     kw = {"method": method, "optimizer": "sgd", "momentum": 0.9, "lr": 0.05}
     alone, _ = _federate(tmp_path / "alone", **kw)

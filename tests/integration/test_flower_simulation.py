@@ -10,9 +10,10 @@ import pytest
 from fedpeft.simulations.launcher import simulate
 from tests.conftest import tiny_flat
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # the fast tier runs the same path at dp-level = both (below)
 def test_flower_simulation_with_dp_and_secagg_completes(tmp_path: Path) -> None:
     """3 virtual clients, DP-SGD + SecAgg+ through Flower's Message API and Ray."""
     flat = tiny_flat(**{"num-rounds": 1, "dp": True, "secagg": True, "weighting": "uniform",
@@ -31,6 +32,7 @@ def test_flower_simulation_with_dp_and_secagg_completes(tmp_path: Path) -> None:
     assert (run / ".flwr" / "config.toml").is_file()  # FLWR_HOME stays run-local
 
 
+@pytest.mark.slow
 def test_failed_run_is_detected(tmp_path: Path) -> None:
     flat = tiny_flat(**{"dataset": "file", "data-path": str(tmp_path / "missing.tsv")})
     result = simulate(flat, 2, tmp_path / "run", stream=False)  # type: ignore[arg-type]

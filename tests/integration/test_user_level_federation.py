@@ -227,3 +227,67 @@ def test_device_keeps_its_own_user_ledger_and_refuses_past_its_budget(tmp_path: 
     assert release.status == "committed" and release.metadata.users == ("client-0",)
     plan = user_round_plan(run, 6, vector_length(transport.runtimes[0].model.spec()))
     assert release.event.contributors == plan.min_contributors  # the worst case accepted
+
+
+def test_adaptive_clip_follows_the_released_counts_and_resumes_from_the_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """dp-user-clip-quantile > 0: each round's clip is sent to the clients, the next follows
+    Andrew et al.'s rule from the release's noisy count, the checkpoint keeps it, and a resumed
+    run goes on from it; the accounting is the plan's (the count is inside the mechanism)."""
+    import math
+
+    from fedpeft.coordinator.checkpoint import latest_checkpoint
+    from fedpeft.privacy.adaptive_clip import next_clip
+
+    knobs = {"num-rounds": 2, "dp-user-clip-quantile": 0.5, "dp-user-clip-lr": 0.5,
+             "dp-user-clip": 0.01, "dp-user-participations": 3}
+    run = parse_run_config(_flat(tmp_path, **knobs))
+    Coordinator(run, InMemoryTransport(run, 6), tmp_path).run_federation()
+    resumed = parse_run_config(_flat(tmp_path, **{**knobs, "num-rounds": 3}))
+    summary = Coordinator(resumed, InMemoryTransport(resumed, 6), tmp_path).run_federation()
+    assert summary.start_round == 2 and summary.rounds_completed == 3
+    rows = _rows(tmp_path)[1:]
+    assert [r["round"] for r in rows] == [1, 2, 3] and all("skipped" not in r for r in rows)
+    clips = [r["dp_user_clip"] for r in rows]
+    assert clips[0]["clip"] == 0.01  # round 1: the configured clip
+    for prev, cur in zip(clips, clips[1:], strict=False):
+        assert cur["clip"] == prev["next_clip"]  # across the restart too
+    for c in clips:
+        assert c["next_clip"] == pytest.approx(next_clip(
+            c["clip"], c["unclipped_fraction"], target_quantile=0.5, lr=0.5), rel=1e-12)
+        assert c["count_std"] > 0
+    # updates of this model are far above 0.01: the noisy count says "clipped", the clip grows
+    assert clips[-1]["next_clip"] > 0.01 * math.exp(0.5 * 0.5 * 2)
+    ckpt = latest_checkpoint(tmp_path, run.fingerprint())
+    assert ckpt is not None and ckpt.meta["user_clip"] == clips[-1]["next_clip"]
+    report = json.loads((tmp_path / "privacy_report.json").read_text())["user"]
+    assert report["adaptive_clip"]["next_clip"] == clips[-1]["next_clip"]
+    snap = read_ledger(tmp_path / USER_LEDGER)
+    plan = user_round_plan(run, 6, vector_length(InMemoryTransport(run, 6).runtimes[0]
+                                                 .model.spec()))
+    assert plan.count_weight > 0 and plan.ddg.dimension == plan.update_dimension + 1
+    for release in snap.releases:  # accounted with the mechanism's clip (update + count)
+        assert release.event.clip == pytest.approx(plan.ddg.clip)
+    for eps in report["users"].values():
+        assert eps <= 8.0
+    print_privacy_report(tmp_path)
+    assert "adaptive clipping (Andrew et al. 2021): clip 0.01 in round 1" in capsys.readouterr().out
+
+
+def test_clients_refuse_a_round_clip_the_rule_cannot_reach(tmp_path: Path) -> None:
+    """A lying coordinator asks for a clip of 100 in round 1 (it must be dp-user-clip): every
+    client refuses before it trains or adds anything; nothing is released."""
+    from fedpeft.core.protocol import ROUND_CLIP_KEY
+
+    run = parse_run_config(_flat(tmp_path, **{"num-rounds": 1, "dp-user-clip-quantile": 0.5}))
+    honest = UserLevel.round_fields
+    try:
+        UserLevel.round_fields = lambda self: {ROUND_CLIP_KEY: 100.0}  # type: ignore[method-assign]
+        Coordinator(run, InMemoryTransport(run, 6), tmp_path).run_federation()
+    finally:
+        UserLevel.round_fields = honest  # type: ignore[method-assign]
+    (row,) = _rows(tmp_path)[1:]
+    assert "skipped" in row
+    reasons = " ".join(str(f.get("reason", "")) for f in row["faults"])  # type: ignore[union-attr]
+    assert "refused: the coordinator's clip 100" in reasons
+    assert not read_ledger(tmp_path / USER_LEDGER).releases

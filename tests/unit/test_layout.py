@@ -14,8 +14,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -64,7 +62,6 @@ def test_one_distribution_namespace() -> None:
         assert (ROOT / folder).is_dir(), folder
 
 
-@pytest.mark.slow
 def test_wheel_installs_nothing_but_fedpeft(tmp_path: Path) -> None:
     had_build = (ROOT / "build").exists()
     try:

@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-
-@pytest.mark.slow
 def test_mypy_strict_is_clean() -> None:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "typecheck.py")], cwd=root,
