@@ -113,7 +113,8 @@ def measure(runtimes: list[Any], mechanism: str, rows: int) -> dict[str, Any]:
                                   generators=[rt.shuffle_generator(1) for rt in runtimes],
                                   micro_batch=rows)
     batched = time.perf_counter() - t0
-    assert all(e is None for e in out.errors), out.errors
+    if any(e is not None for e in out.errors):
+        raise RuntimeError(f"batched training failed for some clients: {out.errors}")
     k = len(runtimes)
     return {"clients": k, "rows_per_pass": rows, "examples": [len(d) for d in datas],
             "alone_s": alone, "batched_s": batched,

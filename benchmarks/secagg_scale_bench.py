@@ -172,11 +172,13 @@ def bench_round(n: int, length: int, dropout: float, base: np.ndarray, *, bits: 
         t = time.perf_counter()
         again = spare.on_unmask(replies)
         unmask_runs.append(time.perf_counter() - t)
-        assert np.array_equal(again.modular_sum, result.modular_sum), "repeat gave another sum"
+        if not np.array_equal(again.modular_sum, result.modular_sum):
+            raise RuntimeError("repeating the unmask stage gave another sum")
     del replies, spares
 
     survivors = list(result.survivors)
-    assert set(survivors) == set(ids) - drop, "unexpected survivor set"
+    if set(survivors) != set(ids) - drop:
+        raise RuntimeError(f"unexpected survivor set {sorted(survivors)}")
     exact: bool | None = None
     if verify:
         plan = result.plan
@@ -184,7 +186,9 @@ def bench_round(n: int, length: int, dropout: float, base: np.ndarray, *, bits: 
         for c in survivors:
             want += decode_signed(quantize(base, plan, rounding[c]), plan.bits)
         exact = bool(np.array_equal(result.int_sum, want))
-        assert exact, "secure aggregate differs from the plain sum of the survivors' inputs"
+        if not exact:
+            raise RuntimeError("secure aggregate differs from the plain sum of the survivors' "
+                               "inputs")
     mean_err = float(np.max(np.abs(result.float_mean() - np.clip(base.astype(np.float64), -clip, clip))))
     surv_s = [client_s[c] for c in survivors]
     surv_up = [up[c] for c in survivors]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -26,8 +25,8 @@ from fedpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
 from fedpeft.coordinator.secure_round import secure_round
 from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
 from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
-from fedpeft.coordinator.user_level import CLIP_META_KEY, UserLevel
-from fedpeft.core.errors import ConfigError, FedPeftError
+from fedpeft.coordinator.user_level import CLIP_META_KEY, UserLevel, resumed_clip_of
+from fedpeft.core.errors import FedPeftError
 from fedpeft.core.protocol import (
     ADAPTER_KEY,
     CLIENT_ID_KEY,
@@ -168,7 +167,7 @@ class Coordinator:
                 model.load_adapter_state(ckpt.params)
                 params, opt_state, start = model.adapter_state(), ckpt.opt_state, ckpt.round
                 if self.run.user_dp.adaptive:
-                    resumed_clip = _resumed_clip(ckpt.meta, ckpt.path)
+                    resumed_clip = resumed_clip_of(ckpt.meta, ckpt.path)
                 log.info("resuming from %s (round %d)", ckpt.path, start)
         (self.run_dir / "run_config.json").write_text(json.dumps(self._meta(), indent=2,
                                                                  sort_keys=True))
@@ -404,17 +403,6 @@ class Coordinator:
             weights.append(float(n))
             rows.append({**content, "node": node})
         return updates, weights, faults, rows
-
-
-def _resumed_clip(meta: dict[str, Any], path: Path) -> float:
-    """The adaptive clip a checkpoint left for its next round (a typed error if missing)."""
-    clip = meta.get(CLIP_META_KEY)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (
-            math.isfinite(clip) and clip > 0):
-        raise ConfigError(f"checkpoint {path} has no valid {CLIP_META_KEY!r} ({clip!r}) but "
-                          "the run uses adaptive clipping (dp-user-clip-quantile > 0): resume "
-                          "it with the run config it was written with")
-    return float(clip)
 
 
 def _round_bar(total: int, start: int, enabled: bool) -> Any:

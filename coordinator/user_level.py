@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from fedpeft.coordinator.secure_round import FieldRound
-from fedpeft.core.errors import FedPeftError
+from fedpeft.core.errors import ConfigError, FedPeftError
 from fedpeft.core.protocol import CLIENT_ID_KEY, ROUND_CLIP_KEY
 from fedpeft.core.vector import unflatten, vector_length
 from fedpeft.core.wire import TensorSpec
@@ -51,6 +52,18 @@ USER_IDS = "user-ids.json"
 LEDGER_OWNER = "coordinator"
 #: Checkpoint-meta field: the clip of the round after the checkpoint's.
 CLIP_META_KEY = "user_clip"
+
+
+def resumed_clip_of(meta: Mapping[str, Any], path: Path) -> float:
+    """The adaptive clip a checkpoint's ``meta`` left for its next round (a typed error when
+    it is missing or invalid)."""
+    clip = meta.get(CLIP_META_KEY)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (
+            math.isfinite(clip) and clip > 0):
+        raise ConfigError(f"checkpoint {path} has no valid {CLIP_META_KEY!r} ({clip!r}) but "
+                          "the run uses adaptive clipping (dp-user-clip-quantile > 0): resume "
+                          "it with the run config it was written with")
+    return float(clip)
 
 
 class RoundAborted(FedPeftError):

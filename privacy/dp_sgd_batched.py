@@ -156,7 +156,9 @@ def batched_dp_local_train(
                     optimizers[c].step()
                     optimizers[c].zero_grad(set_to_none=True)
                     result = results[c]
-                    assert isinstance(result, DPTrainResult)
+                    if not isinstance(result, DPTrainResult):  # a failed client left above
+                        raise BatchingError(f"client {c} of the cohort has no result to step "
+                                            "(an internal error: report it)")
                     result.steps += 1
                     result.batch_sizes.append(len(logical[c]))
                     if logical[c]:

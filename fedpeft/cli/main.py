@@ -222,18 +222,13 @@ def print_user_report(user_dir: Path, run_dir: Path) -> None:
 
 def _adaptive_clips(run_dir: Path) -> list[dict[str, float]]:
     """The rounds' adaptive-clipping rows of ``metrics.jsonl`` (empty: a fixed clip)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    from fedpeft.report.run_report import load_rows
+
+    try:
+        rows = load_rows(run_dir)
+    except FedPeftError:  # no metrics (yet): nothing to show
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of a crashed run
-        if isinstance(row, dict) and isinstance(row.get("dp_user_clip"), dict):
-            rows.append(row["dp_user_clip"])
-    return rows
+    return [r["dp_user_clip"] for r in rows if isinstance(r.get("dp_user_clip"), dict)]
 
 
 def _run_had_record_dp(run_dir: Path) -> bool:

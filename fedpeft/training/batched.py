@@ -223,7 +223,8 @@ def _routed_forward(router: Router, attrs: Mapping[str, str]) -> Callable[..., t
             if isinstance(self, nn.Embedding):
                 parts.append(F.embedding(rows, own[attrs["weight"]]))
                 continue
-            assert isinstance(self, nn.Linear)
+            if not isinstance(self, nn.Linear):  # routed() swaps only Linear and Embedding
+                raise BatchingError(f"cannot route {type(self).__name__}: set batch-clients = 1")
             weight = own[attrs["weight"]] if "weight" in attrs else self.weight
             bias = own[attrs["bias"]] if "bias" in attrs else self.bias
             parts.append(F.linear(rows, weight, bias))
@@ -428,7 +429,9 @@ def batched_local_train(
                         continue
                     total = float(totals[c])
                     result = results[c]
-                    assert result is not None
+                    if result is None:  # a failed client has an error and was skipped above
+                        raise BatchingError(f"client {c} of the cohort has no result "
+                                            "(an internal error: report it)")
                     if not math.isfinite(total):
                         errors[c] = ClientFault(f"training loss became {total} at step {step}; "
                                                 f"lower lr (now {cfg.lr})")

@@ -180,19 +180,26 @@ def local_train(
 
 
 @torch.no_grad()
+def _outputs(model: AdaptedModel, data: Encoded,
+             batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(row indices, logits, labels) of ``data`` in length-sorted batches (less padding)."""
+    model.eval()
+    order = torch.argsort(torch.tensor(data.lengths()), stable=True)
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
+        batch = data.rows(idx)
+        out = model(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
+        yield idx, out.logits, batch.labels
+
+
 def evaluate(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> dict[str, float]:
     """Held-out metrics: loss and perplexity (causal LM) or loss and accuracy."""
-    model.eval()
     total_loss = 0.0
     correct = 0
-    order = torch.argsort(torch.tensor(data.lengths()), stable=True)  # less padding per batch
-    for start in range(0, len(data), batch_size):
-        batch = data.rows(order[start : start + batch_size])
-        out = model(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
-        losses = per_example_loss(out.logits, batch.labels, model.task)
-        total_loss += float(losses.sum())
+    for _, logits, labels in _outputs(model, data, batch_size):
+        total_loss += float(per_example_loss(logits, labels, model.task).sum())
         if model.task == "classification":
-            correct += int((out.logits.argmax(dim=-1) == batch.labels).sum())
+            correct += int((logits.argmax(dim=-1) == labels).sum())
     n = len(data)
     metrics = {"loss": total_loss / n}
     if model.task == "classification":
@@ -206,13 +213,7 @@ def evaluate(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> dict[s
 def example_losses(model: AdaptedModel, data: Encoded, batch_size: int = 32) -> torch.Tensor:
     """Each example's loss under ``model`` (in ``data``'s order): the cross-entropy of its label
     (classification) or its mean token negative log-likelihood (causal LM)."""
-    model.eval()
     out = torch.empty(len(data), dtype=torch.float64)
-    order = torch.argsort(torch.tensor(data.lengths()), stable=True)  # less padding per batch
-    for start in range(0, len(data), batch_size):
-        idx = order[start : start + batch_size]
-        batch = data.rows(idx)
-        logits = model(batch.input_ids, batch.attention_mask,
-                       token_type_ids=batch.token_type_ids).logits
-        out[idx] = per_example_loss(logits, batch.labels, model.task).double()
+    for idx, logits, labels in _outputs(model, data, batch_size):
+        out[idx] = per_example_loss(logits, labels, model.task).double()
     return out
