@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,13 @@ def record_planned_rounds(scale: Scale, overflow: float = RECORD_OVERFLOW) -> in
     """Rounds a record-level client's noise is calibrated for: the smallest ``p`` such that a
     client sampled with rate ``clients_per_round / clients`` in each of ``rounds`` rounds is
     selected more than ``p`` times with probability at most ``overflow``."""
-    q = min(1.0, scale.clients_per_round / scale.clients)
-    n = scale.rounds
+    return planned_rounds(min(1.0, scale.clients_per_round / scale.clients), scale.rounds,
+                          overflow)
+
+
+def planned_rounds(q: float, n: int, overflow: float = RECORD_OVERFLOW) -> int:
+    """The smallest ``p`` such that a client sampled with rate ``q`` in each of ``n`` rounds
+    is selected more than ``p`` times with probability at most ``overflow``."""
     for p in range(1, n + 1):
         tail = sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(p + 1, n + 1))
         if tail <= overflow:
@@ -226,7 +232,16 @@ def machine() -> dict[str, Any]:
 
 
 def probe_update_norms(scale: Scale, seed: int) -> dict[str, Any]:
-    """L2 norms of the first-round non-private updates of ``probe_clients`` clients.
+    """L2 norms of the first-round non-private updates of ``probe_clients`` clients of the
+    SST-2 federation (:func:`probe_norms` on the non-private arm)."""
+    return probe_norms(resolved(arm_config("non-private", scale, seed, 1.0)), scale.clients,
+                       scale.probe_clients, seed)
+
+
+def probe_norms(nonprivate: dict[str, Any], clients: int, probe_clients: int, seed: int
+                ) -> dict[str, Any]:
+    """L2 norms of the first-round updates of ``probe_clients`` of ``clients`` clients under
+    the resolved non-private run config ``nonprivate``.
 
     Each client trains from the initial global adapter exactly as in round 1 of the
     non-private arm (its own :class:`~fedpeft.client.runtime.ClientRuntime`, plain transport,
@@ -250,20 +265,19 @@ def probe_update_norms(scale: Scale, seed: int) -> dict[str, Any]:
     from fedpeft.peft_methods.registry import initial_adapter_state
     from fedpeft.runconfig.config import parse_run_config
 
-    flat = resolved({**arm_config("non-private", scale, seed, 1.0), "secagg": False,
-                     "progress": False, "resume": False,
-                     "run-dir": str(Path(tempfile.gettempdir()) / "population-probe")})
+    flat = {**nonprivate, "secagg": False, "progress": False, "resume": False,
+            "run-dir": str(Path(tempfile.gettempdir()) / "population-probe")}
     run = parse_run_config(flat)
     spec = get_adapted(run.model, run.adapter, run.seed).spec()
     payload = encode(initial_adapter_state(run.model, run.adapter, run.seed))
     message: Content = {ROUND_KEY: 1, FINGERPRINT_KEY: run.fingerprint(), ADAPTER_KEY: payload}
     picks = sorted(int(i) for i in np.random.default_rng([seed, 15]).choice(
-        scale.clients, size=min(scale.probe_clients, scale.clients), replace=False))
+        clients, size=min(probe_clients, clients), replace=False))
     norms: list[float] = []
     start = time.perf_counter()
     for i in picks:
         rt = ClientRuntime(run, ClientIdentity(client_id=f"client-{i}", partition_id=i,
-                                               num_partitions=scale.clients))
+                                               num_partitions=clients))
         reply = rt.handle(KIND_TRAIN, message)
         blob = reply.get(UPDATE_KEY)
         if not isinstance(blob, bytes):
@@ -277,7 +291,8 @@ def probe_update_norms(scale: Scale, seed: int) -> dict[str, Any]:
 # -- one arm ----------------------------------------------------------------------------------
 
 
-def _tail_metrics(path: Path, label: str, stop: threading.Event) -> None:
+def _tail_metrics(path: Path, label: str, stop: threading.Event, metric: str = "accuracy"
+                  ) -> None:
     """Print each round's row of ``metrics.jsonl`` as it appears (the log of a long run)."""
     seen = 0
     while True:
@@ -290,8 +305,8 @@ def _tail_metrics(path: Path, label: str, stop: threading.Event) -> None:
                 except ValueError:
                     break  # a line being written: read it next time
                 seen += 1
-                acc = float(r.get("eval", {}).get("accuracy", float("nan")))
-                print(f"  [{label}] round {r.get('round')}: accuracy {acc:.4f}"
+                acc = float(r.get("eval", {}).get(metric, float("nan")))
+                print(f"  [{label}] round {r.get('round')}: {metric} {acc:.4f}"
                       + (f", {r['seconds']:.1f} s" if "seconds" in r else "")
                       + (f", ok {r.get('ok')}" if "ok" in r else "")
                       + (f", user epsilon max {r['dp_user_epsilon_max']:.3f}"
@@ -303,17 +318,20 @@ def _tail_metrics(path: Path, label: str, stop: threading.Event) -> None:
             return
 
 
-def summarise(run_dir: Path) -> dict[str, Any]:
-    """The numbers of one arm from its run directory (metrics.jsonl, privacy_report.json)."""
+def summarise(run_dir: Path, metric: str = "accuracy") -> dict[str, Any]:
+    """The numbers of one arm from its run directory (metrics.jsonl, privacy_report.json);
+    ``best`` is the highest ``metric``, or the lowest for ``perplexity`` or ``loss``."""
     from fedpeft.core.protocol import STATUS_BUDGET_EXHAUSTED
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     trained = [r for r in rows if r.get("round", 0) > 0]
-    curve = [float(r["eval"]["accuracy"]) for r in rows]
+    curve = [float(r["eval"][metric]) for r in rows]
+    lower_is_better = metric in ("perplexity", "loss")
     up = [float(r.get("bytes_up", 0)) / max(int(r.get("ok", 0)), 1) for r in trained]
     faults = [f for r in trained for f in r.get("faults", [])]
     out: dict[str, Any] = {
-        "curve": curve, "initial": curve[0], "final": curve[-1], "best": max(curve),
+        "metric": metric, "curve": curve, "initial": curve[0], "final": curve[-1],
+        "best": min(curve) if lower_is_better else max(curve),
         "rounds": len(trained), "skipped": sum(1 for r in trained if "skipped" in r),
         "survivors_per_round": [int(r.get("secagg", {}).get("survivors", r.get("ok", 0)))
                                 for r in trained],
@@ -362,7 +380,16 @@ def summarise(run_dir: Path) -> dict[str, Any]:
 
 def run_arm(name: str, scale: Scale, overrides: dict[str, Any], run_dir: Path
             ) -> dict[str, Any]:
-    """Train one arm's federation in this process and summarise it."""
+    """Train one arm of the SST-2 federation in this process and summarise it."""
+    return run_resolved(name, arm_label(name, overrides), config_key(scale, overrides),
+                        overrides, resolved(overrides), scale.clients, run_dir)
+
+
+def run_resolved(name: str, label: str, key: str, overrides: dict[str, Any],
+                 config: dict[str, Any], clients: int, run_dir: Path,
+                 metric: str = "accuracy") -> dict[str, Any]:
+    """Train one arm's federation (the resolved flat run config ``config`` over ``clients``
+    clients) in this process and summarise it."""
     import numpy as np
     import torch
 
@@ -374,14 +401,13 @@ def run_arm(name: str, scale: Scale, overrides: dict[str, Any], run_dir: Path
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "privacy_report.json"):
         (run_dir / stale).unlink(missing_ok=True)
-    flat = resolved({**overrides, "run-dir": str(run_dir),
-                     "ledger-dir": str(run_dir / "ledgers"), "resume": False,
-                     "progress": False})
+    flat = {**config, "run-dir": str(run_dir), "ledger-dir": str(run_dir / "ledgers"),
+            "resume": False, "progress": False}
     run = parse_run_config(flat)
-    transport = InMemoryTransport(run, scale.clients)
+    transport = InMemoryTransport(run, clients)
     stop = threading.Event()
-    tail = threading.Thread(target=_tail_metrics, args=(run_dir / "metrics.jsonl", name, stop),
-                            daemon=True)
+    tail = threading.Thread(target=_tail_metrics,
+                            args=(run_dir / "metrics.jsonl", name, stop, metric), daemon=True)
     tail.start()
     start = time.perf_counter()
     try:
@@ -389,16 +415,15 @@ def run_arm(name: str, scale: Scale, overrides: dict[str, Any], run_dir: Path
     finally:
         stop.set()
         tail.join()
-    row: dict[str, Any] = {"arm": name, "label": arm_label(name, overrides),
-                           "key": config_key(scale, overrides), "overrides": overrides,
+    row: dict[str, Any] = {"arm": name, "label": label, "key": key, "overrides": overrides,
                            "seconds": time.perf_counter() - start,
-                           "stopped": summary.stopped_reason, **summarise(run_dir)}
+                           "stopped": summary.stopped_reason, **summarise(run_dir, metric)}
     norms = [float(v) for rt in transport.runtimes.values()
              for k, v in rt.last_local.items() if k == "user-update-norm"
              and isinstance(v, (int, float))]
     if norms:  # on-device metric, read here only because the simulation holds every device
         q = np.quantile(norms, [0.0, 0.25, 0.5, 0.75, 1.0]).tolist()
-        clip = float(overrides["dp-user-clip"])
+        clip = float(flat["dp-user-clip"])
         row["user_update_norms_last_round_joined"] = {
             "users": len(norms), "min": q[0], "q25": q[1], "median": q[2], "q75": q[3],
             "max": q[4], "fraction_clipped": sum(n > clip for n in norms) / len(norms)}
@@ -462,12 +487,29 @@ def _load(out: Path) -> dict[str, Any]:
         return {}
 
 
-def _write(out: Path, doc: dict[str, Any]) -> None:
+def write_result(out: Path, doc: dict[str, Any],
+                 render: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``doc`` to ``out`` atomically and its table (``render(doc)``) beside it (.md)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out)
-    out.with_suffix(".md").write_text(markdown(doc))
+    out.with_suffix(".md").write_text(render(doc))
+
+
+def finish(out: Path, doc: dict[str, Any], started: float,
+           render: Callable[[dict[str, Any]], str]) -> int:
+    """The end of an invocation: the wall time in the meta, the files, the table printed."""
+    doc["meta"]["wall_seconds"] = time.time() - started
+    write_result(out, doc, render)
+    print(render(doc), flush=True)
+    print(f"wrote {out} and {out.with_suffix('.md')} ({doc['meta']['wall_seconds']:.0f} s)",
+          flush=True)
+    return 0
+
+
+def _write(out: Path, doc: dict[str, Any]) -> None:
+    write_result(out, doc, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,11 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["arms_run"].append(name)
         meta["wall_seconds"] = time.time() - started
         _write(out, doc)
-    meta["wall_seconds"] = time.time() - started
-    _write(out, doc)
-    print(markdown(doc), flush=True)
-    print(f"wrote {out} and {out.with_suffix('.md')} ({meta['wall_seconds']:.0f} s)", flush=True)
-    return 0
+    return finish(out, doc, started, markdown)
 
 
 if __name__ == "__main__":

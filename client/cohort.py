@@ -70,7 +70,10 @@ def train_cohort(jobs: Sequence[CohortJob], batch_clients: int, micro_batch: int
     groups: dict[tuple[object, ...], list[tuple[int, RoundJob]]] = {}
     for i, rj in begun:
         rt = jobs[i].runtime
-        key = (id(rt.model), rj.server_round, rj.train, rj.private is not None, rt.run.dp)
+        # a user-level canary client trains nothing: it runs alone (its own group)
+        canary = id(rt) if rt.user_canary is not None else None
+        key = (id(rt.model), rj.server_round, rj.train, rj.private is not None, rt.run.dp,
+               canary)
         groups.setdefault(key, []).append((i, rj))
     total = len(begun)
     done = 0

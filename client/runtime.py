@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedpeft.client.secagg_session import (
@@ -53,7 +55,7 @@ from fedpeft.core.protocol import (
     Value,
     require_field,
 )
-from fedpeft.core.vector import vector_length
+from fedpeft.core.vector import unflatten, vector_length
 from fedpeft.core.wire import decode
 from fedpeft.core.wire import encode as encode_tensors
 from fedpeft.data.federation import client_corpus
@@ -75,10 +77,23 @@ from fedpeft.privacy.accounting.ledger import (
     ReleaseMetadata,
     composition_adjacency,
 )
+from fedpeft.privacy.auditing.gradient_canaries import (
+    CANARY_SCORES_FILE,
+    GRADIENT_CANARY_DOMAIN,
+    CanaryHook,
+    plan_gradient_canaries,
+    tensor_sizes,
+)
+from fedpeft.privacy.auditing.user_canaries import plan_user_canaries
 from fedpeft.privacy.csprng import DPRandomness
 from fedpeft.privacy.dp_sgd import dp_local_train
 from fedpeft.privacy.user_level import RoundPlan
-from fedpeft.runconfig.config import RunConfig, user_round_plan
+from fedpeft.runconfig.config import (
+    RunConfig,
+    data_partitions,
+    is_user_canary,
+    user_round_plan,
+)
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.training.config import TrainConfig
 from fedpeft.training.trainer import Progress, TrainResult, for_round, local_train
@@ -195,10 +210,24 @@ class ClientRuntime:
     def model(self) -> AdaptedModel:
         return get_adapted(self.run.model, self.run.adapter, self.run.seed)
 
+    @property
+    def user_canary(self) -> int | None:
+        """This client's index among the user-level audit's canary clients (it holds no
+        data and sends a canary direction or zero), or None for a client with data."""
+        ident = self.identity
+        if not is_user_canary(self.run, ident.partition_id, ident.num_partitions):
+            return None
+        return ident.partition_id - data_partitions(self.run, ident.num_partitions)
+
     def data(self) -> Encoded:
         if self._data is None:
+            if self.user_canary is not None:  # no records: one empty row set
+                empty = torch.zeros((0, 1), dtype=torch.long)
+                self._data = Encoded(empty, empty.clone(), empty.clone())
+                return self._data
             corpus = client_corpus(self.run.data, self.identity.partition_id,
-                                   self.identity.num_partitions, self.run.seed)
+                                   data_partitions(self.run, self.identity.num_partitions),
+                                   self.run.seed)
             self._data = encode(corpus, self.model.base_info.tokenizer, self.run.model.max_length)
         return self._data
 
@@ -303,15 +332,20 @@ class ClientRuntime:
 
     def train_alone(self, job: RoundJob) -> tuple[TrainResult, dict[str, torch.Tensor]]:
         """Train ``job`` on the shared model alone; returns the result and the trained tensors."""
+        if self.user_canary is not None:
+            return self._canary_update(job)
         model = self.model
         model.load_adapter_state(job.global_state)
         if job.private is not None:
             model.train()
+            hook = self._canary_hook(model, job)
             result: TrainResult = dp_local_train(
                 model, job.data, job.train, self.run.dp,
                 noise_multiplier=job.private.sigma, randomness=job.private.randomness,
-                progress=self._progress(job.server_round))
+                progress=self._progress(job.server_round), canaries=hook)
             model.eval()
+            if hook is not None:
+                self._keep_canary_scores(job.server_round, hook)
         else:
             result = local_train(model, job.data, job.train,
                                  generator=self.shuffle_generator(job.server_round),
@@ -341,6 +375,48 @@ class ClientRuntime:
             reply.update(masked)
         self._keep_local(job.server_round, result, local)
         return reply
+
+    def _canary_update(self, job: RoundJob) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+        """A user-level canary client's round (Andrew et al. 2024): the global adapter plus
+        the round's clip times its direction when its coin says in, else unchanged."""
+        index = self.user_canary
+        if index is None or job.user is None:
+            raise ConfigError("only a user-level canary client sends a canary update")
+        spec = self.model.spec()
+        plan = plan_user_canaries(self.run.user_dp.canaries, vector_length(spec), self.run.seed)
+        start = time.perf_counter()
+        if not plan.included[index]:
+            return (TrainResult(steps=0, examples=0, seconds=time.perf_counter() - start),
+                    dict(job.global_state))
+        # a hair inside the clip, so float rounding never makes the clip scale it
+        step = unflatten((job.user.clip * (1 - 1e-6)) * plan.direction(index), spec)
+        trained = {k: v + step[k].to(v.dtype) for k, v in job.global_state.items()}
+        return TrainResult(steps=0, examples=0, seconds=time.perf_counter() - start), trained
+
+    def _canary_hook(self, model: AdaptedModel, job: RoundJob) -> CanaryHook | None:
+        """The white-box audit's gradient canaries this client owns (``audit-gradient-
+        canaries``), or None when the run is not audited that way."""
+        m = self.run.dp.gradient_canaries
+        if not m:
+            return None
+        named = model.adapter_parameters()
+        plan = plan_gradient_canaries(m, tensor_sizes(named),
+                                      num_partitions=self.identity.num_partitions,
+                                      seed=self.run.seed)
+        rng = np.random.default_rng([GRADIENT_CANARY_DOMAIN, self.run.seed,
+                                     self.identity.partition_id, job.server_round])
+        return CanaryHook(plan, plan.owned_by(self.identity.partition_id), named,
+                          self.run.dp.sample_rate(len(job.data)), rng)
+
+    def _keep_canary_scores(self, server_round: int, hook: CanaryHook) -> None:
+        """The canaries' scores stay on the device, beside its local metrics: they are
+        computed on private data without noise of their own (``fedpeft audit`` reads them)."""
+        path = self.state_dir() / CANARY_SCORES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"round": server_round, "partition": self.identity.partition_id,
+               "steps": hook.steps, "scores": {str(i): s for i, s in hook.scores.items()}}
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
 
     def shuffle_generator(self, server_round: int) -> torch.Generator:
         """Shuffling for non-private training only: reproducible from the run seed.

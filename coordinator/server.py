@@ -48,7 +48,7 @@ from fedpeft.data.tokenize import Encoded, encode
 from fedpeft.peft_methods import get_adapted
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.peft_methods.registry import initial_adapter_state
-from fedpeft.runconfig.config import RunConfig
+from fedpeft.runconfig.config import RunConfig, data_partitions
 from fedpeft.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Coordinator:
 
     def eval_data(self, num_partitions: int) -> Encoded:
         if self._eval is None:
-            split = federated_split(self.run.data, num_partitions, self.run.seed)
+            split = federated_split(self.run.data, data_partitions(self.run, num_partitions),
+                                    self.run.seed)
             self._eval = encode(split.eval, self.model.base_info.tokenizer,
                                 self.run.model.max_length)
         return self._eval

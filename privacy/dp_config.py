@@ -67,6 +67,7 @@ class DPConfig:
         accountant: ``"prv"`` (default) or ``"rdp"``, used for calibration.
         planned_rounds: rounds the client may join; calibration spends the budget over them.
         epsilon_max: optional hard budget enforced by the ledger (``fedpeft.privacy.accounting``).
+        gradient_canaries: white-box audit canaries (``audit-gradient-canaries``).
         adjacency: neighbouring relation of the guarantee, used for calibration:
             ``"replace_one"`` (default) or ``"add_remove"``. Replace-one because the client's
             local dataset size n is public: it is released through q = B/n and through sigma
@@ -85,10 +86,20 @@ class DPConfig:
     planned_rounds: int = 1
     epsilon_max: float | None = None
     adjacency: Adjacency = "replace_one"
+    #: white-box audit: gradient canaries injected into DP-SGD's summed gradient
+    #: (fedpeft.privacy.auditing.gradient_canaries; 0: none)
+    gradient_canaries: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise DPConfigError(f"enabled={self.enabled!r} must be True or False")
+        gc = self.gradient_canaries
+        if isinstance(gc, bool) or not isinstance(gc, int) or gc < 0:
+            raise DPConfigError(f"audit-gradient-canaries={gc!r} must be an integer >= 0 "
+                                "(0: no white-box audit)")
+        if gc and not self.enabled:
+            raise DPConfigError(f"audit-gradient-canaries={gc} audits DP-SGD, which is off: "
+                                "set dp = true with dp-level = 'record' or 'both', or 0")
         if self.noise_multiplier is not None:
             nm = self.noise_multiplier
             if not is_real(nm) or not math.isfinite(float(nm)) or float(nm) < 0:

@@ -107,6 +107,7 @@ from fedpeft.core.errors import ClientFault, DataError
 from fedpeft.data.tokenize import Encoded
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent, validate_noise_multiplier
+from fedpeft.privacy.auditing.gradient_canaries import CanaryHook
 from fedpeft.privacy.csprng import DPRandomness, GaussianSource, UniformSource
 from fedpeft.privacy.dp_config import DPConfig, DPConfigError, DPTrainingError, UnsupportedLayerError
 from fedpeft.training.config import TrainConfig
@@ -332,6 +333,9 @@ def _add_csprng_noise(opt: Any, noise_multiplier: float) -> None:
     never called.
     """
     std = noise_multiplier * opt.max_grad_norm
+    hook: CanaryHook | None = getattr(opt, "canary_hook", None)
+    if hook is not None:  # a white-box audit: canary gradients join the clipped sum
+        hook.inject(opt.params, [p.summed_grad for p in opt.params], float(opt.max_grad_norm))
     for p in opt.params:
         _check_processed_flag(p.summed_grad)
         ref = p.summed_grad
@@ -341,6 +345,8 @@ def _add_csprng_noise(opt: Any, noise_multiplier: float) -> None:
                                           secure=opt.secure_mode)
         p.grad = (p.summed_grad + noise).view_as(p)
         _mark_as_processed(p.summed_grad)
+    if hook is not None:  # the auditor sees each privatised sum (white box)
+        hook.observe(opt.params, [p.grad for p in opt.params])
 
 
 class CSPRNGDPOptimizer(DPOptimizer):  # type: ignore[misc]
@@ -389,6 +395,7 @@ def dp_local_train(
     noise_multiplier: float,
     randomness: DPRandomness,
     progress: Progress | None = None,
+    canaries: CanaryHook | None = None,
 ) -> DPTrainResult:
     """DP-SGD local training of the adapter for ``train_cfg.local_steps`` logical steps.
 
@@ -398,6 +405,9 @@ def dp_local_train(
     :meth:`DPConfig.resolve_noise_multiplier`, and reserved in the ledger before calling).
     ``randomness`` gives the Poisson sampling and the noise: ``DPRandomness.from_os()`` in
     production, one per client and round (see "Randomness" in the module docstring).
+    ``canaries`` (a white-box audit only, :mod:`fedpeft.privacy.auditing.gradient_canaries`):
+    its included canaries join the clipped sum before each step's noise, and it scores the
+    privatised sums.
 
     Raises :class:`DPConfigError` (disabled config, bad sigma, q outside (0, 1)),
     :class:`DPTrainingError` (eval mode, no trainable parameters, ``randomness`` not a
@@ -444,6 +454,7 @@ def dp_local_train(
                              noise_multiplier=sigma, max_grad_norm=float(dp_cfg.max_grad_norm),
                              expected_batch_size=dp_cfg.expected_batch_size,
                              loss_reduction="mean")
+        optimizer.canary_hook = canaries
         optimizer.zero_grad(set_to_none=True)
         buffers = _buffer_versions(model)
         for step, logical in enumerate(poisson_batches(n, q, steps, randomness.sampling)):

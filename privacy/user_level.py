@@ -93,8 +93,15 @@ class UserDPConfig:
     clip_quantile: float = 0.0
     clip_lr: float = 0.2
     clip_count_std: float = 0.0
+    #: audit: canary clients whose update is a random direction (Andrew et al. 2024;
+    #: fedpeft.privacy.auditing.user_canaries), added to the population; 0: none
+    canaries: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or (
+                self.canaries < 0):
+            raise UserDPError(f"audit-user-canaries={self.canaries!r} must be an integer >= 0 "
+                              "(0: no user-level audit)")
         for knob, v in (("dp-user-epsilon", self.target_epsilon), ("dp-user-clip", self.clip)):
             if not is_real(v) or not math.isfinite(v) or v <= 0:
                 raise UserDPError(f"{knob}={v!r} must be a finite number > 0")

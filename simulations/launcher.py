@@ -70,8 +70,9 @@ def simulate(config: dict[str, Scalar], num_clients: int, run_dir: Path, *,
                            run_dir=run_dir, address=f"127.0.0.1:{port}", connection=CONNECTION,
                            extra_env=SIMULATION_ENV, error=SimulationError)
     try:
+        nodes = num_clients + run.user_dp.canaries  # the user-level audit's canary clients
         done = link.run(flat, stream=stream, timeout=timeout, federation_config=(
-            f"num_supernodes={num_clients} client_resources_num_cpus={num_cpus_per_client}"))
+            f"num_supernodes={nodes} client_resources_num_cpus={num_cpus_per_client}"))
     finally:
         link.stop()
     return SimulationResult(run_id=done.run_id, status=done.status, run_dir=run_dir,

@@ -95,7 +95,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fedpeft.simulations.inmemory import InMemoryTransport
 
         run = parse_run_config({**DEFAULTS, **config, "run-dir": str(run_dir.resolve())})
-        summary = Coordinator(run, InMemoryTransport(run, clients)).run_federation()
+        population = clients + run.user_dp.canaries  # the audit's canary clients join
+        summary = Coordinator(run, InMemoryTransport(run, population)).run_federation()
         ok = not summary.stopped_reason
         status = "finished:completed" if ok else f"stopped: {summary.stopped_reason}"
     else:
@@ -120,7 +121,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """Run a federation with canaries (or take a finished one) and audit it."""
     from fedpeft.privacy.auditing.report import audit_line
-    from fedpeft.report.audit import DEFAULT_CANARIES, audit_run
+    from fedpeft.report.audit import DEFAULT_CANARIES, audit_all
 
     if args.existing:
         run_dir = Path(args.existing)
@@ -128,14 +129,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
         sets = parse_overrides(args.set or [])
         canaries = args.canaries or int(sets.get("audit-canaries", 0)) or DEFAULT_CANARIES
         args.set = [*(args.set or []), f"audit-canaries={canaries}"]
+        if args.gradient_canaries:  # white box: DP-SGD's clipped sums instrumented
+            args.set.append(f"audit-gradient-canaries={args.gradient_canaries}")
+        if args.user_canaries:  # canary clients, added to the population
+            args.set.append(f"audit-user-canaries={args.user_canaries}")
         rc = cmd_simulate(args)
         if rc != 0:
             print("fedpeft: the federation did not complete; nothing audited", file=sys.stderr)
             return rc
         run_dir = args.finished_run_dir
     print(f"\nauditing {run_dir} ...", flush=True)
-    doc = audit_run(run_dir, confidence=args.confidence)
-    print(audit_line(doc))
+    for doc in audit_all(run_dir, confidence=args.confidence):
+        print(audit_line(doc))
     print(f"written: {run_dir / 'audit.json'}")
     return 0
 
@@ -144,11 +149,10 @@ def print_privacy_report(run_dir: Path) -> None:
     """Recompute every epsilon from the ledgers and print each level's table (+JSON, PNG):
     record level from the clients' ledgers, user level from the coordinator's; then the
     audited lower bound beside the claim when the run was audited."""
-    from fedpeft.privacy.auditing.report import audit_line, read_audit
+    from fedpeft.privacy.auditing.report import audit_line, read_audits
 
     _print_ledger_reports(run_dir)
-    audit = read_audit(run_dir)
-    if audit is not None:
+    for audit in read_audits(run_dir):
         print(audit_line(audit))
 
 
@@ -302,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(aud)
     aud.add_argument("--canaries", type=int, default=None,
                      help="canaries to plant (default: the run's audit-canaries, else 1000)")
+    aud.add_argument("--gradient-canaries", type=int, default=0, metavar="M",
+                     help="also audit DP-SGD white box with M gradient canaries "
+                          "(audit-gradient-canaries; record-level DP runs)")
+    aud.add_argument("--user-canaries", type=int, default=0, metavar="M",
+                     help="also audit user-level DP with M canary clients added to the "
+                          "population (audit-user-canaries; dp-level = user runs)")
     aud.add_argument("--confidence", type=float, default=0.95)
     aud.add_argument("--existing", metavar="RUN_DIR",
                      help="audit this finished run (it ran with audit-canaries > 0); run nothing")

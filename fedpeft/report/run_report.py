@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.core.errors import DataError
-from fedpeft.privacy.auditing.report import audit_line, read_audit
+from fedpeft.privacy.auditing.report import audit_line, read_audits
 
 
 def load_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -123,9 +123,10 @@ def write_report(run_dir: Path) -> Path:
                   f"`{config.get('secagg-clip', '?')}` in rounds "
                   f"{', '.join(str(n) for n in clipped)}: the aggregate is biased toward zero "
                   "there. Raise `secagg-clip` (docs/secagg.md, 'Choosing secagg-clip')."]
-    audit = read_audit(run_dir)
-    if audit is not None:
-        lines += ["", "## Privacy audit", "", audit_line(audit)]
+    audits = read_audits(run_dir)
+    if audits:
+        lines += ["", "## Privacy audit", ""]
+        lines += [f"* {audit_line(a)}" for a in audits]
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Skipped rounds:"] + [f"- round {r['round']}: {r['skipped']}" for r in skipped]

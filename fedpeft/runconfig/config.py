@@ -170,11 +170,13 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "batch-clients": (CohortConfig, "clients"), "batch-rows": (CohortConfig, "rows"),
     "dp-delta": (DPConfig, "delta"), "dp-clip": (DPConfig, "max_grad_norm"),
     "dp-accountant": (DPConfig, "accountant"),
+    "audit-gradient-canaries": (DPConfig, "gradient_canaries"),
     "dp-user-epsilon": (UserDPConfig, "target_epsilon"), "dp-user-delta": (UserDPConfig, "delta"),
     "dp-user-clip": (UserDPConfig, "clip"), "dp-user-colluders": (UserDPConfig, "colluders"),
     "dp-user-clip-quantile": (UserDPConfig, "clip_quantile"),
     "dp-user-clip-lr": (UserDPConfig, "clip_lr"),
     "dp-user-clip-count-std": (UserDPConfig, "clip_count_std"),
+    "audit-user-canaries": (UserDPConfig, "canaries"),
     "secagg-bits": (SecAggConfig, "bits"), "secagg-dropout": (SecAggConfig, "expected_dropout"),
     "secagg-max-abort": (SecAggConfig, "max_abort_prob"),
 }
@@ -204,11 +206,13 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-planned-rounds": 0,  # 0 = num-rounds
     "dp-epsilon-budget": 0.0,  # 0 = the target epsilon is also the hard budget
     "dp-accountant": _default(*KNOB_FIELDS["dp-accountant"]),
+    "audit-gradient-canaries": _default(*KNOB_FIELDS["audit-gradient-canaries"]),
     "dp-grad-sample-mode": "ew",  # the fastest exact engine here (docs/benchmarks.md)
     "dp-level": "record",  # record | user | both (docs/privacy.md, "User-level DP")
     **{k: _default(*KNOB_FIELDS[k]) for k in (
         "dp-user-epsilon", "dp-user-delta", "dp-user-clip", "dp-user-colluders",
-        "dp-user-clip-quantile", "dp-user-clip-lr", "dp-user-clip-count-std")},
+        "dp-user-clip-quantile", "dp-user-clip-lr", "dp-user-clip-count-std",
+        "audit-user-canaries")},
     "dp-user-participations": 0,  # 0 = num-rounds (a user may join every round)
     "dp-user-budget": 0.0,  # 0 = dp-user-epsilon is also the hard per-user budget
     "ledger-dir": "",  # "" = RUN_DIR/ledgers
@@ -282,6 +286,11 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         raise ConfigError(f"dp=false with dp-level={level!r}: say which you mean; set dp=true "
                           "for a private run, or drop dp-level for a non-private one")
     user_dp = UserDPConfig()
+    user_canaries = int(v["audit-user-canaries"])
+    if user_canaries and not (bool(v["dp"]) and level == "user"):
+        raise ConfigError(f"audit-user-canaries={user_canaries} audits user-level DP: set "
+                          "dp = true and dp-level = 'user' (a canary client has no records, "
+                          "so it cannot run record-level DP-SGD), or 0")
     if bool(v["dp"]) and level in ("user", "both"):
         if secagg is None:
             # security: the distributed noise protects a user only inside the secure sum
@@ -296,8 +305,17 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
             epsilon_max=user_budget if user_budget > 0 else None,
             clip_quantile=float(v["dp-user-clip-quantile"]),
             clip_lr=float(v["dp-user-clip-lr"]),
-            clip_count_std=float(v["dp-user-clip-count-std"]))
+            clip_count_std=float(v["dp-user-clip-count-std"]),
+            canaries=user_canaries)
     dp = DPConfig()
+    gradient_canaries = int(v["audit-gradient-canaries"])
+    if gradient_canaries and not (bool(v["dp"]) and level in ("record", "both")):
+        raise ConfigError(f"audit-gradient-canaries={gradient_canaries} audits record-level "
+                          "DP-SGD: set dp = true and dp-level = 'record' or 'both', or 0")
+    if gradient_canaries and int(v["batch-clients"]) > 1:
+        raise ConfigError(f"audit-gradient-canaries={gradient_canaries} instruments one "
+                          f"client's DP-SGD at a time; set batch-clients = 1 (it is "
+                          f"{v['batch-clients']}) for an audited run")
     if bool(v["dp"]) and level in ("record", "both"):
         sigma = float(v["dp-noise-multiplier"])
         target = float(v["dp-target-epsilon"])
@@ -314,6 +332,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
             accountant=str(v["dp-accountant"]),  # type: ignore[arg-type]
             planned_rounds=int(v["dp-planned-rounds"]) or int(v["num-rounds"]),
             epsilon_max=budget if budget > 0 else (target if sigma == 0.0 else None),
+            gradient_canaries=gradient_canaries,
         )
     return RunConfig(
         preset=str(v["preset"]),
@@ -352,6 +371,21 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         flat=tuple(sorted(v.items())),
     )
 
+
+
+def data_partitions(run: RunConfig, population: int) -> int:
+    """How many of ``population`` clients hold data: all but the user-level audit's canary
+    clients, which are the last ``audit-user-canaries`` partitions."""
+    n = population - run.user_dp.canaries
+    if n < 1:
+        raise ConfigError(f"{population} clients leave none with data beside "
+                          f"audit-user-canaries={run.user_dp.canaries}: add clients")
+    return n
+
+
+def is_user_canary(run: RunConfig, partition_id: int, population: int) -> bool:
+    """Whether partition ``partition_id`` of ``population`` is a user-level canary client."""
+    return run.user_dp.canaries > 0 and partition_id >= population - run.user_dp.canaries
 
 
 def planned_clients(run: RunConfig, population: int) -> int:

@@ -152,10 +152,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     tables = ([render_table(got.record)] if got.record else []) + [
         render_user_table(u) for u in got.user]
     print("\n\n".join(tables))
-    from fedpeft.privacy.auditing.report import audit_line, read_audit
+    from fedpeft.privacy.auditing.report import audit_line, read_audits
 
-    audit = read_audit(Path(args.path))
-    if audit is not None:
+    for audit in read_audits(Path(args.path)):
         print(audit_line(audit))
     if args.json_out:
         print(f"wrote {write_report_json(got.record, args.json_out, got.user)}")
