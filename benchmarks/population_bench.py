@@ -108,13 +108,8 @@ def record_planned_rounds(scale: Scale, overflow: float = RECORD_OVERFLOW) -> in
     """Rounds a record-level client's noise is calibrated for: the smallest ``p`` such that a
     client sampled with rate ``clients_per_round / clients`` in each of ``rounds`` rounds is
     selected more than ``p`` times with probability at most ``overflow``."""
-    return planned_rounds(min(1.0, scale.clients_per_round / scale.clients), scale.rounds,
-                          overflow)
-
-
-def planned_rounds(q: float, n: int, overflow: float = RECORD_OVERFLOW) -> int:
-    """The smallest ``p`` such that a client sampled with rate ``q`` in each of ``n`` rounds
-    is selected more than ``p`` times with probability at most ``overflow``."""
+    q = min(1.0, scale.clients_per_round / scale.clients)
+    n = scale.rounds
     for p in range(1, n + 1):
         tail = sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(p + 1, n + 1))
         if tail <= overflow:

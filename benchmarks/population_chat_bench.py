@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -48,13 +47,15 @@ from typing import Any
 from benchmarks.population_bench import (
     DELTA,
     THREADS,
+    Scale,
     _load,
     finish,
     machine,
-    planned_rounds,
     probe_norms,
+    record_planned_rounds,
     run_resolved,
     secagg_graph,
+    user_participations,
     write_result,
 )
 
@@ -66,30 +67,18 @@ PRIVACY = ("non-private", "user-eps8", "record-eps8")
 
 
 @dataclass(frozen=True)
-class ChatScale:
-    """How big the chitchat federation is and how long it trains."""
+class ChatScale(Scale):
+    """:class:`~benchmarks.population_bench.Scale` plus how many virtual clients train
+    together (``batch-clients``, ``batch-rows``: :mod:`fedpeft.training.batched`); ``layers``
+    0 is all 30."""
 
-    name: str
-    clients: int
-    examples_per_client: int
-    clients_per_round: int
-    rounds: int
-    local_steps: int
-    batch: int
-    eval_examples: int
-    layers: int  # 0: all 30
-    probe_clients: int = 12
-    batch_clients: int = 8  # virtual clients trained together (fedpeft.training.batched)
+    batch_clients: int = 8
     batch_rows: int = 16
-
-    @property
-    def rounds_per_user(self) -> int:
-        """``dp-user-participations``: the smallest cap that lets every round fill."""
-        return max(1, math.ceil(self.rounds * self.clients_per_round / self.clients))
 
 
 FULL = ChatScale("full", clients=1100, examples_per_client=32, clients_per_round=50,
-                 rounds=5, local_steps=2, batch=4, eval_examples=128, layers=0)
+                 rounds=5, local_steps=2, batch=4, eval_examples=128, layers=0,
+                 probe_clients=12)
 QUICK = ChatScale("quick", clients=40, examples_per_client=8, clients_per_round=10, rounds=2,
                   local_steps=1, batch=4, eval_examples=16, layers=1, probe_clients=3,
                   batch_clients=3, batch_rows=8)
@@ -125,8 +114,7 @@ def arm_config(arm: str, scale: ChatScale, seed: int, clip: float) -> dict[str, 
     if privacy == "record-eps8":
         return {**base, "dp": True, "dp-level": "record", "dp-target-epsilon": 8.0,
                 "dp-epsilon-budget": 8.0, "dp-delta": DELTA,
-                "dp-planned-rounds": planned_rounds(
-                    min(1.0, scale.clients_per_round / scale.clients), scale.rounds)}
+                "dp-planned-rounds": record_planned_rounds(scale)}
     nodp = {**base, "dp": False, "batch-clients": scale.batch_clients,
             "batch-rows": scale.batch_rows}
     if privacy == "non-private":
@@ -134,7 +122,7 @@ def arm_config(arm: str, scale: ChatScale, seed: int, clip: float) -> dict[str, 
     degree, threshold = secagg_graph(scale.clients_per_round, complete=True)
     return {**nodp, "dp": True, "dp-level": "user", "dp-user-epsilon": 8.0,
             "dp-user-delta": DELTA, "dp-user-clip": clip,
-            "dp-user-participations": scale.rounds_per_user,
+            "dp-user-participations": user_participations(scale),
             "secagg-degree": degree, "secagg-threshold": threshold}
 
 

@@ -197,8 +197,10 @@ def _user_level(run: RunConfig, run_dir: Path, ckpt: Checkpoint, num_partitions:
                          confidence=confidence)
     first = data_partitions(run, num_partitions)
     users = claimed.get("users") or {}
-    joined = sum(1 for i in range(len(plan)) if plan.included[i]
-                 and f"client-{first + i}" in users)
+    # the ledger names users by client id; a simulation's are client-<partition>
+    ids = [f"client-{first + i}" for i in range(len(plan))]
+    named = any(c in users for c in ids)
+    joined = sum(1 for c, inc in zip(ids, plan.included, strict=True) if inc and c in users)
     estimate = (gaussian_epsilon_estimate(scores[included], scores[~included], delta=delta)
                 if included.sum() >= 2 and (~included).sum() >= 2 else None)
     return {
@@ -210,7 +212,7 @@ def _user_level(run: RunConfig, run_dir: Path, ckpt: Checkpoint, num_partitions:
         "round": ckpt.round, **audit.as_dict(),
         "claimed_epsilon": claimed.get("epsilon"), "claimed_adjacency": claimed.get("adjacency"),
         "dp": run.user_dp.enabled,
-        "included_canaries_that_joined": joined if users else None,
+        "included_canaries_that_joined": joined if named else None,
         "gaussian_epsilon_estimate": estimate,
         "mean_score_included": float(scores[included].mean()) if included.any() else 0.0,
         "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else 0.0,

@@ -14,7 +14,8 @@ Against a correct implementation the one-run bound on these scores stays below t
 record-level epsilon (with the stated confidence). Noise that is reported but not added, or a
 tensor that skips the noise (e.g. a head trained outside DP), separates the included
 canaries' scores from the excluded ones and the bound goes past the claim. Canaries are
-spread evenly over the trainable tensors, so every tensor is audited.
+spread evenly over the kinds of trainable tensor (:func:`tensor_group`), and each kind is
+also audited alone (:func:`audit_gradient_canaries`), so a bug in one kind shows.
 
 :class:`GradientCanarySet` is the plan (pure, reproducible from the run seed);
 :class:`CanaryHook` is one client's instrument for one call of DP-SGD. The scores are computed
@@ -138,7 +139,6 @@ class CanaryHook:
     params: Mapping[str, torch.Tensor]
     sample_rate: float
     rng: np.random.Generator
-    scores: dict[int, float] = field(default_factory=dict)
     steps: int = 0
     #: per parameter (by identity): the owned canaries on it and their flat coordinates
     _by_param: dict[int, tuple[npt.NDArray[np.int64], torch.Tensor]] = field(
@@ -163,7 +163,11 @@ class CanaryHook:
                 self._by_param[id(self.params[name])] = (rows, coords)
         self._totals = np.zeros(len(self.owned))
         self._included = np.array([self.canaries.included[i] for i in self.owned], dtype=bool)
-        self.scores = dict.fromkeys(self.owned, 0.0)
+
+    @property
+    def scores(self) -> dict[int, float]:
+        """Each owned canary's score so far (its index in the plan -> score)."""
+        return {i: float(v) for i, v in zip(self.owned, self._totals, strict=True)}
 
     def inject(self, params: Iterable[torch.Tensor], summed: Sequence[torch.Tensor],
                clip: float) -> None:
@@ -199,7 +203,6 @@ class CanaryHook:
             # a trainable tensor that DP-SGD's noise step never saw is trained outside DP
             raise ConfigError(f"trainable tensors {names[:3]} did not pass through DP-SGD's "
                               "noise step: they are trained outside DP")
-        self.scores = {i: float(v) for i, v in zip(self.owned, self._totals, strict=True)}
 
 
 def tensor_sizes(named: Mapping[str, torch.Tensor]) -> tuple[tuple[str, int], ...]:
@@ -219,9 +222,10 @@ def audit_gradient_canaries(plan: GradientCanarySet, scores: Sequence[float], *,
     included = np.array(plan.included, dtype=bool)
     kinds = np.array([tensor_group(plan.names[t]) for t in plan.tensor])
     subsets: dict[str, npt.NDArray[np.bool_]] = {"all": np.ones(len(plan), dtype=bool)}
-    for g in sorted(set(kinds.tolist())):
+    names = sorted(set(kinds.tolist()))
+    for g in names if len(names) > 1 else ():
         sel = kinds == g
-        if included[sel].any() and (~included[sel]).any() and len(set(kinds.tolist())) > 1:
+        if included[sel].any() and (~included[sel]).any():
             subsets[g] = sel
     corrected = 1.0 - (1.0 - confidence) / len(subsets)
     results = {name: audit_scores(values[sel & included], values[sel & ~included],
