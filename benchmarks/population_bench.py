@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="a tiny configuration (smoke test)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds (0: the scale's)")
+    ap.add_argument("--clients-per-round", type=int, default=0,
+                    help="clients sampled per round (0: the scale's); the trade-off rows")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
     ap.add_argument("--arms", default="",
                     help=f"comma-separated arms (default: {','.join(FULL_ARMS)}; --quick: "
@@ -544,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = QUICK if args.quick else FULL
     if args.rounds:
         scale = replace(scale, rounds=args.rounds)
+    if args.clients_per_round:
+        if not 0 < args.clients_per_round <= scale.clients:
+            ap.error(f"--clients-per-round {args.clients_per_round} must be in "
+                     f"1..{scale.clients} (the clients of the {scale.name} scale)")
+        scale = replace(scale, clients_per_round=args.clients_per_round)
     out: Path = args.out or (Path(tempfile.gettempdir()) / "population-quick.json"
                              if args.quick else DEFAULT_OUT)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(

@@ -119,6 +119,13 @@ class MethodEntry:
     parse: Callable[[Mapping[str, Scalar]], Any]
     #: settings -> the canonical settings of this method (e.g. FFA-LoRA forces ``freeze_a``)
     canonical: Callable[[Any], Any] = lambda settings: settings
+    #: Opacus per-example gradient engines that are exact for this method's layers, fastest
+    #: first (``dp-grad-sample-mode = "auto"`` takes the first). A custom layer with its own
+    #: Opacus rule has no Expanded Weights rule, so ``ew`` is left out there.
+    grad_sample_modes: tuple[str, ...] = ("ew", "hooks", "functorch", "ghost")
+    #: whether batched multi-client training (``batch-clients > 1``) can route this method's
+    #: tensors per row (it routes ``nn.Linear`` and ``nn.Embedding`` owners only)
+    batchable: bool = True
 
 
 #: name -> method; filled by the method modules when :mod:`fedpeft.peft_methods` is imported.

@@ -106,6 +106,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from fedpeft.core.errors import ClientFault, DataError
 from fedpeft.data.tokenize import Encoded
 from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.privacy import layer_rules  # noqa: F401 - registers the custom layers' Opacus rules
 from fedpeft.privacy.accounting.events import PoissonSampledGaussianEvent, validate_noise_multiplier
 from fedpeft.privacy.auditing.gradient_canaries import CanaryHook
 from fedpeft.privacy.csprng import DPRandomness, GaussianSource, UniformSource

@@ -18,7 +18,7 @@ from fedpeft.core.models import ModelConfig
 from fedpeft.core.protocol import Scalar
 from fedpeft.data.config import DataConfig
 from fedpeft.peft_methods.registry import METHODS, AdapterConfig, method_knobs
-from fedpeft.privacy.dp_config import DPConfig
+from fedpeft.privacy.dp_config import GRAD_SAMPLE_MODES, DPConfig
 from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, round_plan
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.errors import SecAggError
@@ -207,7 +207,9 @@ DEFAULTS: dict[str, Scalar] = {
     "dp-epsilon-budget": 0.0,  # 0 = the target epsilon is also the hard budget
     "dp-accountant": _default(*KNOB_FIELDS["dp-accountant"]),
     "audit-gradient-canaries": _default(*KNOB_FIELDS["audit-gradient-canaries"]),
-    "dp-grad-sample-mode": "ew",  # the fastest exact engine here (docs/benchmarks.md)
+    # auto = the method's fastest exact engine: ew, or hooks where the method has a custom
+    # layer ((IA)3); docs/benchmarks.md
+    "dp-grad-sample-mode": "auto",
     "dp-level": "record",  # record | user | both (docs/privacy.md, "User-level DP")
     **{k: _default(*KNOB_FIELDS[k]) for k in (
         "dp-user-epsilon", "dp-user-delta", "dp-user-clip", "dp-user-colluders",
@@ -250,6 +252,19 @@ def _typed(key: str, value: Any, default: Scalar) -> Scalar:
     except (TypeError, ValueError):
         raise ConfigError(f"run config {key}={value!r} is not a valid "
                           f"{type(default).__name__}") from None
+
+
+def _grad_sample_mode(mode: str, method: str) -> str:
+    """``dp-grad-sample-mode`` for ``method``: ``auto`` resolved to the method's fastest exact
+    engine; an engine the method's layers have no exact rule for is refused."""
+    modes = METHODS[method].grad_sample_modes
+    if mode == "auto":
+        return modes[0]
+    if mode in GRAD_SAMPLE_MODES and mode not in modes:
+        raise ConfigError(f"dp-grad-sample-mode={mode!r} cannot compute per-example gradients "
+                          f"of method {method!r} (its layers have no rule there); use one of "
+                          f"{list(modes)} or 'auto'")
+    return mode
 
 
 def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ()) -> RunConfig:
@@ -312,6 +327,10 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
     if gradient_canaries and not (bool(v["dp"]) and level in ("record", "both")):
         raise ConfigError(f"audit-gradient-canaries={gradient_canaries} audits record-level "
                           "DP-SGD: set dp = true and dp-level = 'record' or 'both', or 0")
+    if int(v["batch-clients"]) > 1 and not METHODS[method].batchable:
+        raise ConfigError(f"batch-clients={v['batch-clients']}: method {method!r} trains layers "
+                          "that batched training cannot route per row (norm biases, (IA)3 "
+                          "scales); set batch-clients = 1 (train clients one by one)")
     if gradient_canaries and int(v["batch-clients"]) > 1:
         raise ConfigError(f"audit-gradient-canaries={gradient_canaries} instruments one "
                           f"client's DP-SGD at a time; set batch-clients = 1 (it is "
@@ -328,7 +347,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
             max_grad_norm=float(v["dp-clip"]),
             expected_batch_size=int(v["batch-size"]),
             physical_batch_size=int(v["dp-physical-batch"]) or None,
-            grad_sample_mode=str(v["dp-grad-sample-mode"]),  # type: ignore[arg-type]
+            grad_sample_mode=_grad_sample_mode(str(v["dp-grad-sample-mode"]), method),  # type: ignore[arg-type]
             accountant=str(v["dp-accountant"]),  # type: ignore[arg-type]
             planned_rounds=int(v["dp-planned-rounds"]) or int(v["num-rounds"]),
             epsilon_max=budget if budget > 0 else (target if sigma == 0.0 else None),

@@ -83,9 +83,22 @@ def test_property_calibrated_sigma_meets_target_rdp(target: float, delta: float,
     _check(target, delta, q, steps, 1, "rdp")
 
 
-@settings(max_examples=25, deadline=None)
+def _check_prv(target: float, delta: float, q: float, steps: int) -> None:
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, 1, "prv")
+    assert epsilon([E(q, sigma, steps)], delta, "prv") <= target
+
+
+# The PRV accountant takes seconds a call: a few examples in the fast tier, more in the slow.
+@settings(max_examples=6, deadline=None)
 @given(**_PARAMS)
 def test_property_calibrated_sigma_meets_target_prv(target: float, delta: float, q: float,
                                                      steps: int) -> None:
-    sigma = calibrate_noise_multiplier(target, delta, q, steps, 1, "prv")
-    assert epsilon([E(q, sigma, steps)], delta, "prv") <= target
+    _check_prv(target, delta, q, steps)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(**_PARAMS)
+def test_property_calibrated_sigma_meets_target_prv_many(target: float, delta: float, q: float,
+                                                         steps: int) -> None:
+    _check_prv(target, delta, q, steps)

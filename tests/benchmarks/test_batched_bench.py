@@ -7,6 +7,7 @@ import pytest
 from benchmarks.batched_bench import ROWS, _runtimes, _workload, measure
 
 
+@pytest.mark.slow  # ~100 s; batched training itself is checked in tests/dp/test_batched.py
 @pytest.mark.integration
 def test_measure_trains_both_ways_and_reports_consistent_rates() -> None:
     flat, _, mechanism = _workload("chat-smollm-user", quick=True)

@@ -12,6 +12,8 @@ from torch import nn
 from fedpeft.core.models import ModelConfig
 from fedpeft.data.tokenize import Encoded
 from fedpeft.peft_methods.base import AdaptedModel
+from fedpeft.peft_methods.bitfit import BitFitSettings
+from fedpeft.peft_methods.ia3 import IA3Settings
 from fedpeft.peft_methods.lora import LoraSettings
 from fedpeft.peft_methods.prompt import PromptSettings
 from fedpeft.peft_methods.registry import AdapterConfig, build
@@ -25,8 +27,12 @@ ADAPTERS = {
     "lora": AdapterConfig("lora", LoraSettings(r=4)),
     "prompt": AdapterConfig("prompt", PromptSettings(num_virtual_tokens=4)),
     "ffa-lora": AdapterConfig("ffa-lora", LoraSettings(r=4)),
+    "ia3": AdapterConfig("ia3", IA3Settings()),
+    "bitfit": AdapterConfig("bitfit", BitFitSettings()),
 }
 PAIRS = [(m, a) for m in MODELS for a in ("lora", "prompt")]
+#: The further methods (issue 18): SmolLM2 has no bias terms, so BitFit runs on MiniLM only.
+METHOD_PAIRS = [("smollm", "ia3"), ("minilm", "ia3"), ("minilm", "bitfit")]
 SEQ = 16
 
 _BUILT: dict[tuple[str, str], tuple[AdaptedModel, dict[str, torch.Tensor]]] = {}

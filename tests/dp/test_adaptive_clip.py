@@ -165,9 +165,9 @@ def _sum_words(words: list[np.ndarray], bits: int) -> np.ndarray:
 @pytest.mark.statistical
 def test_released_count_is_unbiased_with_the_planned_noise() -> None:
     """Through the real encoding (rotation, rounding, exact N_Z noise): 10 clients, 6 of them
-    unclipped; over 120 releases the noisy fraction has mean 0.6 and std count_std / 10.
+    unclipped; over 60 releases the noisy fraction has mean 0.6 and std count_std / 10.
     False alarm: mean off by > 5 standard errors (6e-7), std ratio outside 1 +- 5 x
-    sqrt(1 / (2 x 120)) (about 1e-6, normal approximation)."""
+    sqrt(1 / (2 x 60)) (about 1e-6, normal approximation)."""
     cfg = UserDPConfig(enabled=True, target_epsilon=4.0, delta=1e-5, clip=1.0,
                        participations=1, clip_quantile=0.5, clip_count_std=1.0)
     plan = round_plan(cfg, planned_clients=10, threshold=8, dimension=63, bits=24)
@@ -177,7 +177,7 @@ def test_released_count_is_unbiased_with_the_planned_noise() -> None:
     norms = np.where(np.arange(10) < 6, 0.5, 3.0)  # round clip 1.0: 6 unclipped
     updates = directions * norms[:, None]
     fractions = []
-    for t in range(120):
+    for t in range(60):
         session = t.to_bytes(24, "big")
         words = [encode_update(u, plan, session, round_clip=1.0) for u in updates]
         release = decode_release(_sum_words(words, plan.ddg.bits), plan, session,
@@ -186,8 +186,8 @@ def test_released_count_is_unbiased_with_the_planned_noise() -> None:
         fractions.append(release.unclipped_fraction)
     expected_std = plan.count_std(10) / 10
     got = np.array(fractions)
-    assert abs(got.mean() - 0.6) < 5 * expected_std / math.sqrt(120)
-    assert abs(got.std(ddof=1) / expected_std - 1) < 5 * math.sqrt(1 / 240)
+    assert abs(got.mean() - 0.6) < 5 * expected_std / math.sqrt(60)
+    assert abs(got.std(ddof=1) / expected_std - 1) < 5 * math.sqrt(1 / 120)
 
 
 def test_the_clip_tracks_the_median_norm_through_the_real_encoding() -> None:

@@ -43,6 +43,7 @@ from fedpeft.privacy.dp_sgd import (
 from fedpeft.training.config import TrainConfig
 from fedpeft.training.trainer import per_example_loss
 from tests.dp.conftest import (
+    METHOD_PAIRS,
     MODELS,
     PAIRS,
     CountsRows,
@@ -84,8 +85,11 @@ def assert_clean(model: nn.Module, hooks_before: list[tuple[int, int, int, int]]
 
 # ---------------------------------------------------------------- per-example gradients
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
-@pytest.mark.parametrize(("model_name", "adapter"), PAIRS)
+@pytest.mark.parametrize(("model_name", "adapter", "mode"), [
+    *[(m, a, mode) for mode in ("hooks", "functorch", "ew") for m, a in PAIRS],
+    *[(m, a, mode) for mode in ("hooks", "functorch") for m, a in METHOD_PAIRS],
+    ("minilm", "bitfit", "ew"),
+])
 def test_per_example_gradients_match_batch_of_one(model_name: str, adapter: str,
                                                   mode: str) -> None:
     model = get_model(model_name, adapter)
@@ -129,8 +133,10 @@ def _seed_with(n: int, q: float, ok: Callable[[list[int]], bool]) -> int:
 
 
 @pytest.mark.parametrize(("model_name", "adapter", "mode", "physical"), [
-    *[(m, a, "hooks", None) for m, a in PAIRS],
+    *[(m, a, "hooks", None) for m, a in PAIRS + METHOD_PAIRS],
     ("smollm", "lora", "hooks", 2),
+    ("minilm", "ia3", "ghost", 2),
+    ("minilm", "bitfit", "ghost", None),
     ("minilm", "lora", "ghost", 2),
     ("smollm", "lora", "ghost", None),
 ])

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
 
-from fedpeft.core.errors import ModelError, PayloadError
+from fedpeft.core.errors import ConfigError, ModelError, PayloadError
 from fedpeft.core.models import ModelConfig, load_fresh
-from fedpeft.peft_methods import AdapterConfig, LoraSettings, PromptSettings, build
+from fedpeft.peft_methods import (
+    AdapterConfig,
+    BitFitSettings,
+    IA3Settings,
+    LoraSettings,
+    PromptSettings,
+    build,
+)
+from fedpeft.peft_methods.bitfit import load_bitfit
 
 MODELS = {
     "smollm2": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),
@@ -19,7 +29,13 @@ MODELS = {
 ADAPTERS = {
     "lora": AdapterConfig("lora", LoraSettings(r=4)),
     "prompt": AdapterConfig("prompt", PromptSettings(num_virtual_tokens=4)),
+    "ia3": AdapterConfig("ia3", IA3Settings()),
+    "bitfit": AdapterConfig("bitfit", BitFitSettings()),
 }
+#: (model, method) pairs that exist: SmolLM2 (Llama) has no bias terms for BitFit.
+PAIRS = [(m, a) for m in MODELS for a in ADAPTERS if not (m == "smollm2" and a == "bitfit")]
+#: What each method's trainable tensor names contain (besides the classification head).
+TRAINABLE_MARK = {"lora": "lora_", "prompt": "prompt", "ia3": ".ia3_l", "bitfit": ".bias"}
 
 
 def _inputs(model: object) -> dict[str, torch.Tensor]:
@@ -27,8 +43,7 @@ def _inputs(model: object) -> dict[str, torch.Tensor]:
     return dict(tok(["hello world, how are you today", "short"], return_tensors="pt", padding=True))
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("adapter_name", list(ADAPTERS))
+@pytest.mark.parametrize(("model_name", "adapter_name"), PAIRS)
 def test_export_round_trip_same_logits(model_name: str, adapter_name: str, tmp_path: object) -> None:
     m = build(MODELS[model_name], ADAPTERS[adapter_name], seed=1)
     with torch.no_grad():  # move away from the init so the test can see a wrong load
@@ -39,7 +54,11 @@ def test_export_round_trip_same_logits(model_name: str, adapter_name: str, tmp_p
     with torch.no_grad():
         ours = m(x["input_ids"], x["attention_mask"]).logits
     m.export_peft(tmp_path)  # type: ignore[arg-type]
-    peft_model = PeftModel.from_pretrained(load_fresh(MODELS[model_name], seed=7).model, tmp_path)
+    fresh = load_fresh(MODELS[model_name], seed=7).model
+    if adapter_name == "bitfit":  # not a PEFT method: the project's own format
+        peft_model = load_bitfit(fresh, tmp_path)  # type: ignore[arg-type]
+    else:
+        peft_model = PeftModel.from_pretrained(fresh, tmp_path)
     peft_model.eval()
     with torch.no_grad():
         theirs = peft_model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
@@ -51,7 +70,9 @@ def test_export_round_trip_same_logits(model_name: str, adapter_name: str, tmp_p
 def test_only_adapter_tensors_are_trainable(adapter_name: str) -> None:
     m = build(MODELS["minilm"], ADAPTERS[adapter_name])
     names = list(m.adapter_parameters())
-    assert names and all(("lora_" in n) or ("classifier" in n) or n.startswith("prompt") for n in names)
+    mark = TRAINABLE_MARK[adapter_name]
+    assert names and all((mark in n) or ("classifier" in n) for n in names)
+    assert any(mark in n for n in names)
     assert m.num_trainable() < 0.05 * m.num_total()
     frozen = [n for n, p in m.frozen_module().named_parameters() if "word_embeddings" in n]
     assert frozen and not any(p.requires_grad for n, p in m.frozen_module().named_parameters()
@@ -101,3 +122,60 @@ def test_base_weights_are_frozen_and_shared_cache_loads_once() -> None:
     b = load_base(MODELS["minilm"])
     assert a is b
     assert not any(p.requires_grad for p in a.model.parameters())
+
+
+def test_bitfit_needs_bias_terms_and_skips_unused_ones() -> None:
+    with pytest.raises(ModelError, match="BitFit needs bias terms.*smollm2-135m.*none"):
+        build(MODELS["smollm2"], ADAPTERS["bitfit"])
+    mean = build(MODELS["minilm"], ADAPTERS["bitfit"]).adapter_parameters()
+    pooled = build(MODELS["minilm-cls-pooler"], ADAPTERS["bitfit"]).adapter_parameters()
+    # Mean pooling discards BERT's pooler: its bias gets no gradient, so it is not trained.
+    assert not any("pooler" in n for n in mean)
+    assert any("pooler" in n for n in pooled)
+    some = build(MODELS["minilm"], AdapterConfig("bitfit", BitFitSettings(modules=("query",))))
+    names = [n for n in some.adapter_parameters() if "classifier" not in n]
+    assert names and all(n.endswith("query.bias") for n in names)
+    with pytest.raises(ModelError, match="among modules"):
+        build(MODELS["minilm"], AdapterConfig("bitfit", BitFitSettings(modules=("nope",))))
+
+
+def test_bitfit_loader_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    m = build(MODELS["minilm"], ADAPTERS["bitfit"])
+    m.export_peft(tmp_path / "ok")
+    other = load_fresh(MODELS["minilm"], seed=0).model
+    # a tensor of another shape: nothing is changed, the error names it
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(tmp_path / "ok" / "adapter_model.safetensors"))
+    name = next(n for n in tensors if n.endswith("query.bias"))
+    tensors[name] = torch.zeros(3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "fedpeft_adapter.json").write_text((tmp_path / "ok" / "fedpeft_adapter.json").read_text())
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(PayloadError, match=f"{name}: got \\(3,\\)"):
+        load_bitfit(other, bad)
+    assert all(torch.equal(before[n], p) for n, p in other.named_parameters())
+    with pytest.raises(PayloadError, match="not a readable BitFit export"):
+        load_bitfit(other, tmp_path / "missing")
+    (bad / "fedpeft_adapter.json").write_text('{"method": "lora", "format": 1}')
+    with pytest.raises(PayloadError, match="not a BitFit export"):
+        load_bitfit(other, bad)
+
+
+def test_ia3_scales_outputs_and_feedforward_inputs() -> None:
+    from fedpeft.peft_methods.ia3 import ScaledLinear
+
+    m = build(MODELS["smollm2"], ADAPTERS["ia3"])
+    layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, ScaledLinear)}
+    kinds = {n.rsplit(".", 1)[-1]: mod.is_feedforward for n, mod in layers.items()}
+    assert kinds == {"k_proj": False, "v_proj": False, "down_proj": True}  # PEFT's Llama default
+    x = torch.randn(2, 3, next(iter(layers.values())).base_layer.in_features)
+    layer = next(mod for n, mod in layers.items() if n.endswith("k_proj"))
+    with torch.no_grad():
+        layer.ia3_l.fill_(2.0)
+        torch.testing.assert_close(layer(x), 2.0 * layer.base_layer(x))
+    with pytest.raises(ModelError, match="match no module"):
+        build(MODELS["minilm"], AdapterConfig("ia3", IA3Settings(target_modules=("q_proj",))))
+    with pytest.raises(ConfigError, match="ia3-feedforward needs ia3-targets"):
+        IA3Settings(feedforward_modules=("down_proj",))

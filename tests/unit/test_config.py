@@ -28,7 +28,7 @@ def test_every_preset_parses() -> None:
 @pytest.mark.parametrize("flat, err, needle", [
     ({"lora-r": 0}, ConfigError, "rank r=0"),
     ({"lora-r": -2}, ConfigError, "rank r=-2"),
-    ({"method": "bitfit"}, UnknownNameError, "unknown adapter method 'bitfit'"),
+    ({"method": "dylora"}, UnknownNameError, "unknown adapter method 'dylora'"),
     ({"no-such-key": 1}, ConfigError, "unknown run config keys ['no-such-key']"),
     ({"num-rounds": "many"}, ConfigError, "num-rounds='many'"),
     ({"lr": 0}, ConfigError, "lr=0.0"),
@@ -129,3 +129,19 @@ def test_a_method_parses_its_own_knobs() -> None:
     assert METHODS["lora"].parse(v) == LoraSettings(r=4, target_modules=("q_proj", "v_proj"))
     assert METHODS["ffa-lora"].parse(v).freeze_a
     assert METHODS["prompt"].parse(v) == PromptSettings(num_virtual_tokens=3)
+
+
+def test_grad_sample_mode_auto_is_the_methods_fastest_exact_engine() -> None:
+    assert parse_run_config({"method": "lora"}).dp.grad_sample_mode == "ew"
+    assert parse_run_config({"method": "ia3"}).dp.grad_sample_mode == "hooks"
+    assert parse_run_config({"method": "ia3", "dp-grad-sample-mode": "ghost"}
+                            ).dp.grad_sample_mode == "ghost"
+    with pytest.raises(ConfigError, match="dp-grad-sample-mode='ew' cannot.*'ia3'"):
+        parse_run_config({"method": "ia3", "dp-grad-sample-mode": "ew"})
+
+
+@pytest.mark.parametrize("method", ["ia3", "bitfit"])
+def test_methods_batched_training_cannot_route_are_refused_before_a_round(method: str) -> None:
+    with pytest.raises(ConfigError, match=f"batch-clients=4: method '{method}'.*batch-clients = 1"):
+        parse_run_config({"method": method, "batch-clients": 4})
+    assert parse_run_config({"method": method}).cohort.clients == 1
