@@ -101,6 +101,54 @@ class AdaptedModel(nn.Module, ABC):
         return sum(p.numel() for p in self.parameters())
 
 
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments of a Hugging Face model's forward (absent ones left out)."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if labels is not None:
+        kwargs["labels"] = labels
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return kwargs
+
+
+def train_head(model: nn.Module, task: str) -> str | None:
+    """With classification, make the head trainable and return its name; else ``None``."""
+    if task != "classification":
+        return None
+    name = head_name(model)
+    for p in getattr(model, name).parameters():
+        p.requires_grad_(True)
+    return name
+
+
+class InPlaceAdaptedModel(AdaptedModel):
+    """A method whose tensors live inside the base model's own modules ((IA)3's scaled layers,
+    BitFit's biases): the model is called as it is, and its head trains with classification.
+    Subclasses make their tensors trainable and then call :meth:`train_head`."""
+
+    def __init__(self, base: BaseModel) -> None:
+        super().__init__(base)
+        self.model = base.model
+        self.head: str | None = None
+
+    def train_head(self) -> None:
+        self.head = train_head(self.model, self.task)
+
+    def forward(  # noqa: D102 - same contract as a Hugging Face model's forward
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any:
+        return self.model(**model_inputs(input_ids, attention_mask, labels, token_type_ids))
+
+    def frozen_module(self) -> nn.Module:
+        return self.model
+
+
 # -- the method registry (each method module registers itself, as PEFT's register_peft_method) --
 @dataclass(frozen=True)
 class MethodEntry:

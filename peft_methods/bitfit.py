@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +32,7 @@ from fedpeft.core.models import BaseModel, ModelConfig
 from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.base import (
     AdaptedModel,
+    InPlaceAdaptedModel,
     MethodEntry,
     build_on_fresh_base,
     head_name,
@@ -93,7 +94,7 @@ def _bias_modules(model: nn.Module, head: str | None,
     return _reach_the_output(model, out) if out else out
 
 
-class BitFitModel(AdaptedModel):
+class BitFitModel(InPlaceAdaptedModel):
     """A frozen base model whose bias terms (and head, for classification) train."""
 
     method: ClassVar[str] = "bitfit"
@@ -101,10 +102,8 @@ class BitFitModel(AdaptedModel):
     def __init__(self, base: BaseModel, settings: BitFitSettings) -> None:
         super().__init__(base)
         self.settings = settings
-        self.model = base.model
-        self.head: str | None = head_name(self.model) if base.config.task == "classification" \
-            else None
-        biases = _bias_modules(self.model, self.head, settings.modules)
+        head = head_name(self.model) if self.task == "classification" else None
+        biases = _bias_modules(self.model, head, settings.modules)
         if not biases:
             which = "" if settings.modules is None else f" among modules {list(settings.modules)}"
             raise ModelError(
@@ -113,26 +112,7 @@ class BitFitModel(AdaptedModel):
                 "biases (e.g. minilm-l6) or another method (lora, ia3, prompt)")
         for _, p in biases:
             p.requires_grad_(True)
-        if self.head:
-            for p in getattr(self.model, self.head).parameters():
-                p.requires_grad_(True)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels is not None:
-            kwargs["labels"] = labels
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.model(**kwargs)
-
-    def frozen_module(self) -> nn.Module:
-        return self.model
+        self.train_head()
 
     def export_peft(self, directory: str | Path) -> Path:
         """BitFit is not a PEFT method: write this project's format (module docstring)."""

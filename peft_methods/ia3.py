@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from peft import IA3Config
@@ -35,6 +35,7 @@ from fedpeft.core.models import BaseModel, ModelConfig
 from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.base import (
     AdaptedModel,
+    InPlaceAdaptedModel,
     MethodEntry,
     build_on_fresh_base,
     head_name,
@@ -102,7 +103,7 @@ def _peft_config(base: BaseModel, settings: IA3Settings, heads: list[str] | None
                      modules_to_save=heads, base_model_name_or_path=base.source)
 
 
-class IA3AdaptedModel(AdaptedModel):
+class IA3AdaptedModel(InPlaceAdaptedModel):
     """A frozen base model with (IA)3 vectors (and the head, for classification)."""
 
     method: ClassVar[str] = "ia3"
@@ -110,10 +111,8 @@ class IA3AdaptedModel(AdaptedModel):
     def __init__(self, base: BaseModel, settings: IA3Settings) -> None:
         super().__init__(base)
         self.settings = settings
-        self.model = base.model
-        self.head: str | None = head_name(self.model) if base.config.task == "classification" \
-            else None
-        self.peft_config = _peft_config(base, settings, [self.head] if self.head else None)
+        heads = [head_name(self.model)] if self.task == "classification" else None
+        self.peft_config = _peft_config(base, settings, heads)
         self.scaled: list[str] = []
         for name, module in list(self.model.named_modules()):
             if not name or not check_target_module_exists(self.peft_config, name):
@@ -130,26 +129,7 @@ class IA3AdaptedModel(AdaptedModel):
         if not self.scaled:
             raise ModelError(f"(IA)3 targets {sorted(self.peft_config.target_modules or [])} "
                              f"match no module of {base.config.name!r}; choose other ia3-targets")
-        if self.head:
-            for p in getattr(self.model, self.head).parameters():
-                p.requires_grad_(True)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels is not None:
-            kwargs["labels"] = labels
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.model(**kwargs)
-
-    def frozen_module(self) -> nn.Module:
-        return self.model
+        self.train_head()
 
     def export_peft(self, directory: str | Path) -> Path:
         path = Path(directory)

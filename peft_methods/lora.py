@@ -24,6 +24,7 @@ from fedpeft.peft_methods.base import (
     AdaptedModel,
     MethodEntry,
     build_on_fresh_base,
+    model_inputs,
     register_method,
 )
 
@@ -105,12 +106,7 @@ class LoraModel(AdaptedModel):
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels is not None:
-            kwargs["labels"] = labels
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.peft_model(**kwargs)
+        return self.peft_model(**model_inputs(input_ids, attention_mask, labels, token_type_ids))
 
     def frozen_module(self) -> nn.Module:
         return self.peft_model.get_base_model()

@@ -29,8 +29,8 @@ from fedpeft.peft_methods.base import (
     AdaptedModel,
     MethodEntry,
     build_on_fresh_base,
-    head_name,
     register_method,
+    train_head,
 )
 
 
@@ -72,11 +72,7 @@ class PromptModel(AdaptedModel):
                 self.prompt.weight.copy_(vocab[ids])
         self.prompt_ids: torch.Tensor
         self.register_buffer("prompt_ids", torch.arange(n), persistent=False)
-        self.head: str | None = None
-        if base.config.task == "classification":
-            self.head = head_name(self.model)
-            for p in getattr(self.model, self.head).parameters():
-                p.requires_grad_(True)
+        self.head: str | None = train_head(self.model, base.config.task)
 
     def forward(
         self,
