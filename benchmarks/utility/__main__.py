@@ -37,7 +37,7 @@ from benchmarks.utility.table import markdown  # noqa: E402
 from fedpeft.data.paths import data_available  # noqa: E402
 
 #: The parts that need the SST-2 files.
-SST2_PARTS: tuple[str, ...] = ("sst2", "technique", "limits")
+SST2_PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "methods")
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 

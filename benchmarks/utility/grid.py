@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.core.protocol import Scalar
+from fedpeft.peft_methods.registry import METHODS
 from fedpeft.runconfig.config import DEFAULTS, unused_server_knobs
 from fedpeft.runconfig.presets import get_preset
 
@@ -109,7 +110,8 @@ SST2_NODP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "lora", "lr": 0.002,
 #: Run-config keys added after results were stored, with the value that reproduces the runs
 #: made before them: a resolved config holding exactly that value hashes as if the key did not
 #: exist, so adding a behaviour-preserving knob does not retire every stored cell.
-NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0}
+NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets": "",
+                                         "ia3-feedforward": "", "bitfit-modules": ""}
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Cell:
         for name, neutral in NEUTRAL_LATER_KEYS.items():
             if config.get(name) == neutral:
                 del config[name]
+        if config.get("dp-grad-sample-mode") == "auto":  # the engine it resolves to
+            config["dp-grad-sample-mode"] = METHODS[str(config["method"])].grad_sample_modes[0]
         unused = list(unused_server_knobs(str(config["aggregation"])))
         if not config["secagg"]:
             unused += [k for k in DEFAULTS if k.startswith("secagg-")]
@@ -291,7 +295,25 @@ def chat_cells(size: Size, seed: int) -> list[Cell]:
     return cells
 
 
-PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "chat")
+def method_cells(size: Size, seed: int) -> list[Cell]:
+    """Each adapter method on SST-2 at alpha 0.5, epsilon 8 and without DP, with the main
+    table's optimiser settings (DP-SGD momentum / AdamW, FedAvgM; not tuned per method). The
+    LoRA rows are the main table's (FFA-LoRA under DP), in the same invocation."""
+    base = {**_sst2_base(size), "dirichlet-alpha": 0.5}
+    methods: list[tuple[str, dict[str, Scalar]]] = [
+        ("(IA)3", {"method": "ia3"}), ("BitFit", {"method": "bitfit"}),
+        ("LoRA (FFA-LoRA under DP)", {})]
+    cells = []
+    for name, extra in methods:
+        for eps in (8.0, None):
+            knobs = SST2_DP if eps else SST2_NODP
+            label = f"{name}, " + (f"epsilon {eps:g}" if eps else "no DP")
+            cells.append(Cell("sst2-methods", label, "sst2-lora", size.sst2_clients, seed,
+                              {**base, **knobs, **_dp(eps), **extra}, eps))
+    return cells
+
+
+PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "chat", "methods")
 
 
 def grid(size_name: str, only: tuple[str, ...] = PARTS,
@@ -317,6 +339,8 @@ def grid(size_name: str, only: tuple[str, ...] = PARTS,
             row += limits_cells(size, seed)
         if "chat" in only:
             row += chat_cells(size, seed)
+        if "methods" in only and not size.main_only and seed == 0:
+            row += method_cells(size, seed)
         if seed > 0 and size.spread_rows is not None:
             row = [c for c in row if c.label in size.spread_rows]
         cells += row

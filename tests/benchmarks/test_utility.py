@@ -61,6 +61,34 @@ def test_small_sweep_covers_the_issue_grid() -> None:
     assert max(c.seed for c in cells) >= 2  # at least three seeds somewhere
 
 
+def test_methods_table_pairs_each_method_with_its_own_non_private_run() -> None:
+    """The LoRA rows are exactly the main table's alpha 0.5 cells (same key); every other
+    method changes only ``method``; the gap is to the same method without DP."""
+    from benchmarks.utility.table import _reference
+
+    cells = grid("small")
+    by_label = {c.label: c for c in cells if c.group == "sst2-methods"}
+    lora = [by_label.pop("LoRA (FFA-LoRA under DP), epsilon 8"),
+            by_label.pop("LoRA (FFA-LoRA under DP), no DP")]
+    methods = [*lora, *by_label.values()]
+    main = {c.label: c for c in cells if c.group == "sst2-main" and c.seed == 0}
+    assert methods[0].key == main["alpha 0.5, epsilon 8"].key
+    assert methods[1].key == main["alpha 0.5, no DP"].key
+    for c in methods[2:]:
+        twin = methods[0] if c.epsilon else methods[1]
+        assert ({k: v for k, v in c.overrides.items() if k != "method"}
+                == {k: v for k, v in twin.overrides.items() if k != "method"})
+    assert {c.overrides.get("method") for c in methods[2:]} == {"ia3", "bitfit"}
+    rows = [{"group": c.group, "label": c.label, "final": 0.5 + i / 10}
+            for i, c in enumerate(methods)]
+    from benchmarks.utility.table import group_rows
+
+    ia3_no_dp = next(i for i, c in enumerate(methods) if c.label == "(IA)3, no DP")
+    assert _reference(group_rows(rows), "sst2-methods", "(IA)3, epsilon 8") \
+        == pytest.approx(0.5 + ia3_no_dp / 10)
+    assert not [c for c in grid("smoke") if c.group == "sst2-methods"]  # not in CI
+
+
 def test_limits_table_varies_the_main_private_cell() -> None:
     """The diagnosis rows vary the main table's alpha 100, epsilon 8 run aggregated by plain
     FedAvg with SecAgg's clamp at 1; two rows restore one of those two default settings each."""
