@@ -109,7 +109,8 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
     try:
         resolved = config.resolve(len(chosen))
         result.threshold, result.degree = int(resolved.threshold or 0), int(resolved.degree or 0)
-        server = SecAggServer(resolved, chosen, length, session_id, drop_invalid=True)
+        server = SecAggServer(resolved, chosen, length, session_id, drop_invalid=True,
+                              field_inputs=field_round is not None)
         setup = server.start()
         messages: dict[int, Content] = {
             node: {**train_message, **extras.get(node, {}), SECAGG_SETUP_KEY: setup[node],

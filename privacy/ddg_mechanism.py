@@ -218,13 +218,53 @@ def client_encode(update: FloatArray, plan: DDGPlan, rotation_key: bytes, *,
     return encode_signed(noisy, plan.bits)
 
 
+#: Probability that an honest sum fails :func:`server_decode`'s norm check (a false alarm).
+SUM_CHECK_FALSE_ALARM = 1e-9
+
+
+def sum_norm_bound(plan: DDGPlan, survivors: int,
+                   false_alarm: float = SUM_CHECK_FALSE_ALARM) -> float:
+    """L2 norm (integer grid) the sum of ``survivors`` honest field vectors stays below except
+    with probability ``false_alarm``.
+
+    Signal: each conditionally rounded update has norm at most ``sqrt(rounding_bound_squared)``
+    (deterministic), so their sum at most ``survivors`` times that. Noise: the sum of the
+    survivors' ``N_Z(0, sigma^2)`` vectors has independent ``survivors * sigma^2``-subgaussian
+    coordinates (Canonne, Kamath, Steinke 2020, Prop. 18), so by Hsu, Kakade, Zhang (ECP 2012,
+    Thm. 1) its squared norm exceeds ``v (d + 2 sqrt(d x) + 2 x)`` with probability at most
+    ``e^-x``. The triangle inequality adds the two.
+    """
+    if isinstance(survivors, bool) or not isinstance(survivors, int) or survivors < 1:
+        raise DDGMechanismError(f"survivors={survivors!r} must be an integer >= 1")
+    if not is_real(false_alarm) or not 0.0 < false_alarm < 1.0:
+        raise DDGMechanismError(f"false_alarm={false_alarm!r} must be in (0, 1)")
+    x, d = math.log(1.0 / false_alarm), plan.padded
+    noise_sq = survivors * float(plan.local_variance) * (d + 2.0 * math.sqrt(d * x) + 2.0 * x)
+    return survivors * math.sqrt(plan.rounding_bound_squared()) + math.sqrt(noise_sq)
+
+
 def server_decode(field_sum: npt.NDArray[np.uint32], plan: DDGPlan,
-                  rotation_key: bytes) -> FloatArray:
-    """The noisy sum of the survivors' clipped updates from their modular sum."""
+                  rotation_key: bytes, *, survivors: int | None = None) -> FloatArray:
+    """The noisy sum of the survivors' clipped updates from their modular sum.
+
+    With ``survivors``, a sum longer than :func:`sum_norm_bound` raises
+    :class:`DDGMechanismError`: it cannot come from that many honest clients (a substituted
+    or garbled masked vector, or a wrapped sum), so it is never released.
+    """
     if field_sum.shape != (plan.padded,):
         raise DDGMechanismError(f"sum has shape {field_sum.shape}; expected ({plan.padded},)")
-    signed = decode_signed(field_sum, plan.bits).astype(np.float64) * plan.granularity
-    return unrotate(signed, rotation_signs(rotation_key, plan.padded), plan.dimension)
+    levels = decode_signed(field_sum, plan.bits).astype(np.float64)
+    if survivors is not None:
+        norm, bound = float(np.linalg.norm(levels)), sum_norm_bound(plan, survivors)
+        if not norm <= bound:  # security: a sum no honest survivors can produce is not used
+            raise DDGMechanismError(
+                f"the unmasked sum has norm {norm:.4g} on the grid, beyond the {bound:.4g} that "
+                f"{survivors} clipped, noised updates reach (false alarm "
+                f"{SUM_CHECK_FALSE_ALARM:g}): a masked input was substituted or corrupted; the "
+                "round is discarded"
+            )
+    return unrotate(levels * plan.granularity, rotation_signs(rotation_key, plan.padded),
+                    plan.dimension)
 
 
 # -- planning the field -----------------------------------------------------------------------

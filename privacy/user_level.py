@@ -257,12 +257,13 @@ def encode_update(update: npt.NDArray[np.float64], plan: RoundPlan, session_id: 
 
 
 def decode_sum(field_sum: npt.NDArray[np.uint32], plan: RoundPlan,
-               session_id: bytes) -> npt.NDArray[np.float64]:
+               session_id: bytes, *, survivors: int | None = None) -> npt.NDArray[np.float64]:
     """The noisy sum of the survivors' clipped updates from their modular sum (a fixed clip;
-    with adaptive clipping use :func:`decode_release`)."""
+    with adaptive clipping use :func:`decode_release`); ``survivors`` checks its norm
+    (:func:`fedpeft.privacy.ddg_mechanism.sum_norm_bound`)."""
     if plan.count_weight:
         raise UserDPError("this plan appends a count: decode it with decode_release")
-    return server_decode(field_sum, plan.ddg, rotation_key(session_id))
+    return server_decode(field_sum, plan.ddg, rotation_key(session_id), survivors=survivors)
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def decode_release(field_sum: npt.NDArray[np.uint32], plan: RoundPlan, session_i
                    survivors: int, round_clip: float | None = None) -> Release:
     """The release of a round's modular sum of ``survivors`` field vectors (``round_clip``:
     the clip the round asked for, with adaptive clipping)."""
-    noisy = server_decode(field_sum, plan.ddg, rotation_key(session_id))
+    noisy = server_decode(field_sum, plan.ddg, rotation_key(session_id), survivors=survivors)
     if not plan.count_weight:
         return Release(noisy)
     if round_clip is None:

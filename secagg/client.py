@@ -19,9 +19,17 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpeft.secagg import messages as msg
-from fedpeft.secagg.config import MAX_CLIENT_ID, MIN_CLIENTS, SecAggConfig, min_safe_threshold
+from fedpeft.secagg.config import (
+    DEFAULT_CORRUPT_FRACTION,
+    MAX_CLIENT_ID,
+    MIN_CLIENTS,
+    SecAggConfig,
+    check_against_own_plan,
+    check_round_parameters,
+)
 from fedpeft.secagg.errors import (
     AbortError,
+    MalformedMessageError,
     ProtocolError,
     RefusedError,
     SecAggConfigError,
@@ -53,8 +61,10 @@ _T = TypeVar("_T")
 class SecAggClient:
     """One client of one SecAgg+ round.
 
-    ``config`` (optional) pins the parameters the client accepts; without it the client accepts
-    the server's parameters subject to the security floor (``2 t > k``, ``n >= 3``).
+    ``config`` (optional) pins the parameters the client accepts; a config without threshold
+    and degree is re-planned by the client, which refuses a lower threshold or degree. Without
+    it the client accepts the server's parameters subject to the security floor
+    (:func:`~fedpeft.secagg.config.check_round_parameters`, ``n >= 3``).
     ``expected_vector_length`` (optional) pins the update length.
     """
 
@@ -141,11 +151,20 @@ class SecAggClient:
         return _need(self._setup)
 
     def handle(self, message: bytes) -> bytes:
-        """Consume one server message for the current stage and return the reply."""
+        """Consume one server message for the current stage and return the reply.
+
+        ``message`` may be any bytes-like object (a memoryview of any layout is copied).
+        """
         if self.stage not in CLIENT_TRANSITIONS:
             raise StageError(f"client {self.client_id} is in final stage={self.stage.name}; "
                              f"reason={self.abort_reason}")
         kind, next_stage = CLIENT_TRANSITIONS[self.stage]
+        if isinstance(message, memoryview):
+            message = message.tobytes()
+        elif isinstance(message, (bytes, bytearray)):
+            message = bytes(message)
+        else:
+            self._fail(MalformedMessageError(f"message type={type(message).__name__} must be bytes"))
         try:
             header = msg.peek_header(message)
             if header.kind != kind:
@@ -218,7 +237,7 @@ class SecAggClient:
         if setup is not None:
             try:
                 # security: same floor checks as at SETUP
-                _validate_setup(setup, client_id, st.expected_vector_length)
+                _validate_setup(setup, client_id, st.expected_vector_length, pin)
                 if pin is not None:
                     _check_pinned_config(setup, pin)
                 plan = plan_quantization(setup.clip, len(setup.participants), setup.bits)
@@ -265,7 +284,7 @@ class SecAggClient:
     def _on_setup(self, data: bytes) -> bytes:
         s = msg.decode_setup(data, self.session_id, self.client_id)
         n = len(s.participants)
-        _validate_setup(s, self.client_id, self.expected_vector_length)
+        _validate_setup(s, self.client_id, self.expected_vector_length, self.config)
         if self.config is not None:
             _check_pinned_config(s, self.config)
         if self._update is not None and self._update.shape[0] != s.vector_length:
@@ -376,7 +395,8 @@ class SecAggClient:
         return msg.encode_unmask_shares(self.session_id, self.client_id, b, sk)
 
 
-def _validate_setup(s: msg.Setup, client_id: int, expected_vector_length: int | None) -> None:
+def _validate_setup(s: msg.Setup, client_id: int, expected_vector_length: int | None,
+                    pin: SecAggConfig | None) -> None:
     """Round-parameter checks every client applies to SETUP (also re-run on state import)."""
     n = len(s.participants)
     if s.vector_length < 1:
@@ -385,11 +405,10 @@ def _validate_setup(s: msg.Setup, client_id: int, expected_vector_length: int | 
         raise ProtocolError(f"client {client_id} is not in the participant list")
     if n < MIN_CLIENTS:
         raise RefusedError(f"n={n} participants < {MIN_CLIENTS}: the sum would reveal inputs")
-    # security: the client enforces the threshold floor whatever the server says.
-    if s.degree < 2 or not min_safe_threshold(min(s.degree, n - 1)) <= s.threshold <= min(s.degree, n - 1):
-        raise RefusedError(
-            f"threshold={s.threshold}, degree={s.degree} violate 2*threshold > degree + 1 for n={n}"
-        )
+    # security: the client enforces the threshold and degree floors (and its own plan) whatever
+    # the server says.
+    gamma = DEFAULT_CORRUPT_FRACTION if pin is None else pin.corrupt_fraction
+    check_round_parameters(n, s.degree, s.threshold, gamma)
     if expected_vector_length is not None and s.vector_length != expected_vector_length:
         raise ProtocolError(f"vector_length={s.vector_length} != expected {expected_vector_length}")
 
@@ -404,6 +423,7 @@ def _check_pinned_config(s: msg.Setup, c: SecAggConfig) -> None:
         if s.threshold < c.threshold or s.degree != min(c.degree, n - 1):
             raise RefusedError(f"server threshold={s.threshold}, degree={s.degree} differ from "
                                f"local threshold={c.threshold}, degree={c.degree}")
+    check_against_own_plan(n, s.degree, s.threshold, c)
 
 
 def _need(value: _T | None) -> _T:

@@ -59,7 +59,8 @@ def run_in_memory(
     """
     ids = sorted(updates)
     length = int(next(iter(updates.values())).shape[0]) if updates else 0
-    server = SecAggServer(config, ids, length, session_id, graph_seed=graph_seed, drop_invalid=drop_invalid)
+    server = SecAggServer(config, ids, length, session_id, graph_seed=graph_seed, drop_invalid=drop_invalid,
+                          field_inputs=field_inputs)
     clients = {cid: SecAggClient(cid, session_id, config, expected_vector_length=length) for cid in ids}
     for cid in ids:
         if not field_inputs:

@@ -67,7 +67,10 @@ class _Reader:
     def __init__(self, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise MalformedMessageError(f"message type={type(data).__name__} must be bytes")
-        self._view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:  # only C-contiguous views can be cast; copy the others
+            view = memoryview(view.tobytes())
+        self._view = view.cast("B")
         self._pos = 0
 
     def take(self, n: int, what: str) -> bytes:

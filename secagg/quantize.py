@@ -24,6 +24,13 @@ from fedpeft.secagg.prg import SEED_BYTES, uniform01
 MIN_BITS = 8
 #: Widest modulus (masks are ``uint32`` words).
 MAX_BITS = 32
+#: Smallest per-coordinate clip. Below it the scale ``max_level / clip`` (up to 2^31 / clip)
+#: leaves float64's useful range (clip=1e-300 gives an infinite scale) and the grid is finer
+#: than any float32 update can resolve.
+MIN_CLIP = 1e-12
+#: Largest per-coordinate clip. Above it one grid step (``clip / max_level``, at least
+#: 1e12 / 2^31 ~ 466) is coarser than any adapter update, which would round to zero.
+MAX_CLIP = 1e12
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,11 @@ class QuantizationPlan:
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise SecAggConfigError(f"bits={self.bits} must be in [{MIN_BITS}, {MAX_BITS}]")
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise SecAggConfigError(f"clip={self.clip} must be a finite positive float")
+        if not (isinstance(self.clip, (int, float)) and MIN_CLIP <= self.clip <= MAX_CLIP):
+            raise SecAggConfigError(
+                f"clip={self.clip!r} must be a finite float in [MIN_CLIP, MAX_CLIP] = "
+                f"[{MIN_CLIP:g}, {MAX_CLIP:g}]; set the clip to the per-coordinate bound of the update"
+            )
         if self.n_clients < 1:
             raise SecAggConfigError(f"n_clients={self.n_clients} must be >= 1")
         if self.max_level < 1:
@@ -81,19 +91,27 @@ class QuantizationPlan:
         return self.step / (2.0 * math.sqrt(max(n, 1)))
 
 
+#: Bits of the modulus left unused by ``n`` clients at the clip: the decoded sum of honest
+#: inputs lies in the lower half of the signed range, so a substituted or garbled masked
+#: vector (uniform mod 2^b) passes the server's range check with probability <= 2^-L.
+HEADROOM_BITS = 1
+
+
 def plan_quantization(
     clip: float, n_clients: int, bits: int = 32, max_level: int | None = None
 ) -> QuantizationPlan:
     """Plan the grid so ``n_clients`` values can never wrap mod 2^bits.
 
-    By default uses as many levels as the modulus allows: ``max_level = floor((2^(b-1)-1)/n)``,
-    i.e. ``scale = max_level / clip``. A given ``max_level`` is checked (fail closed).
+    By default uses as many levels as the modulus allows after :data:`HEADROOM_BITS`:
+    ``max_level = floor((2^(b-1)-1) / (n 2^h))``, i.e. ``scale = max_level / clip``. A given
+    ``max_level`` is checked (fail closed).
     """
     if not MIN_BITS <= bits <= MAX_BITS:
         raise SecAggConfigError(f"bits={bits} must be in [{MIN_BITS}, {MAX_BITS}]")
     if n_clients < 1:
         raise SecAggConfigError(f"n_clients={n_clients} must be >= 1")
-    level = ((1 << (bits - 1)) - 1) // n_clients if max_level is None else max_level
+    level = (((1 << (bits - 1)) - 1) // (n_clients << HEADROOM_BITS) if max_level is None
+             else max_level)
     return QuantizationPlan(bits=bits, clip=float(clip), n_clients=n_clients, max_level=level)
 
 

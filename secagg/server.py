@@ -38,7 +38,7 @@ from fedpeft.secagg.graph import neighbour_graph
 from fedpeft.secagg.kdf import pairwise_mask_seed, public_from_private, self_mask_commitment
 from fedpeft.secagg.prg import SEED_BYTES, expand_mask
 from fedpeft.secagg.quantize import QuantizationPlan, decode_signed, dequantize
-from fedpeft.secagg.shamir import reconstruct
+from fedpeft.secagg.shamir import reconstruct, robust_reconstruct
 from fedpeft.secagg.stages import SERVER_TRANSITIONS, Stage
 
 _T = TypeVar("_T")
@@ -67,7 +67,11 @@ class SecAggServer:
     """Coordinator of one SecAgg+ round (honest-but-curious model; see docs/secagg.md).
 
     ``drop_invalid``: if True, a client whose reply is malformed or violates the protocol is
-    treated as dropped (reason in ``faults``) instead of aborting the round.
+    treated as dropped (reason in ``faults``) instead of aborting the round, and wrong Shamir
+    shares are corrected (their senders named in ``faults``). ``field_inputs``: the clients send
+    pre-encoded field words (:meth:`SecAggClient.set_field_input`), so the unmasked sum is not
+    range-checked here (the field's decoder checks it); otherwise a sum beyond what the
+    survivors' clipped inputs can produce aborts the round.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class SecAggServer:
         *,
         graph_seed: bytes | None = None,
         drop_invalid: bool = False,
+        field_inputs: bool = False,
     ) -> None:
         ids = list(participants)
         if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_CLIENT_ID for c in ids):
@@ -106,6 +111,9 @@ class SecAggServer:
         self.session_id = bytes(session_id)
         self.graph_seed = graph_seed if graph_seed is not None else os.urandom(SEED_BYTES)
         self.drop_invalid = drop_invalid
+        #: largest |level| of one client's coordinate: the unmasked sum is checked against
+        #: ``survivors * input_bound``; None for field inputs, whose decoder checks them.
+        self.input_bound: int | None = None if field_inputs else self.plan.max_level
         self.neighbours = neighbour_graph(self.participants, self.degree, self.graph_seed)
         self._x = {cid: i + 1 for i, cid in enumerate(self.participants)}
         self.stage = Stage.SETUP
@@ -138,6 +146,12 @@ class SecAggServer:
         self, replies: Mapping[int, bytes], allowed: frozenset[int], decode: Callable[[bytes, int], _T]
     ) -> dict[int, _T]:
         kind = SERVER_TRANSITIONS[self.stage][0]
+        if not isinstance(replies, Mapping):
+            self._fail(ProtocolError(f"replies type={type(replies).__name__} must map client id -> bytes"))
+        bad_ids = [k for k in replies if isinstance(k, bool) or not isinstance(k, int)]
+        if bad_ids:  # security: fail closed, never guess which client a key means
+            self._fail(ProtocolError(f"{kind.name} replies keyed by {bad_ids[0]!r} "
+                                     f"({type(bad_ids[0]).__name__}); keys must be int client ids"))
         out: dict[int, _T] = {}
         for cid in sorted(replies):
             if cid not in allowed:  # security: unknown or no-longer-active sender
@@ -148,11 +162,12 @@ class SecAggServer:
             try:
                 if not isinstance(data, (bytes, bytearray, memoryview)):
                     raise MalformedMessageError(f"reply of client {cid} has type {type(data).__name__}")
-                header = msg.peek_header(data)
+                raw = data.tobytes() if isinstance(data, memoryview) else bytes(data)  # any layout
+                header = msg.peek_header(raw)
                 if header.kind != kind:
                     raise StageError(f"client {cid} sent {header.kind.name} in stage {self.stage.name}; "
                                      f"expected {kind.name}")
-                out[cid] = decode(bytes(data), cid)
+                out[cid] = decode(raw, cid)
             except (MalformedMessageError, ProtocolError) as exc:
                 if not self.drop_invalid:
                     self._fail(exc)
@@ -303,16 +318,10 @@ class SecAggServer:
         dropped_needed = sorted({i for j in self._u3 for i in self._forwarded[j] - self._u3})
         try:
             for i in sorted(self._u3):
-                seed = reconstruct(b_shares.get(i, {}), self.threshold)
-                if self_mask_commitment(self.session_id, i, seed) != self._keys[i].commitment:
-                    raise AbortError(f"reconstructed self-mask seed of client {i} does not match its "
-                                     "commitment (inconsistent shares)")
+                seed = self._recover(i, b_shares.get(i, {}), "self-mask seed", self._seed_check(i))
                 acc -= expand_mask(seed, self.vector_length)
             for d in dropped_needed:
-                sk_d = reconstruct(sk_shares.get(d, {}), self.threshold)
-                if public_from_private(sk_d) != self._keys[d].mask_pk:
-                    raise AbortError(f"reconstructed mask key of dropped client {d} does not match "
-                                     "its advertised key (inconsistent shares)")
+                sk_d = self._recover(d, sk_shares.get(d, {}), "mask key", self._key_check(d))
                 for i in sorted(self._u3):
                     if d in self._forwarded[i]:
                         seed = pairwise_mask_seed(sk_d, self._keys[i].mask_pk, self.session_id, i, d)
@@ -328,14 +337,67 @@ class SecAggServer:
         acc &= np.uint32(self.plan.modulus - 1)
         self._acc = None
         survivors = tuple(sorted(self._u3))
+        int_sum = decode_signed(acc, self.plan.bits)
+        if self.input_bound is not None:
+            reach = len(survivors) * self.input_bound
+            worst = int(np.max(np.abs(int_sum))) if int_sum.size else 0
+            if worst > reach:  # security: a sum no honest survivors can produce is never used
+                self._fail(AbortError(
+                    f"the unmasked sum has a coordinate of {worst} levels, beyond the {reach} "
+                    f"that {len(survivors)} clipped inputs can reach: a masked input was "
+                    "substituted or corrupted; the round is discarded"
+                ))
         self.stage = Stage.DONE
         return AggregateResult(
             modular_sum=acc,
-            int_sum=decode_signed(acc, self.plan.bits),
+            int_sum=int_sum,
             survivors=survivors,
             dropped=tuple(c for c in self.participants if c not in self._u3),
             plan=self.plan,
         )
+
+    def _seed_check(self, owner: int) -> Callable[[bytes], bool]:
+        def check(seed: bytes) -> bool:
+            return self_mask_commitment(self.session_id, owner, seed) == self._keys[owner].commitment
+        return check
+
+    def _key_check(self, owner: int) -> Callable[[bytes], bool]:
+        def check(sk: bytes) -> bool:
+            return public_from_private(sk) == self._keys[owner].mask_pk
+        return check
+
+    def _recover(self, owner: int, shares: dict[int, bytes], what: str,
+                 check: Callable[[bytes], bool]) -> bytes:
+        """The secret ``what`` of ``owner`` from its holders' shares, checked by ``check``
+        (the commitment or the advertised public key). Shares of holders already caught
+        sending a wrong share are left out; if the fast path (the first ``threshold`` shares)
+        fails the check, Berlekamp-Welch decoding corrects up to ``(m - t) // 2`` wrong shares
+        and names their senders: with ``drop_invalid`` they go to ``faults`` (their inputs
+        stay in the sum; their later shares are ignored) and the round goes on, else it
+        aborts naming them. Raises ``AbortError`` if no checked secret can be found."""
+        by_x = {self._x[c]: c for c in self._requests}
+        usable = {x: y for x, y in shares.items() if by_x.get(x) not in self.faults}
+        try:
+            secret = reconstruct(usable, self.threshold)
+            if check(secret):
+                return secret
+        except ShamirError:
+            pass  # a malformed share among the first t: decode below
+        try:
+            secret, wrong = robust_reconstruct(usable, self.threshold)
+        except ShamirError as exc:
+            raise AbortError(f"cannot reconstruct the {what} of client {owner}: {exc}") from exc
+        if not check(secret):  # security: never unmask with an unchecked secret
+            raise AbortError(f"the decoded {what} of client {owner} does not match what it "
+                             "advertised: its shares are inconsistent (a dishonest dealer)")
+        senders = sorted(by_x[x] for x in wrong)
+        for cid in senders:  # security: attributed, never silently absorbed
+            reason = f"sent a wrong share of the {what} of client {owner}"
+            if not self.drop_invalid:
+                raise ProtocolError(f"client {cid} {reason}; the round fails closed "
+                                    "(drop_invalid=True would correct it and go on)")
+            self.faults[cid] = reason
+        return secret
 
     def handle(self, replies: Mapping[int, bytes]) -> dict[int, bytes] | AggregateResult:
         """Dispatch ``replies`` to the method of the current stage (for generic drivers)."""

@@ -13,7 +13,8 @@ big-endian; the update's raw words are little-endian. ``ids`` is ``u32 count | c
 flag (0 or 1) before an optional field. Body, in order:
 
 * ``u64 client_id``; ``u8 len | session_id`` (8..64 B);
-* ``? config``: ``f64 clip, u8 bits, f64 expected_dropout, f64 max_abort_prob``, then
+* ``? config``: ``f64 clip, u8 bits, f64 expected_dropout, f64 max_abort_prob, f64
+  corrupt_fraction``, then
   ``? (u32 threshold, u32 degree)``;
 * ``? u64 expected_vector_length``; ``u8 stage`` code (:data:`STAGE_CODES`);
   ``? (u32 len | UTF-8 abort_reason)``;
@@ -58,7 +59,7 @@ __all__ = [
 #: Exported client state: ``MAGIC | u8 version | body | SHA-256(MAGIC | version | body)``.
 STATE_MAGIC = b"FPSC"
 #: Format version; any other version is refused on import (no migration).
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the pinned config carries corrupt_fraction
 _DIGEST_BYTES = 32
 #: Explicit wire codes (independent of enum order) for the stage and the update dtype.
 STAGE_CODES: dict[Stage, int] = {
@@ -334,8 +335,8 @@ def _opt_fixed(value: bytes | None, size: int, what: str) -> bytes:
 def _encode_config(c: SecAggConfig | None) -> bytes:
     if c is None:
         return b"\x00"
-    out = b"\x01" + struct.pack(">dBdd", float(c.clip), c.bits, float(c.expected_dropout),
-                                float(c.max_abort_prob))
+    out = b"\x01" + struct.pack(">dBddd", float(c.clip), c.bits, float(c.expected_dropout),
+                                float(c.max_abort_prob), float(c.corrupt_fraction))
     if c.threshold is None or c.degree is None:
         return out + b"\x00"
     return out + b"\x01" + struct.pack(">II", c.threshold, c.degree)
@@ -346,12 +347,13 @@ def _decode_config(r: _StateReader) -> SecAggConfig | None:
         return None
     clip, bits = r.f64("config clip"), r.u(">B", "config bits")
     dropout, max_abort = r.f64("config expected_dropout"), r.f64("config max_abort_prob")
+    gamma = r.f64("config corrupt_fraction")
     threshold = degree = None
     if r.flag("config threshold/degree"):
         threshold, degree = r.u(">I", "config threshold"), r.u(">I", "config degree")
     try:
         return SecAggConfig(clip=clip, bits=bits, expected_dropout=dropout, max_abort_prob=max_abort,
-                            threshold=threshold, degree=degree)
+                            threshold=threshold, degree=degree, corrupt_fraction=gamma)
     except SecAggConfigError as exc:
         raise StateError(f"stored config is invalid: {exc}") from exc
 

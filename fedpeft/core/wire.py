@@ -9,6 +9,8 @@ are interpreted.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +32,14 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Deepest JSON nesting a header may have: header object -> entry object -> shape list (3);
+#: one level of slack. Checked before ``json.loads`` (no recursion on hostile headers).
+MAX_HEADER_DEPTH = 4
+#: Most dimensions one tensor may declare.
+MAX_NDIM = 64
+_ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash escape inside a JSON string
+_STRING = re.compile(r'"[^"]*"')  # a JSON string once its escapes are removed
+_INNERMOST = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")  # a list/object with no nested one
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,38 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return bytes(st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
 
 
-def _read_header(payload: bytes) -> dict[str, dict[str, object]]:
+def _as_bytes(payload: object) -> bytes:
+    """``payload`` as ``bytes`` (a non-contiguous memoryview is copied); else :class:`PayloadError`."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, bytearray):
+        return bytes(payload)
+    if isinstance(payload, memoryview):
+        return payload.tobytes()
+    raise PayloadError(f"payload type={type(payload).__name__} must be bytes, bytearray or "
+                       "memoryview (safetensors bytes from encode)")
+
+
+def _check_depth(text: str) -> None:
+    """Reject JSON nested deeper than :data:`MAX_HEADER_DEPTH` (linear regex passes, no recursion)."""
+    flat = _STRING.sub('""', _ESCAPE.sub("", text))  # brackets inside strings do not nest
+    for _ in range(MAX_HEADER_DEPTH):
+        flat, count = _INNERMOST.subn("0", flat)
+        if not count:
+            break
+    if any(c in flat for c in "[]{}"):
+        raise PayloadError(f"safetensors header nests deeper than {MAX_HEADER_DEPTH} levels (or its "
+                           "brackets do not balance); the payload is not adapter tensors")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise PayloadError("safetensors header has duplicate keys; the payload is ambiguous")
+    return out
+
+
+def _read_header(payload: bytes) -> dict[str, object]:
     if len(payload) < 8:
         raise PayloadError(f"payload of {len(payload)} bytes is too short for a safetensors "
                            "header; the sender did not send adapter tensors")
@@ -77,21 +118,61 @@ def _read_header(payload: bytes) -> dict[str, dict[str, object]]:
         raise PayloadError(f"safetensors header length {header_len} does not fit a payload of "
                            f"{len(payload)} bytes; the payload is truncated or not safetensors")
     try:
-        header = json.loads(payload[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = payload[8 : 8 + header_len].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"safetensors header is not valid UTF-8: {exc}") from exc
+    _check_depth(text)
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except PayloadError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit
         raise PayloadError(f"safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise PayloadError("safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise PayloadError("safetensors __metadata__ must map strings to strings")
     return header
 
 
-def decode(payload: bytes, expected: Spec) -> dict[str, torch.Tensor]:
+def _is_index(value: object) -> bool:
+    """A non-negative JSON integer (``bool`` excluded) that fits a u64."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _entry_problem(name: str, entry: object, data_bytes: int) -> str | None:
+    """Why one header entry is malformed (None if its shape, dtype and offsets are usable)."""
+    if not isinstance(entry, dict):
+        return f"{name}: malformed header entry"
+    raw_shape = entry.get("shape")
+    if (not isinstance(raw_shape, list) or len(raw_shape) > MAX_NDIM
+            or not all(_is_index(d) for d in raw_shape)):
+        return f"{name}: malformed shape {str(raw_shape)[:80]}"
+    offsets = entry.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets)
+            or not offsets[0] <= offsets[1] <= data_bytes):
+        return f"{name}: malformed data_offsets {str(offsets)[:80]} for {data_bytes} data bytes"
+    dtype = _DTYPES.get(str(entry.get("dtype")))
+    if dtype is not None:
+        # Python ints (at most MAX_NDIM factors below 2^64): the product cannot overflow
+        size = math.prod(raw_shape) * torch.empty((), dtype=dtype).element_size()
+        if size != offsets[1] - offsets[0]:
+            return f"{name}: shape {tuple(raw_shape)} needs {size} bytes, data_offsets give " \
+                   f"{offsets[1] - offsets[0]}"
+    return None
+
+
+def decode(payload: bytes | bytearray | memoryview, expected: Spec) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes and check them against ``expected`` before use.
 
-    Raises :class:`PayloadError` naming every missing, unexpected or mismatched tensor.
+    Raises :class:`PayloadError` naming every missing, unexpected or mismatched tensor, and for
+    any malformed payload (wrong type, bad or deeply nested header, bad shapes or offsets).
     """
+    payload = _as_bytes(payload)
     header = _read_header(payload)
+    data_bytes = len(payload) - 8 - struct.unpack("<Q", payload[:8])[0]
     problems: list[str] = []
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
@@ -102,14 +183,11 @@ def decode(payload: bytes, expected: Spec) -> dict[str, torch.Tensor]:
     for name in sorted(set(expected) & set(header)):
         entry = header[name]
         want = expected[name]
-        if not isinstance(entry, dict):
-            problems.append(f"{name}: malformed header entry")
+        problem = _entry_problem(name, entry, data_bytes)
+        if problem is not None or not isinstance(entry, dict):
+            problems.append(problem or f"{name}: malformed header entry")
             continue
-        raw_shape = entry.get("shape")
-        if not isinstance(raw_shape, list) or not all(isinstance(d, int) for d in raw_shape):
-            problems.append(f"{name}: malformed shape {raw_shape!r}")
-            continue
-        shape: tuple[int, ...] = tuple(raw_shape)
+        shape: tuple[int, ...] = tuple(entry["shape"])
         dtype = _DTYPES.get(str(entry.get("dtype")))
         if shape != want.shape:
             problems.append(f"{name}: shape {shape} != expected {want.shape}")

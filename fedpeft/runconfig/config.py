@@ -179,6 +179,7 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "audit-user-canaries": (UserDPConfig, "canaries"),
     "secagg-bits": (SecAggConfig, "bits"), "secagg-dropout": (SecAggConfig, "expected_dropout"),
     "secagg-max-abort": (SecAggConfig, "max_abort_prob"),
+    "secagg-corrupt-fraction": (SecAggConfig, "corrupt_fraction"),
 }
 
 #: Flat key -> default: exactly the keys of [tool.flwr.app.config] (scripts/sync_run_config.py
@@ -221,7 +222,8 @@ DEFAULTS: dict[str, Scalar] = {
     "secagg": True,  # the coordinator sees only the sum
     "secagg-bits": _default(*KNOB_FIELDS["secagg-bits"]),
     "secagg-clip": 1.0,  # per-coordinate bound of an update (SecAggConfig.clip is required)
-    **{k: _default(*KNOB_FIELDS[k]) for k in ("secagg-dropout", "secagg-max-abort")},
+    **{k: _default(*KNOB_FIELDS[k]) for k in (
+        "secagg-dropout", "secagg-max-abort", "secagg-corrupt-fraction")},
     "secagg-threshold": 0,  # 0 = planned from the number of clients (plan_graph)
     "secagg-degree": 0,
     "seed": 0,
@@ -290,6 +292,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
             secagg = SecAggConfig(clip=float(v["secagg-clip"]), bits=int(v["secagg-bits"]),
                                   expected_dropout=float(v["secagg-dropout"]),
                                   max_abort_prob=float(v["secagg-max-abort"]),
+                                  corrupt_fraction=float(v["secagg-corrupt-fraction"]),
                                   threshold=int(v["secagg-threshold"]) or None,
                                   degree=int(v["secagg-degree"]) or None)
         except SecAggError as exc:

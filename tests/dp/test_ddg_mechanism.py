@@ -27,6 +27,7 @@ from fedpeft.privacy.ddg_mechanism import (
     rotation_signs,
     server_decode,
     sum_bound,
+    sum_norm_bound,
     unrotate,
 )
 from fedpeft.privacy.discrete_gaussian import ExactIntegers, discrete_gaussian_variance
@@ -100,7 +101,26 @@ def _run(plan: DDGPlan, updates: list[np.ndarray], seed: int) -> np.ndarray:
     total = np.zeros(plan.padded, dtype=np.uint64)
     for w in words:  # what SecAgg releases: the modular sum
         total = (total + w.astype(np.uint64)) % (1 << plan.bits)
-    return server_decode(total.astype(np.uint32), plan, ROT)
+    return server_decode(total.astype(np.uint32), plan, ROT, survivors=len(updates))
+
+
+def test_norm_check_rejects_a_substituted_vector_and_passes_honest_extremes() -> None:
+    """Honest sums at the clip (all updates aligned) pass the norm check; a sum with one
+    client's words replaced by uniform ones is refused (the uniform vector's norm is about
+    2^(b-1) sqrt(d / 3), far beyond the bound the plan leaves room for)."""
+    plan = plan_granularity(clip=1.0, noise_std=0.05, clients=8, dimension=500, bits=20)
+    aligned = [np.full(500, 1.0 / np.sqrt(500))] * 8
+    _run(plan, aligned, 40)  # passes
+    rng = np.random.default_rng(5)
+    words = [client_encode(u, plan, ROT, rounding=DPRandomness.from_seed(60 + i).sampling.uniform,
+                           noise=ExactIntegers(bytes([60 + i]) * 32)) for i, u in enumerate(aligned)]
+    words[3] = rng.integers(0, 1 << plan.bits, size=plan.padded, dtype=np.uint64).astype(np.uint32)
+    total = sum(w.astype(np.uint64) for w in words) % (1 << plan.bits)
+    with pytest.raises(DDGMechanismError, match="substituted or corrupted"):
+        server_decode(total.astype(np.uint32), plan, ROT, survivors=8)
+    assert sum_norm_bound(plan, 8) < sum_norm_bound(plan, 9)
+    with pytest.raises(DDGMechanismError, match="survivors"):
+        sum_norm_bound(plan, 0)
 
 
 @pytest.mark.statistical

@@ -188,7 +188,7 @@ def test_noisy_sum_variance_matches_the_plan() -> None:
     session = b"variance-test-session-00"
     words = {c: encode_update(np.zeros(4096), plan, session) for c in range(1, 7)}
     got = decode_sum(run_in_memory(cfg, words, session_id=session, field_inputs=True)
-                     .result.modular_sum, plan, session)
+                     .result.modular_sum, plan, session, survivors=6)
     expected = 6 * float(plan.ddg.local_variance) * plan.ddg.granularity ** 2
     # sample variance of 4096 ~normal values: relative sd sqrt(2/4096) = 0.022; 5 sd ~ 1e-6
     assert abs(float(np.var(got)) / expected - 1) < 5 * np.sqrt(2 / 4096)

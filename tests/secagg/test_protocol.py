@@ -74,7 +74,7 @@ def test_sparse_graph_n20_with_dropouts_at_every_stage() -> None:
     ups = _updates(20, 256, seed=5)
     ids = sorted(ups)
     seeds = _seeds(ids)
-    cfg = SecAggConfig(clip=1e-2, threshold=7, degree=12, max_abort_prob=1.0)
+    cfg = SecAggConfig(clip=1e-2, threshold=7, degree=12, max_abort_prob=1.0, corrupt_fraction=0.0)
     run = run_in_memory(cfg, ups, session_id=SID, rounding_seeds=seeds, graph_seed=bytes(32),
                         dropouts={Stage.ADVERTISE_KEYS: [ids[0]], Stage.SHARE_KEYS: [ids[5]],
                                   Stage.COLLECT_MASKED: ids[10:13], Stage.UNMASK: [ids[15]]})

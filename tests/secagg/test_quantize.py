@@ -25,9 +25,9 @@ SEED = bytes(range(32))
 
 def test_plan_uses_all_levels_and_cannot_wrap() -> None:
     plan = plan_quantization(clip=0.01, n_clients=100, bits=32)
-    assert plan.max_level == (2**31 - 1) // 100
+    assert plan.max_level == (2**31 - 1) // 200  # one bit of headroom (HEADROOM_BITS)
     assert plan.n_clients * plan.max_level <= 2**31 - 1
-    assert (plan.n_clients) * (plan.max_level + 1) > 2**31 - 1  # as many levels as allowed
+    assert 2 * plan.n_clients * (plan.max_level + 1) > 2**31 - 1  # as many levels as allowed
     assert math.isclose(plan.step, 0.01 / plan.max_level)
 
 

@@ -115,7 +115,7 @@ def test_round_with_export_between_every_message_matches_in_memory_sum() -> None
 def test_round_with_export_and_dropouts_at_every_stage() -> None:
     ids = list(range(100, 120))
     ups, seeds = _updates(ids, seed=4), _seeds(ids)
-    cfg = SecAggConfig(clip=1e-2, threshold=7, degree=12, max_abort_prob=1.0)
+    cfg = SecAggConfig(clip=1e-2, threshold=7, degree=12, max_abort_prob=1.0, corrupt_fraction=0.0)
     drops = {Stage.ADVERTISE_KEYS: [ids[0]], Stage.SHARE_KEYS: [ids[5]],
              Stage.COLLECT_MASKED: ids[10:12], Stage.UNMASK: [ids[15]]}
     res = _run_with_export(ups, seeds, drops, graph_seed=bytes(range(32)), cfg=cfg)
@@ -271,7 +271,7 @@ def test_truncated_state_raises(cut: int) -> None:
 
 def test_flipped_version_bad_magic_trailing_and_bitflip_raise() -> None:
     bad_version = GOOD[:4] + bytes([STATE_VERSION + 1]) + GOOD[5:]
-    with pytest.raises(StateError, match="version=2 unsupported"):
+    with pytest.raises(StateError, match=f"version={STATE_VERSION + 1} unsupported"):
         SecAggClient.import_state(bad_version)
     with pytest.raises(StateError, match="magic"):
         SecAggClient.import_state(b"XXXX" + GOOD[4:])
@@ -305,7 +305,7 @@ def _field_offsets() -> tuple[int, int]:
     """Offsets (in BODY) of the config flag and the stage code of GOOD."""
     sid_len = BODY[8]
     config_at = 9 + sid_len
-    cfg_len = 1 + 25 + 1 + 8  # flag, (clip, bits, dropout, max_abort), flag, (threshold, degree)
+    cfg_len = 1 + 33 + 1 + 8  # flag, (clip, bits, dropout, max_abort, gamma), flag, (t, k)
     stage_at = config_at + cfg_len + 1 + 8  # expected_vector_length flag + u64
     return config_at, stage_at
 

@@ -50,7 +50,7 @@ FULL = ClientState(
 )
 FULL_BODY = b"".join([
     struct.pack(">Q", 11), bytes([len(SID)]) + SID,
-    b"\x01" + struct.pack(">dBdd", 1e-2, 32, 0.2, 1.0) + b"\x01" + struct.pack(">II", 4, 5),
+    b"\x01" + struct.pack(">dBddd", 1e-2, 32, 0.2, 1.0, 0.05) + b"\x01" + struct.pack(">II", 4, 5),
     b"\x01" + struct.pack(">Q", 3),
     bytes([5]),  # ABORTED
     b"\x01" + struct.pack(">I", len(REASON.encode())) + REASON.encode(),

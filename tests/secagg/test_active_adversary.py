@@ -1,0 +1,166 @@
+"""The review's attacks by a lying coordinator or a faulty client (issue 19): refused, corrected
+and attributed, or detected; never a wrong sum accepted, never a secret revealed early."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
+from fedpeft.secagg import messages as msg
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.config import check_round_parameters, plan_graph
+from fedpeft.secagg.errors import AbortError, ProtocolError, RefusedError, ShamirError
+from fedpeft.secagg.quantize import decode_signed, plan_quantization, quantize
+from fedpeft.secagg.shamir import PRIME, SHARE_BYTES, robust_reconstruct, split
+
+SID = b"active-adversary-session"
+N = 10
+IDS = list(range(101, 101 + N))
+CFG = SecAggConfig(clip=1e-2)  # planner: complete graph, threshold 6 of 10 at n = 10
+L = 64
+SEEDS = {c: bytes([c % 256]) * 32 for c in IDS}
+
+
+def _ups(scale: float = 1e-3) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {c: (rng.standard_normal(L) * scale).astype(np.float32) for c in IDS}
+
+
+def _expected(ups: dict[int, np.ndarray], survivors: tuple[int, ...]) -> np.ndarray:
+    plan = plan_quantization(CFG.clip, N, CFG.bits)
+    return sum(decode_signed(quantize(ups[c], plan, SEEDS[c]), CFG.bits) for c in survivors)
+
+
+def _lying_setup(n: int, threshold: int, degree: int) -> tuple[bytes, list[int]]:
+    ids = list(range(1, n + 1))
+    setup = msg.Setup(32, threshold, degree, 1.0, 8, bytes(32), tuple(ids))
+    return msg.encode_setup(SID, ids[0], setup), ids
+
+
+# ---- downgrade: clients re-plan and refuse lower parameters --------------------------------
+
+def test_planning_client_refuses_the_reviews_downgrade_k2_t2_at_n30() -> None:
+    data, ids = _lying_setup(30, 2, 2)
+    for pin in (SecAggConfig(clip=1.0), None):
+        client = SecAggClient(ids[0], SID, pin)
+        client.set_update(np.zeros(8, dtype=np.float32))
+        with pytest.raises(RefusedError, match="security floor"):
+            client.handle(data)
+        assert client.stage is Stage.ABORTED
+
+
+def test_planning_client_refuses_a_sparser_graph_than_its_own_plan() -> None:
+    """A degree that meets the floor but is below the client's own plan (which a lying
+    coordinator would pick to make blocks smaller) is refused; its own plan is accepted."""
+    own = plan_graph(30)
+    k = own.degree - 4
+    t = k // 2 + 2 + own.colluders  # meets the floor at this degree
+    check_round_parameters(30, k, t, 0.05)
+    data, ids = _lying_setup(30, t, k)
+    client = SecAggClient(ids[0], SID, SecAggConfig(clip=1.0))
+    with pytest.raises(RefusedError, match="below this client's own plan"):
+        client.handle(data)
+    for t_ok, k_ok in ((own.threshold, own.degree), (own.degree + 1, own.degree + 2)):
+        accepting = SecAggClient(ids[0], SID, SecAggConfig(clip=1.0))
+        accepting.handle(_lying_setup(30, t_ok, k_ok)[0])
+        assert accepting.stage is Stage.ADVERTISE_KEYS
+
+
+def test_floor_counts_the_clients_own_colluder_fraction() -> None:
+    check_round_parameters(100, 28, 18, 0.05)  # 2 * 18 > 28 + 1 + 5
+    with pytest.raises(RefusedError, match="5 colluders"):
+        check_round_parameters(100, 28, 17, 0.05)
+    with pytest.raises(RefusedError, match="degree >= 14"):
+        check_round_parameters(100, 12, 12, 0.0)  # block isolation needs a small degree
+
+
+# ---- wrong Shamir shares: corrected from the others and attributed -------------------------
+
+def _corrupt_b_shares(liars: set[int]):  # type: ignore[no-untyped-def]
+    def tamper(stage: Stage, direction: str, cid: int, data: bytes) -> bytes:
+        if stage is not Stage.UNMASK or direction != "reply" or cid not in liars:
+            return data
+        b, sk = msg.decode_unmask_shares(data, SID, cid)
+        wrong = {owner: secrets.randbelow(PRIME).to_bytes(SHARE_BYTES, "big") for owner in b}
+        return msg.encode_unmask_shares(SID, cid, wrong, sk)
+    return tamper
+
+
+@pytest.mark.parametrize("liars", [{101}, {101, 105}])
+def test_wrong_shares_are_corrected_and_their_senders_named(liars: set[int]) -> None:
+    ups = _ups()
+    run = run_in_memory(CFG, ups, session_id=SID, rounding_seeds=SEEDS,
+                        tamper=_corrupt_b_shares(liars), drop_invalid=True)
+    assert set(run.server.faults) == liars
+    assert all("wrong share" in why for why in run.server.faults.values())
+    # their inputs stay in the sum (they did send a masked input); the sum is exact
+    assert run.result.survivors == tuple(IDS)
+    np.testing.assert_array_equal(run.result.int_sum, _expected(ups, run.result.survivors))
+
+
+def test_wrong_share_fails_closed_by_default_naming_its_sender() -> None:
+    with pytest.raises(ProtocolError, match="client 103 sent a wrong share"):
+        run_in_memory(CFG, _ups(), session_id=SID, rounding_seeds=SEEDS,
+                      tamper=_corrupt_b_shares({103}))
+
+
+def test_too_many_wrong_shares_abort_never_a_wrong_sum() -> None:
+    liars = set(IDS[:3])  # 10 holders, threshold 6: two errors are decodable, three are not
+    with pytest.raises(AbortError):
+        run_in_memory(CFG, _ups(), session_id=SID, rounding_seeds=SEEDS,
+                      tamper=_corrupt_b_shares(liars), drop_invalid=True)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(t=st.integers(1, 8), extra=st.integers(0, 8), data=st.data())
+def test_berlekamp_welch_recovers_and_names_up_to_half_the_redundancy(
+        t: int, extra: int, data: st.DataObject) -> None:
+    m = t + extra
+    secret = secrets.token_bytes(32)
+    shares = split(secret, t, list(range(1, m + 1)))
+    wrong = data.draw(st.sets(st.integers(1, m), max_size=extra // 2))
+    for x in wrong:
+        honest = int.from_bytes(shares[x], "big")
+        shares[x] = ((honest + data.draw(st.integers(1, PRIME - 1))) % PRIME).to_bytes(SHARE_BYTES, "big")
+    got, named = robust_reconstruct(shares, t)
+    assert got == secret and named == wrong
+
+
+def test_robust_reconstruct_names_malformed_shares_and_refuses_too_few() -> None:
+    shares = split(b"\x07" * 32, 3, [1, 2, 3, 4])
+    shares[2] = b"\xff" * SHARE_BYTES  # not a field element
+    assert robust_reconstruct(shares, 3) == (b"\x07" * 32, frozenset({2}))
+    with pytest.raises(ShamirError):
+        robust_reconstruct({1: shares[1], 3: shares[3]}, 3)
+
+
+# ---- substituted or garbled masked inputs: the range check -----------------------------------
+
+@pytest.mark.parametrize("trial", range(8))
+def test_substituted_masked_vector_is_detected(trial: int) -> None:
+    """A uniform substitute passes the check with probability <= 2^-64 per trial (L = 64)."""
+    victim = IDS[trial % N]
+
+    def substitute(stage: Stage, direction: str, cid: int, data: bytes) -> bytes:
+        if stage is Stage.COLLECT_MASKED and direction == "reply" and cid == victim:
+            words = np.frombuffer(secrets.token_bytes(4 * L), dtype="<u4").astype(np.uint32)
+            return msg.encode_masked(SID, cid, words, CFG.bits)
+        return data
+
+    with pytest.raises(AbortError, match="substituted or corrupted"):
+        run_in_memory(CFG, _ups(), session_id=SID, rounding_seeds=SEEDS, tamper=substitute,
+                      dropouts={Stage.UNMASK: {IDS[(trial + 1) % N]}} if trial % 2 else None)
+
+
+def test_range_check_never_rejects_honest_inputs_at_the_clip() -> None:
+    """Every client at +clip or -clip in every coordinate: the extreme honest sums pass."""
+    for sign in (1.0, -1.0):
+        ups = {c: np.full(L, sign * CFG.clip * 4, dtype=np.float32) for c in IDS}
+        run = run_in_memory(CFG, ups, session_id=SID, rounding_seeds=SEEDS)
+        plan = plan_quantization(CFG.clip, N, CFG.bits)
+        np.testing.assert_array_equal(run.result.int_sum, np.full(L, sign * N * plan.max_level))
