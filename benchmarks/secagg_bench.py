@@ -38,7 +38,8 @@ def _drop_set(ids: list[int], rate: float, seed: int) -> list[int]:
 
 def bench_ours(n: int, rate: float, length: int, base: np.ndarray, clip: float) -> dict[str, Any]:
     max_abort = 0.01 if n >= 20 else 0.05  # 1% is unreachable below n=20 with 2t > k+1
-    cfg = SecAggConfig(clip=clip, expected_dropout=0.2, max_abort_prob=max_abort)
+    # corrupt_fraction 0: the planner its stored table used (secagg_active_bench.py measures 0.05)
+    cfg = SecAggConfig(clip=clip, expected_dropout=0.2, max_abort_prob=max_abort, corrupt_fraction=0.0)
     ids = list(range(1, n + 1))
     ups = {c: base for c in ids}
     drop = _drop_set(ids, rate, seed=n)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.secagg import SecAggConfig  # noqa: E402
 from fedpeft.secagg.client import SecAggClient  # noqa: E402
+from fedpeft.secagg.config import DEFAULT_CORRUPT_FRACTION  # noqa: E402
 from fedpeft.secagg.quantize import decode_signed, quantize  # noqa: E402
 from fedpeft.secagg.server import SecAggServer  # noqa: E402
 
@@ -86,14 +87,15 @@ def _drop_set(ids: list[int], rate: float, seed: int) -> set[int]:
 
 
 def bench_round(n: int, length: int, dropout: float, base: np.ndarray, *, bits: int = 32,
-                clip: float = 1.0, verify: bool = True, unmask_repeats: int = 1) -> dict[str, Any]:
+                clip: float = 1.0, verify: bool = True, unmask_repeats: int = 1,
+                corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION) -> dict[str, Any]:
     """One full round; returns timings, sizes and the check against the plain sum.
 
     ``unmask_repeats > 1`` runs the server's last stage again on deep copies of the server taken
     just before it (same replies, same state), to show the timing noise; the stage time reported
     is the median of the runs.
     """
-    cfg = SecAggConfig(clip=clip, bits=bits, expected_dropout=0.2)
+    cfg = SecAggConfig(clip=clip, bits=bits, expected_dropout=0.2, corrupt_fraction=corrupt_fraction)
     sid = b"scale-bench-session-%d" % n
     ids = list(range(1, n + 1))
     drop = _drop_set(ids, dropout, seed=n)
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=None, help="coordinates (default 500,000)")
     ap.add_argument("--dropout", type=float, default=0.2, help="fraction dropping after key sharing")
     ap.add_argument("--bits", type=int, default=32)
+    ap.add_argument("--corrupt-fraction", type=float, default=DEFAULT_CORRUPT_FRACTION,
+                    help="colluders the planner tolerates (fraction of n; 0 = the planner before "
+                         "issue 19, which the stored table used)")
     ap.add_argument("--unmask-repeats", type=int, default=None,
                     help="runs of the server's unmask stage on copies (default 3; 1 with --quick)")
     ap.add_argument("--no-verify", action="store_true", help="skip the exact check against the plain sum")
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     # a DP-noised update: standard deviation 0.1, well inside the clip of 1.0
     base = (np.random.default_rng(0).standard_normal(length) * 0.1).astype(np.float32)
     meta = {"machine": machine(), "quick": args.quick, "vector_length": length, "dropout": args.dropout,
-            "config": f"SecAggConfig(clip=1.0, bits={args.bits}, expected_dropout=0.2) resolved by the "
+            "config": f"SecAggConfig(clip=1.0, bits={args.bits}, expected_dropout=0.2, "
+                      f"corrupt_fraction={args.corrupt_fraction}) resolved by the "
                       "planner (abort target 1 %)",
             "dropped_when": "after SHARE_KEYS (never send a masked input)",
             "target": {"n": TARGET_N, "vector_length": TARGET_LENGTH, "dropout": 0.2,
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         repeats = args.unmask_repeats or (1 if args.quick else 3)
         row = bench_round(n, length, args.dropout, base, bits=args.bits, verify=not args.no_verify,
+                          corrupt_fraction=args.corrupt_fraction,
                           unmask_repeats=repeats)
         row["wall_seconds"] = time.perf_counter() - t0
         rows.append(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeft.client.node_identity import client_id_of, load_node_identity
 from fedpeft.client.runtime import ClientIdentity, ClientRuntime
 from fedpeft.core.protocol import KIND_SECAGG, KIND_TRAIN, RECORD
 from fedpeft.runconfig.config import RunConfig, parse_run_config
@@ -23,7 +24,7 @@ def identity_from_node_config(node_config: dict[str, object]) -> ClientIdentity:
     """Simulation gives ``partition-id``/``num-partitions``; deployments add ``client-id``."""
     partition_id = int(node_config.get("partition-id", 0))  # type: ignore[call-overload]
     num_partitions = int(node_config.get("num-partitions", 1))  # type: ignore[call-overload]
-    client_id = str(node_config.get("client-id", f"client-{partition_id}"))
+    client_id = client_id_of(node_config)
     state_dir = str(node_config.get("state-dir", ""))
     budget = float(node_config.get("epsilon-budget", 0.0))  # type: ignore[arg-type]
     return ClientIdentity(client_id=client_id, partition_id=partition_id,
@@ -32,12 +33,15 @@ def identity_from_node_config(node_config: dict[str, object]) -> ClientIdentity:
 
 
 def runtime_for(context: Context) -> ClientRuntime:
-    run: RunConfig = parse_run_config(dict(context.run_config))
-    identity = identity_from_node_config(dict(context.node_config))
+    # secagg-ca / secagg-sim-identities name files of the coordinator's machine: not checked
+    # here (a deployment node pins its own CA, node config secagg-ca)
+    run: RunConfig = parse_run_config(dict(context.run_config), local_files=False)
+    node_config: dict[str, object] = dict(context.node_config)
+    identity = identity_from_node_config(node_config)
     key = (run.flat, identity.client_id, identity.partition_id, identity.num_partitions)
     rt = _RUNTIMES.get(key)
     if rt is None:
-        rt = ClientRuntime(run, identity)
+        rt = ClientRuntime(run, identity, load_node_identity(node_config, run))
         _RUNTIMES[key] = rt
     return rt
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpeft.client.node_identity import sim_node_identity
 from fedpeft.client.secagg_session import (
     SESSION_DONE,
     UNMASK_MARKERS,
@@ -95,6 +96,7 @@ from fedpeft.runconfig.config import (
     user_round_plan,
 )
 from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.identity import NodeIdentity
 from fedpeft.training.config import TrainConfig
 from fedpeft.training.trainer import Progress, TrainResult, for_round, local_train
 
@@ -196,11 +198,20 @@ class RoundJob:
 
 
 class ClientRuntime:
-    """A client's data and identity, plus the round pipeline."""
+    """A client's data and identity, plus the round pipeline.
 
-    def __init__(self, run: RunConfig, identity: ClientIdentity) -> None:
+    ``node_identity``: this node's certified SecAgg+ signing key (a deployment's, from its
+    node config: :func:`fedpeft.client.node_identity.load_node_identity`); None = the
+    simulation's for this client id (``secagg-sim-identities``), or none (unauthenticated
+    rounds only).
+    """
+
+    def __init__(self, run: RunConfig, identity: ClientIdentity,
+                 node_identity: NodeIdentity | None = None) -> None:
         self.run = run
         self.identity = identity
+        self.node_identity = (node_identity if node_identity is not None
+                              else sim_node_identity(run, identity.client_id))
         self._data: Encoded | None = None
         self._sigma: float | None = None
         #: The last round's on-device metrics (timings, losses): never sent under DP.
@@ -578,7 +589,8 @@ class ClientRuntime:
         cfg = self.run.secagg
         if cfg is None:  # checked by the caller
             raise ConfigError("secure aggregation requested without secagg settings")
-        return start_session(delta, self.model.spec(), cfg, content, state)
+        return start_session(delta, self.model.spec(), cfg, content, state,
+                             node_identity=self.node_identity)
 
     # -- user-level DP -------------------------------------------------------------------------
     def user_ledger_path(self) -> Path:
@@ -608,7 +620,8 @@ class ClientRuntime:
         plan = user_round_plan(self.run, self.identity.num_partitions,
                                vector_length(self.model.spec()))
         clip = round_clip(content, self.run.user_dp, server_round)  # security: before SETUP
-        client, advertise, epsilon = open_user_session(content, cfg, plan)
+        client, advertise, epsilon = open_user_session(content, cfg, plan,
+                                                       node_identity=self.node_identity)
         event = plan.worst_case_event()
         meta = ReleaseMetadata(round_number=server_round, users=(self.identity.client_id,),
                                delta=plan.config.delta, run_id=self.run.fingerprint(),
@@ -635,7 +648,8 @@ class ClientRuntime:
         if self.run.secagg is None:
             raise ConfigError("secure aggregation message, but this client has secagg=false")
         out = answer_stage(content, self.run.secagg, state, client_id=self.identity.client_id,
-                           marker_dir=self.ledger_path().parent / UNMASK_MARKERS)
+                           marker_dir=self.ledger_path().parent / UNMASK_MARKERS,
+                           node_identity=self.node_identity)
         if state.pop(SESSION_DONE, None) is not None:
             self._commit_user_release(state)
         return {STATUS_KEY: STATUS_OK, CLIENT_ID_KEY: self.identity.client_id,

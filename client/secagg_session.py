@@ -36,6 +36,7 @@ from fedpeft.privacy.adaptive_clip import check_round_clip
 from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, check_round, encode_update
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.identity import NodeIdentity
 from fedpeft.secagg.stages import Stage
 
 #: Key of the session's exported state in the node's ``state``.
@@ -49,35 +50,39 @@ UNMASK_MARKERS = "secagg-unmasked"
 
 def start_session(delta: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec],
                   cfg: SecAggConfig, content: Mapping[str, Value],
-                  state: dict[str, bytes]) -> tuple[Content, Content]:
+                  state: dict[str, bytes], *,
+                  node_identity: NodeIdentity | None = None) -> tuple[Content, Content]:
     """Start this round's session with ``delta`` and answer the coordinator's setup.
 
     Returns (what is sent: the first SecAgg+ message, what stays on the device). Only the
     first protocol reply leaves; the update stays in ``state`` until it is sent masked. The
     count of update coordinates beyond ``secagg-clip`` is summed inside the masked vector
-    (:func:`fedpeft.core.vector.with_clip_stats`), never sent per client.
+    (:func:`fedpeft.core.vector.with_clip_stats`), never sent per client. ``node_identity``
+    signs the advertisement of an authenticated round (required there, refused otherwise).
     """
     vec = flatten(delta, spec)
     clipped = int(np.count_nonzero(np.abs(vec) > cfg.clip))
     vec = with_clip_stats(vec, clipped, cfg.clip)
     client = SecAggClient(int(require_field(content, SECAGG_ID_KEY, int)),
                           bytes(require_field(content, SECAGG_SESSION_KEY, bytes)),
-                          cfg, expected_vector_length=int(vec.shape[0]))
+                          cfg, expected_vector_length=int(vec.shape[0]),
+                          identity=node_identity)
     client.set_update(cast("npt.NDArray[np.floating[npt.NBitBase]]", vec))
     advertise = client.handle(bytes(require_field(content, SECAGG_SETUP_KEY, bytes)))
     state[SECAGG_STATE] = client.export_state()
     return {SECAGG_ADVERTISE_KEY: advertise}, {"secagg-clipped": clipped}
 
 
-def open_user_session(content: Mapping[str, Value], cfg: SecAggConfig,
-                      plan: RoundPlan) -> tuple[SecAggClient, bytes, float]:
+def open_user_session(content: Mapping[str, Value], cfg: SecAggConfig, plan: RoundPlan, *,
+                      node_identity: NodeIdentity | None = None,
+                      ) -> tuple[SecAggClient, bytes, float]:
     """User-level DP, before training: accept the SETUP (SecAgg's floor checks), then check
     the round against this client's own plan (:func:`fedpeft.privacy.user_level.check_round`:
     the threshold must guarantee the planned noise shares; the plan must meet this client's
     budget). Returns (the session, the advertise reply, the plan's epsilon)."""
     session = bytes(require_field(content, SECAGG_SESSION_KEY, bytes))
     client = SecAggClient(int(require_field(content, SECAGG_ID_KEY, int)), session, cfg,
-                          expected_vector_length=plan.ddg.padded)
+                          expected_vector_length=plan.ddg.padded, identity=node_identity)
     advertise = client.handle(bytes(require_field(content, SECAGG_SETUP_KEY, bytes)))
     # security: verify before adding (and later revealing) anything
     return client, advertise, check_round(plan, threshold=client.round_setup.threshold)
@@ -119,18 +124,20 @@ def finish_user_session(client: SecAggClient, delta: Mapping[str, torch.Tensor],
 
 
 def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[str, bytes], *,
-                 client_id: str, marker_dir: Path) -> bytes:
+                 client_id: str, marker_dir: Path,
+                 node_identity: NodeIdentity | None = None) -> bytes:
     """Answer one SecAgg+ stage of the session in ``state``; return the message to send.
 
     Before an unmask request is answered, a marker in ``marker_dir`` records it durably;
     a second unmask request of the same session is refused (:func:`mark_unmask_answered`).
-    The session leaves ``state`` once it is done or aborted.
+    The session leaves ``state`` once it is done or aborted. ``node_identity`` is the one the
+    session started with (it is never in ``state``; an authenticated round needs it again).
     """
     blob = state.get(SECAGG_STATE)
     if blob is None:
         raise PayloadError("no secure-aggregation session in this client's state (it "
                            "restarted or missed the start of the round); it counts as dropped")
-    client = SecAggClient.import_state(blob, cfg)
+    client = SecAggClient.import_state(blob, cfg, identity=node_identity)
     if client.stage is Stage.COLLECT_MASKED:
         # security: answer at most one unmask request per session, durably, before the reply
         # leaves: a replayed request with another survivor set could reveal a peer's update

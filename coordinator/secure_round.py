@@ -30,6 +30,7 @@ from fedpeft.core.protocol import (
 from fedpeft.core.vector import CLIP_STATS, split_clip_stats, unflatten, vector_length
 from fedpeft.core.wire import TensorSpec
 from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.identity import TrustAnchor
 from fedpeft.secagg.server import AggregateResult, SecAggServer
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,14 @@ class FieldRound:
 def secure_round(transport: Transport, chosen: list[int], train_message: Content,
                  config: SecAggConfig, spec: Mapping[str, TensorSpec], session_id: bytes,
                  timeout: float, extras: Mapping[int, Content] | None = None,
-                 field_round: FieldRound | None = None) -> SecureRoundResult:
+                 field_round: FieldRound | None = None,
+                 trust: TrustAnchor | None = None) -> SecureRoundResult:
     """Run one SecAgg+ round; on abort, ``mean_delta`` is None and ``abort_reason`` says why.
 
     ``extras`` adds per-node fields to the train message (the client's ledger receipt);
-    ``field_round`` runs a round of pre-encoded inputs (:class:`FieldRound`).
+    ``field_round`` runs a round of pre-encoded inputs (:class:`FieldRound`); ``trust`` (the
+    federation CA, run knob ``secagg-ca``) makes the round authenticated: every advertisement
+    must be signed by a node certified by that CA (the clients check this themselves too).
     """
     result = SecureRoundResult(mean_delta=None)
     extras = extras or {}
@@ -110,7 +114,7 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
         resolved = config.resolve(len(chosen))
         result.threshold, result.degree = int(resolved.threshold or 0), int(resolved.degree or 0)
         server = SecAggServer(resolved, chosen, length, session_id, drop_invalid=True,
-                              field_inputs=field_round is not None)
+                              field_inputs=field_round is not None, trust=trust)
         setup = server.start()
         messages: dict[int, Content] = {
             node: {**train_message, **extras.get(node, {}), SECAGG_SETUP_KEY: setup[node],

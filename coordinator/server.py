@@ -49,6 +49,7 @@ from fedpeft.peft_methods import get_adapted
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.peft_methods.registry import initial_adapter_state
 from fedpeft.runconfig.config import RunConfig, data_partitions
+from fedpeft.runconfig.secagg_identity import read_trust_anchor
 from fedpeft.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class Coordinator:
         self.user: UserLevel | None = None
         #: clients of the federation (known once the run starts)
         self.num_partitions = 0
+        #: the federation CA (secagg-ca): SecAgg+ rounds are authenticated; None: they are not
+        self.trust = (read_trust_anchor(run.secagg_ca)
+                      if run.secagg is not None and run.secagg_ca is not None else None)
 
     @property
     def model(self) -> AdaptedModel:
@@ -258,7 +262,7 @@ class Coordinator:
                    else self.run.secagg.resolve_complete(len(chosen)))
             sec = secure_round(self.transport, chosen, message, cfg, spec, session,
                                fed.round_timeout, extras=self._receipt_fields(chosen),
-                               field_round=field_round)
+                               field_round=field_round, trust=self.trust)
             client_rows, faults = sec.client_rows, sec.faults
             row.update({"secagg": {"survivors": len(sec.survivors), "threshold": sec.threshold,
                                    "degree": sec.degree, "aborted": sec.abort_reason or None,

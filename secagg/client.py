@@ -39,6 +39,7 @@ from fedpeft.secagg.errors import (
     UpdateError,
 )
 from fedpeft.secagg.graph import neighbour_graph
+from fedpeft.secagg.identity import NodeIdentity, advertisement_message, verify_advertisement
 from fedpeft.secagg.kdf import (
     decrypt_shares,
     encrypt_shares,
@@ -65,7 +66,10 @@ class SecAggClient:
     and degree is re-planned by the client, which refuses a lower threshold or degree. Without
     it the client accepts the server's parameters subject to the security floor
     (:func:`~fedpeft.secagg.config.check_round_parameters`, ``n >= 3``).
-    ``expected_vector_length`` (optional) pins the update length.
+    ``expected_vector_length`` (optional) pins the update length. ``identity`` (this node's
+    certified signing key, :mod:`fedpeft.secagg.identity`): the client joins only
+    authenticated rounds, signs its advertisement and verifies every neighbour's certificate
+    and signature before sharing anything; without it, it refuses authenticated rounds.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class SecAggClient:
         config: SecAggConfig | None = None,
         *,
         expected_vector_length: int | None = None,
+        identity: NodeIdentity | None = None,
     ) -> None:
         if not 0 <= client_id <= MAX_CLIENT_ID:
             raise SecAggConfigError(f"client_id={client_id} must fit in an unsigned 64-bit integer")
@@ -87,6 +92,7 @@ class SecAggClient:
         self.session_id = bytes(session_id)
         self.config = config
         self.expected_vector_length = expected_vector_length
+        self.identity = identity
         self.stage = Stage.SETUP
         self.abort_reason: str | None = None
         #: float update (quantised at the masked-input stage) or uint32 field words (sent as is)
@@ -218,13 +224,15 @@ class SecAggClient:
         ))
 
     @classmethod
-    def import_state(cls, data: bytes, config: SecAggConfig | None = None) -> SecAggClient:
+    def import_state(cls, data: bytes, config: SecAggConfig | None = None,
+                     identity: NodeIdentity | None = None) -> SecAggClient:
         """Rebuild a client from :meth:`export_state` output; it continues the round unchanged.
 
         Raises :class:`StateError` for truncated, garbled, trailing, unknown-version or
         inconsistent input; nothing is half-restored. ``config`` re-applies the local pin: it
         must equal the pin stored in the state (if any), and an already accepted SETUP must
-        satisfy it.
+        satisfy it. ``identity`` is re-supplied (it never enters the state): required for an
+        authenticated round's state, refused for an unauthenticated one.
         """
         st = decode_state(data)  # format checks; the protocol checks follow
         client_id, setup = st.client_id, st.setup
@@ -238,6 +246,7 @@ class SecAggClient:
             try:
                 # security: same floor checks as at SETUP
                 _validate_setup(setup, client_id, st.expected_vector_length, pin)
+                _check_authentication(setup, identity)
                 if pin is not None:
                     _check_pinned_config(setup, pin)
                 plan = plan_quantization(setup.clip, len(setup.participants), setup.bits)
@@ -256,6 +265,7 @@ class SecAggClient:
         client.client_id = client_id
         client.session_id = st.session_id
         client.config = pin
+        client.identity = identity
         client.expected_vector_length = st.expected_vector_length
         client.stage = st.stage
         client.abort_reason = st.abort_reason
@@ -285,6 +295,7 @@ class SecAggClient:
         s = msg.decode_setup(data, self.session_id, self.client_id)
         n = len(s.participants)
         _validate_setup(s, self.client_id, self.expected_vector_length, self.config)
+        _check_authentication(s, self.identity)
         if self.config is not None:
             _check_pinned_config(s, self.config)
         if self._update is not None and self._update.shape[0] != s.vector_length:
@@ -297,8 +308,15 @@ class SecAggClient:
             raise ProtocolError(f"invalid round parameters from server: {exc}") from exc
         self._setup = s
         self._graph_neighbours = graph[self.client_id]
-        own = self._own_keys()
-        return msg.encode_advertise(self.session_id, self.client_id, own[:32], own[32:64], own[64:])
+        enc_pk, mask_pk, commit = self._enc_pk, self._mask_pk, self._own_keys()[64:]
+        if not s.authenticated:
+            return msg.encode_advertise(self.session_id, self.client_id, enc_pk, mask_pk, commit)
+        identity = _need(self.identity)
+        # security: the keys are bound to this session and id by the certified node key
+        signature = identity.sign(advertisement_message(self.session_id, self.client_id, enc_pk,
+                                                        mask_pk, commit))
+        return msg.encode_advertise(self.session_id, self.client_id, enc_pk, mask_pk, commit,
+                                    identity.certificate, signature)
 
     def _on_keys(self, data: bytes) -> bytes:
         s = _need(self._setup)
@@ -309,6 +327,16 @@ class SecAggClient:
         if len(peers) + 1 < s.threshold:
             raise AbortError(f"only {len(peers)} neighbours advertised keys; need threshold - 1 = "
                              f"{s.threshold - 1}")
+        trust = self.identity.trust if s.authenticated and self.identity is not None else None
+        signers = {self.identity.public_key} if trust is not None and self.identity else set()
+        for p in peers:  # security: verify every neighbour's certified key before sharing
+            signer = verify_advertisement(p, self.session_id, trust)
+            if signer is not None:
+                if signer in signers:  # one device as two peers (or as me): a sybil
+                    raise ProtocolError(f"peer {p.client_id} is signed by a node key already "
+                                        "listed (a sybil or a replayed advertisement)")
+                signers.add(signer)
+        peers = [msg.PeerKeys(p.client_id, p.enc_pk, p.mask_pk, p.commitment) for p in peers]
         own = {self._enc_pk, self._mask_pk}
         for p in peers:  # security: reject reflected own keys and duplicated peer keys
             if p.enc_pk in own or p.mask_pk in own or p.enc_pk == p.mask_pk:
@@ -411,6 +439,17 @@ def _validate_setup(s: msg.Setup, client_id: int, expected_vector_length: int | 
     check_round_parameters(n, s.degree, s.threshold, gamma)
     if expected_vector_length is not None and s.vector_length != expected_vector_length:
         raise ProtocolError(f"vector_length={s.vector_length} != expected {expected_vector_length}")
+
+
+def _check_authentication(s: msg.Setup, identity: NodeIdentity | None) -> None:
+    """A node with an identity joins only authenticated rounds; one without cannot sign."""
+    if identity is not None and not s.authenticated:  # security: no downgrade to unsigned keys
+        raise RefusedError("this node has a SecAgg identity and joins only authenticated rounds, "
+                           "but the coordinator's SETUP is unauthenticated; set secagg-ca on the "
+                           "coordinator")
+    if identity is None and s.authenticated:
+        raise RefusedError("the round is authenticated but this client has no SecAgg node "
+                           "identity; give it secagg-node-key, secagg-node-cert and secagg-ca")
 
 
 def _check_pinned_config(s: msg.Setup, c: SecAggConfig) -> None:

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.identity import NodeIdentity, TrustAnchor
 from fedpeft.secagg.server import AggregateResult, SecAggServer
 from fedpeft.secagg.stages import Stage
 
@@ -51,17 +52,22 @@ def run_in_memory(
     tamper: Tamper | None = None,
     drop_invalid: bool = False,
     field_inputs: bool = False,
+    identities: Mapping[int, NodeIdentity] | None = None,
+    trust: TrustAnchor | None = None,
 ) -> InMemoryRun:
     """Run SETUP .. UNMASK for ``updates`` (client id -> float vector) and return the result.
 
     ``field_inputs``: the updates are ``uint32`` field words, given to each client after SETUP
-    (:meth:`SecAggClient.set_field_input`) instead of quantised floats.
+    (:meth:`SecAggClient.set_field_input`) instead of quantised floats. ``identities`` (client
+    id -> node identity) and ``trust`` (the server's CA) run an authenticated round.
     """
     ids = sorted(updates)
     length = int(next(iter(updates.values())).shape[0]) if updates else 0
     server = SecAggServer(config, ids, length, session_id, graph_seed=graph_seed, drop_invalid=drop_invalid,
-                          field_inputs=field_inputs)
-    clients = {cid: SecAggClient(cid, session_id, config, expected_vector_length=length) for cid in ids}
+                          field_inputs=field_inputs, trust=trust)
+    clients = {cid: SecAggClient(cid, session_id, config, expected_vector_length=length,
+                                 identity=None if identities is None else identities.get(cid))
+               for cid in ids}
     for cid in ids:
         if not field_inputs:
             clients[cid].set_update(updates[cid],

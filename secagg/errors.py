@@ -63,3 +63,7 @@ class ShamirError(SecAggError):
 
 class InsufficientSharesError(ShamirError):
     """Fewer shares than the threshold were supplied for reconstruction."""
+
+
+class AuthenticationError(ProtocolError):
+    """A certificate or signature failed verification (authenticated SecAgg+)."""

@@ -11,6 +11,12 @@ Below, ``ids`` is ``u32 count | count x u64``, strictly increasing, ``count <=``
 AdvertiseKeys, ShareKeys, MaskedInputCollection, Unmasking; no ConsistencyCheck round, which
 only the malicious-server variant needs) restricted, as in SecAgg+ (Bell et al., CCS 2020), to
 each client's neighbours in the public graph. Pure encoders/decoders on bytes: no I/O.
+
+In an authenticated round (SETUP's flag; Bonawitz et al. sec. 6) each advertisement carries
+the sender's node certificate (DER, :mod:`fedpeft.secagg.identity`) and its Ed25519 signature
+over :func:`~fedpeft.secagg.identity.advertisement_message`, and the server forwards both
+with the keys: ``? signed`` is ``u8 flag`` then, if 1, ``u16 len | certificate | 64 B
+signature``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpeft.secagg.errors import MalformedMessageError, StageError
+from fedpeft.secagg.identity import MAX_CERT_BYTES, SIGNATURE_BYTES
 from fedpeft.secagg.kdf import KEY_BYTES, SHARE_CIPHERTEXT_BYTES
 from fedpeft.secagg.packing import pack_words, packed_size, unpack_words
 from fedpeft.secagg.shamir import SHARE_BYTES
@@ -30,7 +37,7 @@ from fedpeft.secagg.shamir import SHARE_BYTES
 #: First 4 bytes of every message.
 MAGIC = b"FPSA"
 #: Wire-format version (header byte 5); any other value is rejected.
-VERSION = 2  # 2: masked inputs bit-packed (u8 bits, not a word size)
+VERSION = 3  # 2: masked inputs bit-packed; 3: authenticated rounds (SETUP flag, signed keys)
 #: Longest session id (the id binds every message and key to one round).
 MAX_SESSION_BYTES = 64
 #: Shortest session id.
@@ -96,6 +103,12 @@ class _Reader:
     def u(self, fmt: str, what: str) -> int:
         value = self.unpack(fmt, what)[0]
         return int(value)
+
+    def flag(self, what: str) -> bool:
+        value = self.u(">B", f"{what} flag")
+        if value not in (0, 1):
+            raise MalformedMessageError(f"{what} flag={value} must be 0 or 1")
+        return value == 1
 
     def end(self) -> None:
         if self._pos != len(self._view):
@@ -192,17 +205,19 @@ class Setup:
     vector_length: int
     graph_seed: bytes
     participants: tuple[int, ...]
+    authenticated: bool = False  # advertisements are signed and verified (identity.py)
 
 
 def encode_setup(session_id: bytes, to: int, m: Setup) -> bytes:
     """SETUP message from the server to client ``to``, which opens the round.
 
     Body: ``u8 bits | u16 threshold | u16 degree | f64 clip | u32 vector_length |
-    32 B graph_seed | ids participants``.
+    u8 authenticated | 32 B graph_seed | ids participants``.
     """
     return (
         encode_header(Kind.SETUP, session_id, to)
-        + struct.pack(">BHHdI", m.bits, m.threshold, m.degree, m.clip, m.vector_length)
+        + struct.pack(">BHHdIB", m.bits, m.threshold, m.degree, m.clip, m.vector_length,
+                      int(m.authenticated))
         + m.graph_seed
         + struct.pack(f">I{len(m.participants)}Q", len(m.participants), *m.participants)
     )
@@ -212,10 +227,12 @@ def decode_setup(data: bytes, session_id: bytes, me: int) -> Setup:
     """Parse a SETUP addressed to client ``me`` (format only; the client checks the values)."""
     r = open_message(data, Kind.SETUP, session_id, me)
     bits, threshold, degree, clip, length = r.unpack(">BHHdI", "setup parameters")
+    authenticated = r.flag("authenticated")
     seed = r.take(GRAPH_SEED_BYTES, "graph seed")
     participants = r.ids("participants")
     r.end()
-    return Setup(int(bits), int(threshold), int(degree), float(clip), int(length), seed, participants)
+    return Setup(int(bits), int(threshold), int(degree), float(clip), int(length), seed, participants,
+                 authenticated)
 
 
 @dataclass(frozen=True)
@@ -230,16 +247,40 @@ class PeerKeys:
     enc_pk: bytes
     mask_pk: bytes
     commitment: bytes
+    certificate: bytes = b""  # DER node certificate (authenticated rounds only)
+    signature: bytes = b""  # its Ed25519 signature of the advertisement
+
+
+def _signed(certificate: bytes, signature: bytes) -> bytes:
+    """``? signed``: ``u8 0`` or ``u8 1 | u16 len | certificate | 64 B signature``."""
+    if not certificate and not signature:
+        return b"\x00"
+    if not 0 < len(certificate) <= MAX_CERT_BYTES or len(signature) != SIGNATURE_BYTES:
+        raise MalformedMessageError(f"certificate of {len(certificate)} B / signature of "
+                                    f"{len(signature)} B cannot be encoded")
+    return b"\x01" + struct.pack(">H", len(certificate)) + certificate + signature
+
+
+def _read_signed(r: _Reader, what: str) -> tuple[bytes, bytes]:
+    if not r.flag(f"{what} signed"):
+        return b"", b""
+    length = r.u(">H", f"{what} certificate length")
+    if not 0 < length <= MAX_CERT_BYTES:
+        raise MalformedMessageError(f"{what} certificate length={length} must be in "
+                                    f"1..{MAX_CERT_BYTES}")
+    return r.take(length, f"{what} certificate"), r.take(SIGNATURE_BYTES, f"{what} signature")
 
 
 def encode_keys(session_id: bytes, to: int, peers: list[PeerKeys]) -> bytes:
     """KEYS message from the server to client ``to``: the advertised keys of its neighbours.
 
-    Body: ``u32 count | count x (u64 id | 32 B enc_pk | 32 B mask_pk | 32 B commitment)``,
-    sorted by id. The server lists only ``to``'s graph neighbours that advertised keys.
+    Body: ``u32 count | count x (u64 id | 32 B enc_pk | 32 B mask_pk | 32 B commitment |
+    ? signed)``, sorted by id. The server lists only ``to``'s graph neighbours that advertised
+    keys.
     """
     peers = sorted(peers, key=lambda p: p.client_id)
-    body = b"".join(struct.pack(">Q", p.client_id) + p.enc_pk + p.mask_pk + p.commitment for p in peers)
+    body = b"".join(struct.pack(">Q", p.client_id) + p.enc_pk + p.mask_pk + p.commitment
+                    + _signed(p.certificate, p.signature) for p in peers)
     return encode_header(Kind.KEYS, session_id, to) + struct.pack(">I", len(peers)) + body
 
 
@@ -249,11 +290,11 @@ def decode_keys(data: bytes, session_id: bytes, me: int) -> list[PeerKeys]:
     count = r.u(">I", "peer count")
     if count > MAX_PARTICIPANTS:
         raise MalformedMessageError(f"peer count={count} exceeds {MAX_PARTICIPANTS}")
-    peers = [
-        PeerKeys(r.u(">Q", "peer id"), r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk"),
-                 r.take(COMMIT_BYTES, "commitment"))
-        for _ in range(count)
-    ]
+    peers = []
+    for _ in range(count):
+        cid, enc_pk, mask_pk = r.u(">Q", "peer id"), r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk")
+        commitment = r.take(COMMIT_BYTES, "commitment")
+        peers.append(PeerKeys(cid, enc_pk, mask_pk, commitment, *_read_signed(r, "peer")))
     r.end()
     _check_sorted_unique([p.client_id for p in peers], "peer ids")
     return peers
@@ -306,15 +347,20 @@ def decode_unmask_request(
 # ---- client -> server -------------------------------------------------------------------
 
 
-def encode_advertise(session_id: bytes, me: int, enc_pk: bytes, mask_pk: bytes, commitment: bytes) -> bytes:
-    """ADVERTISE message from client ``me``: ``32 B enc_pk | 32 B mask_pk | 32 B commitment``."""
-    return encode_header(Kind.ADVERTISE, session_id, me) + enc_pk + mask_pk + commitment
+def encode_advertise(session_id: bytes, me: int, enc_pk: bytes, mask_pk: bytes, commitment: bytes,
+                     certificate: bytes = b"", signature: bytes = b"") -> bytes:
+    """ADVERTISE message from client ``me``: ``32 B enc_pk | 32 B mask_pk | 32 B commitment |
+    ? signed`` (certificate and signature in authenticated rounds)."""
+    return (encode_header(Kind.ADVERTISE, session_id, me) + enc_pk + mask_pk + commitment
+            + _signed(certificate, signature))
 
 
-def decode_advertise(data: bytes, session_id: bytes, sender: int) -> tuple[bytes, bytes, bytes]:
-    """Parse an ADVERTISE from ``sender``: ``(enc_pk, mask_pk, commitment)``."""
+def decode_advertise(data: bytes, session_id: bytes, sender: int) -> PeerKeys:
+    """Parse an ADVERTISE from ``sender`` (format only; the server and the peers verify)."""
     r = open_message(data, Kind.ADVERTISE, session_id, sender)
-    out = (r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk"), r.take(COMMIT_BYTES, "commitment"))
+    enc_pk, mask_pk = r.take(KEY_BYTES, "enc pk"), r.take(KEY_BYTES, "mask pk")
+    commitment = r.take(COMMIT_BYTES, "commitment")
+    out = PeerKeys(sender, enc_pk, mask_pk, commitment, *_read_signed(r, "advertisement"))
     r.end()
     return out
 

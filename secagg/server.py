@@ -35,6 +35,7 @@ from fedpeft.secagg.errors import (
     StageError,
 )
 from fedpeft.secagg.graph import neighbour_graph
+from fedpeft.secagg.identity import TrustAnchor, verify_advertisement
 from fedpeft.secagg.kdf import pairwise_mask_seed, public_from_private, self_mask_commitment
 from fedpeft.secagg.prg import SEED_BYTES, expand_mask
 from fedpeft.secagg.quantize import QuantizationPlan, decode_signed, dequantize
@@ -71,7 +72,11 @@ class SecAggServer:
     shares are corrected (their senders named in ``faults``). ``field_inputs``: the clients send
     pre-encoded field words (:meth:`SecAggClient.set_field_input`), so the unmasked sum is not
     range-checked here (the field's decoder checks it); otherwise a sum beyond what the
-    survivors' clipped inputs can produce aborts the round.
+    survivors' clipped inputs can produce aborts the round. ``trust`` (the federation CA) makes
+    the round authenticated: SETUP says so, every advertisement must carry a node certificate
+    of that CA and a valid signature (else the client is invalid), and one certified node may
+    advertise under one client id only (sybils). The clients verify again themselves: the
+    server's checks only drop bad clients early.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class SecAggServer:
         graph_seed: bytes | None = None,
         drop_invalid: bool = False,
         field_inputs: bool = False,
+        trust: TrustAnchor | None = None,
     ) -> None:
         ids = list(participants)
         if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_CLIENT_ID for c in ids):
@@ -111,6 +117,7 @@ class SecAggServer:
         self.session_id = bytes(session_id)
         self.graph_seed = graph_seed if graph_seed is not None else os.urandom(SEED_BYTES)
         self.drop_invalid = drop_invalid
+        self.trust = trust
         #: largest |level| of one client's coordinate: the unmasked sum is checked against
         #: ``survivors * input_bound``; None for field inputs, whose decoder checks them.
         self.input_bound: int | None = None if field_inputs else self.plan.max_level
@@ -198,22 +205,32 @@ class SecAggServer:
         """SETUP -> ADVERTISE_KEYS: round parameters to every participant."""
         self._enter(Stage.SETUP)
         setup = msg.Setup(self.plan.bits, self.threshold, self.degree, self.plan.clip,
-                          self.vector_length, self.graph_seed, self.participants)
+                          self.vector_length, self.graph_seed, self.participants,
+                          self.trust is not None)
         self.stage = Stage.ADVERTISE_KEYS
         return {cid: msg.encode_setup(self.session_id, cid, setup) for cid in self.participants}
 
     def on_advertise(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
         """Collect public keys; send each client its advertising neighbours' keys."""
         self._enter(Stage.ADVERTISE_KEYS)
-        got = self._collect(replies, frozenset(self.participants),
-                            lambda d, c: msg.decode_advertise(d, self.session_id, c))
+        signers: dict[int, bytes] = {}
+
+        def decode(data: bytes, cid: int) -> msg.PeerKeys:
+            keys = msg.decode_advertise(data, self.session_id, cid)
+            signer = verify_advertisement(keys, self.session_id, self.trust)
+            if signer is not None:
+                signers[cid] = signer
+            return keys
+
+        got = self._collect(replies, frozenset(self.participants), decode)
         seen: set[bytes] = set()
-        for cid, (enc_pk, mask_pk, commit) in got.items():
+        for cid, keys in got.items():
             # security: duplicated keys mean replay or sybils; reject rather than guess
-            if enc_pk in seen or mask_pk in seen or enc_pk == mask_pk:
+            if (keys.enc_pk in seen or keys.mask_pk in seen or keys.enc_pk == keys.mask_pk
+                    or (cid in signers and signers[cid] in seen)):
                 self._fail(ProtocolError(f"client {cid} advertises a public key already in use"))
-            seen.update((enc_pk, mask_pk))
-            self._keys[cid] = msg.PeerKeys(cid, enc_pk, mask_pk, commit)
+            seen.update((keys.enc_pk, keys.mask_pk, *([signers[cid]] if cid in signers else [])))
+            self._keys[cid] = keys
         active = self._prune(set(self._keys), lambda c, a: set(self.neighbours[c] & a) | {c},
                              "fewer than threshold neighbours advertised keys")
         out: dict[int, bytes] = {}

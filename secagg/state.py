@@ -20,8 +20,8 @@ flag (0 or 1) before an optional field. Body, in order:
   ``? (u32 len | UTF-8 abort_reason)``;
 * ``? update``: ``u8 dtype`` code (:data:`DTYPE_CODES`) ``| u8 ndim (= 1) | u64 length |``
   little-endian values (``length <= MAX_VECTOR_LENGTH``); ``? 32 B rounding_seed``;
-* ``? setup``: ``u8 bits, u16 threshold, u16 degree, f64 clip, u32 vector_length, 32 B graph
-  seed, ids participants`` (the accepted SETUP message);
+* ``? setup``: ``u8 bits, u16 threshold, u16 degree, f64 clip, u32 vector_length, u8
+  authenticated, 32 B graph seed, ids participants`` (the accepted SETUP message);
 * ``ids`` graph neighbours; ``u32 count | count x (u64 id | 32 B enc pk | 32 B mask pk | 32 B
   commitment)`` peer keys; ``ids`` share holders (U2); ``shares`` held self-mask shares;
   ``shares`` held key shares; ``u8 len | own self-mask share`` (0 or 66 B);
@@ -59,7 +59,7 @@ __all__ = [
 #: Exported client state: ``MAGIC | u8 version | body | SHA-256(MAGIC | version | body)``.
 STATE_MAGIC = b"FPSC"
 #: Format version; any other version is refused on import (no migration).
-STATE_VERSION = 2  # 2: the pinned config carries corrupt_fraction
+STATE_VERSION = 3  # 2: the pinned config carries corrupt_fraction; 3: SETUP authenticated flag
 _DIGEST_BYTES = 32
 #: Explicit wire codes (independent of enum order) for the stage and the update dtype.
 STAGE_CODES: dict[Stage, int] = {
@@ -392,7 +392,8 @@ def _decode_update(r: _StateReader) -> npt.NDArray[Any] | None:
 def _encode_setup(s: msg.Setup | None) -> bytes:
     if s is None:
         return b"\x00"
-    return (b"\x01" + struct.pack(">BHHdI", s.bits, s.threshold, s.degree, s.clip, s.vector_length)
+    return (b"\x01" + struct.pack(">BHHdIB", s.bits, s.threshold, s.degree, s.clip, s.vector_length,
+                                   int(s.authenticated))
             + s.graph_seed + _encode_ids(list(s.participants)))
 
 
@@ -404,8 +405,10 @@ def _decode_setup(r: _StateReader) -> msg.Setup | None:
     if not (math.isfinite(clip) and clip > 0):
         raise StateError(f"setup clip={clip} must be finite and positive; the state is corrupt")
     length = r.u(">I", "setup vector_length")
+    authenticated = r.flag("setup authenticated")
     seed = r.take(msg.GRAPH_SEED_BYTES, "setup graph seed")
-    return msg.Setup(bits, threshold, degree, clip, length, seed, r.ids("setup participants"))
+    return msg.Setup(bits, threshold, degree, clip, length, seed, r.ids("setup participants"),
+                     authenticated)
 
 
 def _encode_ids(ids: list[int]) -> bytes:

@@ -9,9 +9,18 @@ Layout of a certificate directory (``fedpeft certs init DIR``)::
                                    (EC P-384, OpenSSH format: what ``flower-supernode
                                    --auth-supernode-private-key`` and ``flwr supernode
                                    register`` load)
+    nodes/secagg-<name>.key        the node's authenticated SecAgg+ identity: an Ed25519 key
+    nodes/secagg-<name>.crt        (PKCS#8 PEM) and its certificate, issued by the CA with the
+                                   SecAgg extended key usage (``fedpeft.secagg.identity``);
+                                   the node signs its advertised keys with it
     supernodes.allow               allow-list: one OpenSSH public key per line
                                    (``ecdsa-sha2-nistp384 AAAA... <name>``); the coordinator
                                    registers each with the SuperLink
+
+``ca.key`` stays with the operator, off the coordinator: whoever holds it can certify SecAgg
+nodes, so a coordinator holding it could invent sybil clients. ``certs init`` and ``add-node``
+run where it is; the coordinator needs ``ca.crt``, ``server.*`` and the allow-list; each client
+``ca.crt``, ``nodes/<name>.key`` and its ``nodes/secagg-<name>.{key,crt}``.
 
 Key and certificate building (``build_*``) is pure: it returns bytes. :func:`write_files` is the
 only function that touches the file system; private keys are created with mode 0600 and no
@@ -32,10 +41,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.deploy.errors import CertificateError, CertificateExistsError
+from fedpeft.runconfig.secagg_identity import SECAGG_PREFIX, secagg_node_paths
+from fedpeft.secagg.identity import SECAGG_NODE_USAGE
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 CA_CERT = "ca.crt"
@@ -90,12 +102,33 @@ class CertLayout:
     def node_pub(self, name: str) -> Path:
         return self.root / NODES_DIR / f"{check_node_name(name)}.pub"
 
+    def secagg_node_key(self, name: str) -> Path:
+        """The node's SecAgg+ signing key (Ed25519, PKCS#8 PEM, mode 0600)."""
+        return secagg_node_paths(self.root, check_node_name(name))[0]
+
+    def secagg_node_cert(self, name: str) -> Path:
+        """The node's SecAgg+ certificate (PEM), issued by the CA."""
+        return secagg_node_paths(self.root, check_node_name(name))[1]
+
+
+@dataclass(frozen=True)
+class SecAggNodeFiles:
+    """A node's authenticated SecAgg+ identity files and the CA certificate it pins (the
+    node config keys ``secagg-node-key``, ``secagg-node-cert``, ``secagg-ca``)."""
+
+    key: Path
+    cert: Path
+    ca: Path
+
 
 # -- pure building blocks ----------------------------------------------------------------------
 def check_node_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise ConfigError(f"node name {name!r} must be 1-64 characters of letters, digits, "
                           "'.', '_' or '-', starting with a letter or digit")
+    if name.startswith(SECAGG_PREFIX):  # nodes/secagg-x.key is node x's SecAgg key
+        raise ConfigError(f"node name {name!r} must not start with {SECAGG_PREFIX!r} (that "
+                          "prefix names the nodes' SecAgg identity files)")
     return name
 
 
@@ -182,12 +215,44 @@ def build_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certific
     return key, cert
 
 
+def build_secagg_node_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                           name: str, *, valid_days: int = 365, expired: bool = False,
+                           now: dt.datetime | None = None,
+                           ) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+    """Node ``name``'s authenticated SecAgg+ identity: a fresh Ed25519 key and its
+    certificate, signed by the CA, with the extended key usage
+    :data:`fedpeft.secagg.identity.SECAGG_NODE_USAGE` (digital signatures only; not a CA).
+
+    ``expired=True`` makes a certificate whose validity ended yesterday (to test rejection).
+    """
+    check_node_name(name)
+    key = Ed25519PrivateKey.generate()
+    start, end = _validity(valid_days, _now(now), expired)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpeft")])
+    cert = (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
+                                         crl_sign=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([SECAGG_NODE_USAGE]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    return key, cert
+
+
 def build_node_key() -> ec.EllipticCurvePrivateKey:
     """A SuperNode authentication key (EC P-384)."""
     return ec.generate_private_key(NODE_CURVE())
 
 
-def pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def pem_private_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -224,14 +289,22 @@ def node_names(count: int, names: Sequence[str] = ()) -> list[str]:
     return [f"node-{i}" for i in range(1, count + 1)]
 
 
-def build_node_files(layout: CertLayout, names: Sequence[str]) -> dict[Path, CertFile]:
-    """Key pair files for each node name, plus the allow-list lines (not yet merged)."""
+def build_node_files(layout: CertLayout, names: Sequence[str],
+                     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *,
+                     valid_days: int = 365, now: dt.datetime | None = None,
+                     ) -> dict[Path, CertFile]:
+    """Each node's SuperNode key pair and its SecAgg+ identity (key and certificate, issued
+    by the CA), plus the allow-list lines (not yet merged)."""
     files: dict[Path, CertFile] = {}
     for name in names:
         key = build_node_key()
         files[layout.node_key(name)] = CertFile(openssh_private_key(key), private=True)
         files[layout.node_pub(name)] = CertFile(openssh_public_key(key, name) + b"\n",
                                                 private=False)
+    for name in names:
+        sk, cert = build_secagg_node_cert(ca_key, ca_cert, name, valid_days=valid_days, now=now)
+        files[layout.secagg_node_key(name)] = CertFile(pem_private_key(sk), private=True)
+        files[layout.secagg_node_cert(name)] = CertFile(pem_cert(cert), private=False)
     return files
 
 
@@ -250,7 +323,8 @@ def build_cert_dir(root: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, nodes: i
         layout.server_key: CertFile(pem_private_key(srv_key), private=True),
         layout.server_cert: CertFile(pem_cert(srv_cert), private=False),
     }
-    node_files = build_node_files(layout, node_list)
+    node_files = build_node_files(layout, node_list, ca_key, ca_cert, valid_days=valid_days,
+                                  now=now)
     files.update(node_files)
     allow = b"".join(node_files[layout.node_pub(n)].data for n in node_list)
     files[layout.allow_list] = CertFile(allow, private=False)
@@ -295,18 +369,72 @@ def init_cert_dir(root: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, nodes: in
     return CertLayout(root)
 
 
-def add_nodes(root: Path, names: Sequence[str], *, force: bool = False) -> list[Path]:
-    """``fedpeft certs add-node``: new node key pairs, appended to the allow-list."""
-    layout = CertLayout(root)
+def load_ca(layout: CertLayout) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's key and certificate from ``layout`` (to issue node certificates)."""
     if not layout.ca_cert.is_file():
-        raise CertificateError(f"{layout.ca_cert} not found: run `fedpeft certs init {root}` "
-                               "first")
-    node_files = build_node_files(layout, node_names(len(names), names))
+        raise CertificateError(f"{layout.ca_cert} not found: run `fedpeft certs init "
+                               f"{layout.root}` first")
+    if not layout.ca_key.is_file():
+        raise CertificateError(
+            f"{layout.ca_key} not found: issuing a node's SecAgg certificate needs the CA's "
+            "private key. It is kept by the operator, off the coordinator (a coordinator "
+            "holding it could certify sybil clients); run `fedpeft certs add-node` on the "
+            "machine that holds ca.key, then hand the new node its files")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CertificateError(f"cannot read the CA {layout.ca_cert} / {layout.ca_key}: "
+                               f"{exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{layout.ca_key} holds a {type(ca_key).__name__}, not the EC "
+                               "key `fedpeft certs init` writes")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if ca_key.public_key().public_bytes(*spki) != ca_cert.public_key().public_bytes(*spki):
+        raise CertificateError(f"{layout.ca_key} is not the key of {layout.ca_cert}; the two "
+                               "come from different `certs init` runs")
+    return ca_key, ca_cert
+
+
+def add_nodes(root: Path, names: Sequence[str], *, force: bool = False,
+              valid_days: int = 365) -> list[Path]:
+    """``fedpeft certs add-node``: new node key pairs, appended to the allow-list, and each
+    node's SecAgg+ identity, issued by the directory's CA (needs ``ca.key``)."""
+    layout = CertLayout(root)
+    ca_key, ca_cert = load_ca(layout)
+    node_files = build_node_files(layout, node_names(len(names), names), ca_key, ca_cert,
+                                  valid_days=valid_days)
     written = write_files(node_files, force=force)
     with open(layout.allow_list, "ab") as fh:
         for name in names:
             fh.write(node_files[layout.node_pub(name)].data)
     return written
+
+
+def secagg_node_files(layout: CertLayout, name: str,
+                      ca_cert: Path | None = None) -> SecAggNodeFiles | None:
+    """Node ``name``'s SecAgg+ identity in ``layout`` (with ``ca_cert``, default the
+    directory's ``ca.crt``), or None where the directory has none (made before authenticated
+    SecAgg+, or only the node's SuperNode key was handed out)."""
+    key, cert = layout.secagg_node_key(name), layout.secagg_node_cert(name)
+    if not key.is_file() or not cert.is_file():
+        return None
+    return SecAggNodeFiles(key=key, cert=cert, ca=ca_cert if ca_cert is not None
+                           else layout.ca_cert)
+
+
+def secagg_files_beside(node_key: Path, ca_cert: Path) -> SecAggNodeFiles | None:
+    """The SecAgg+ identity next to a SuperNode key ``<folder>/<name>.key``: the files
+    ``<folder>/secagg-<name>.key`` and ``.crt`` (as in a certificate directory's ``nodes/``),
+    pinned to ``ca_cert``; None where they are absent."""
+    name = node_key.stem
+    if node_key.suffix != ".key" or name.startswith(SECAGG_PREFIX):
+        return None
+    key = node_key.with_name(f"{SECAGG_PREFIX}{name}.key")
+    cert = node_key.with_name(f"{SECAGG_PREFIX}{name}.crt")
+    if not key.is_file() or not cert.is_file():
+        return None
+    return SecAggNodeFiles(key=key, cert=cert, ca=ca_cert)
 
 
 @dataclass(frozen=True)

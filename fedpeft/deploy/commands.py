@@ -14,7 +14,14 @@ from types import FrameType
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.core.protocol import Scalar
-from fedpeft.deploy.certs import DEFAULT_HOSTS, CertLayout, add_nodes, init_cert_dir
+from fedpeft.deploy.certs import (
+    DEFAULT_HOSTS,
+    CertLayout,
+    SecAggNodeFiles,
+    add_nodes,
+    init_cert_dir,
+    secagg_files_beside,
+)
 from fedpeft.deploy.errors import DeployError
 from fedpeft.deploy.runner import (
     DEFAULT_PORT,
@@ -45,25 +52,32 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
                            nodes=args.nodes, names=args.name or (), valid_days=args.days,
                            expired=args.expired, force=args.force)
     print(f"fedpeft: CA {layout.ca_cert}, server certificate {layout.server_cert} for "
-          f"{', '.join(args.host or DEFAULT_HOSTS)}; {args.nodes} node key(s) in "
-          f"{layout.root / 'nodes'}; allow-list {layout.allow_list}")
+          f"{', '.join(args.host or DEFAULT_HOSTS)}; {args.nodes} node key(s) and SecAgg "
+          f"identities in {layout.root / 'nodes'}; allow-list {layout.allow_list}")
     if args.expired:
         print("fedpeft: the server certificate is EXPIRED on purpose (--expired)",
               file=sys.stderr)
-    print("Give each client ca.crt and its own nodes/<name>.key; keep ca.key and server.key "
-          "on the coordinator.")
+    print("Give each client ca.crt, its own nodes/<name>.key and nodes/secagg-<name>.key/.crt; "
+          "give the coordinator ca.crt, server.crt, server.key and supernodes.allow; keep "
+          "ca.key with you, off the coordinator (it certifies SecAgg nodes; `certs add-node` "
+          "runs where it is).")
     return 0
 
 
 def cmd_certs_add_node(args: argparse.Namespace) -> int:
-    written = add_nodes(Path(args.dir), args.name, force=args.force)
+    written = add_nodes(Path(args.dir), args.name, force=args.force, valid_days=args.days)
     print("fedpeft: wrote " + ", ".join(str(p) for p in written) + f"; appended to "
           f"{CertLayout(Path(args.dir)).allow_list} (restart the coordinator to register)")
     return 0
 
 
 # -- coordinator -------------------------------------------------------------------------------
-def _coordinator_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Scalar]:
+def _coordinator_config(args: argparse.Namespace, run_dir: Path,
+                        certs: Path | None = None) -> dict[str, Scalar]:
+    """The run config. With ``certs`` (TLS) and secagg on, SecAgg+ rounds are authenticated
+    by the same CA, ``certs/ca.crt``, unless ``secagg-ca`` or ``secagg-sim-identities`` is
+    set (``--set secagg-ca=`` runs unauthenticated rounds, for nodes enrolled before
+    ``fedpeft certs`` issued SecAgg identities)."""
     overrides: dict[str, Scalar] = {}
     if args.preset:
         from fedpeft.runconfig.presets import get_preset
@@ -74,7 +88,13 @@ def _coordinator_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Sc
     if args.rounds is not None:
         overrides["num-rounds"] = args.rounds
     overrides.update(parse_overrides(args.set or []))
-    return full_run_config(overrides, run_dir)
+    config = full_run_config(overrides, run_dir)
+    ca = certs / "ca.crt" if certs is not None else None
+    if (ca is not None and ca.is_file() and config["secagg"] and "secagg-ca" not in overrides
+            and "secagg-sim-identities" not in overrides):
+        overrides["secagg-ca"] = str(ca.resolve())
+        config = full_run_config(overrides, run_dir)
+    return config
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -87,7 +107,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               "DIR`); plain HTTP only with --insecure")
         certs = Path(args.certs)
     run_dir = Path(args.run_dir or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    config = _coordinator_config(args, run_dir)  # validated before anything starts
+    config = _coordinator_config(args, run_dir, certs)  # validated before anything starts
+    if config["secagg-ca"]:
+        print(f"fedpeft: authenticated SecAgg+ rounds (secagg-ca={config['secagg-ca']}): each "
+              "client needs its nodes/secagg-<name>.key/.crt beside its --node-key (`fedpeft "
+              "certs add-node` issues them); --set secagg-ca= runs unauthenticated rounds",
+              flush=True)
     wait_nodes = args.wait_nodes if args.wait_nodes is not None else int(config["min-clients"])
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     link = start_superlink(certs, run_dir, host=args.host, port=args.port)
@@ -130,13 +155,20 @@ def cmd_client(args: argparse.Namespace) -> int:
                               "--node-key (this client's nodes/<name>.key) are required; "
                               "plain HTTP only with --insecure")
         ca_cert, node_key = _ca_cert(args.certs), Path(args.node_key)
+    # the node's SecAgg identity, beside its SuperNode key (nodes/secagg-<name>.key, .crt)
+    secagg: SecAggNodeFiles | None = (
+        secagg_files_beside(node_key, ca_cert) if node_key is not None and ca_cert is not None
+        else None)
+    if secagg is not None:
+        print(f"fedpeft: SecAgg identity {secagg.cert}: this client joins only rounds "
+              f"authenticated by {secagg.ca}", flush=True)
     state_dir = Path(args.state_dir or f"client-state/{args.client_id}")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     node = start_client(superlink=args.superlink, client_id=args.client_id,
                         partition_id=args.partition_id, num_partitions=args.num_partitions,
                         state_dir=state_dir, ca_cert=ca_cert, node_key=node_key,
                         warm=not args.cold, max_wait_time=args.max_wait_time,
-                        to_files=not args.foreground_logs)
+                        to_files=not args.foreground_logs, secagg=secagg)
     print(f"fedpeft: client {args.client_id} -> {args.superlink} "
           f"({'warm ClientApp' if node.worker else 'one ClientApp process per message'}); "
           f"logs in {node.state_dir}", flush=True)
@@ -156,22 +188,27 @@ def cmd_client(args: argparse.Namespace) -> int:
 # -- parser wiring -----------------------------------------------------------------------------
 def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``certs``, ``coordinator`` and ``client`` on the ``fedpeft`` subparsers."""
-    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys")
+    certs = sub.add_parser("certs", help="TLS certificates, SuperNode keys and SecAgg node "
+                           "identities")
     csub = certs.add_subparsers(dest="certs_command", required=True)
-    init = csub.add_parser("init", help="create a CA, a server certificate and node keys")
+    init = csub.add_parser("init", help="create a CA, a server certificate, node keys and "
+                           "each node's SecAgg identity (nodes/secagg-<name>.key/.crt)")
     init.add_argument("dir")
     init.add_argument("--host", action="append", metavar="NAME_OR_IP",
                       help="a name/IP clients use to reach the coordinator (repeat; default "
                       "localhost and 127.0.0.1)")
     init.add_argument("--nodes", type=int, default=2, help="node key pairs to create")
     init.add_argument("--name", action="append", help="node names (repeat; default node-1..N)")
-    init.add_argument("--days", type=int, default=365, help="server certificate validity")
+    init.add_argument("--days", type=int, default=365,
+                      help="validity of the server and SecAgg node certificates")
     init.add_argument("--expired", action="store_true", help=argparse.SUPPRESS)  # tests
     init.add_argument("--force", action="store_true", help="replace existing keys and certs")
     init.set_defaults(func=cmd_certs_init)
-    add = csub.add_parser("add-node", help="add node key pairs to an existing directory")
+    add = csub.add_parser("add-node", help="add node key pairs and SecAgg identities to an "
+                          "existing directory (needs its ca.key: run it where the CA key is)")
     add.add_argument("dir")
     add.add_argument("--name", action="append", required=True)
+    add.add_argument("--days", type=int, default=365, help="SecAgg node certificate validity")
     add.add_argument("--force", action="store_true")
     add.set_defaults(func=cmd_certs_add_node)
 
@@ -195,7 +232,9 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
     cl = sub.add_parser("client", help="run a SuperNode that trains for the federation")
     cl.add_argument("--certs", help="the federation's ca.crt (or the directory holding it)")
-    cl.add_argument("--node-key", help="this client's private key (nodes/<name>.key)")
+    cl.add_argument("--node-key", help="this client's private key (nodes/<name>.key); its "
+                    "SecAgg identity nodes/secagg-<name>.key/.crt beside it, when present, "
+                    "makes it join only authenticated SecAgg rounds")
     cl.add_argument("--superlink", required=True, metavar="HOST:PORT")
     cl.add_argument("--client-id", required=True)
     cl.add_argument("--partition-id", type=int, required=True)

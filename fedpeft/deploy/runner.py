@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from fedpeft.core.errors import ConfigError
+from fedpeft.client.node_identity import NODE_CA, NODE_CERT, NODE_KEY
+from fedpeft.core.errors import ConfigError, FedPeftError
 from fedpeft.core.protocol import Scalar
 from fedpeft.deploy.certs import (
     CertLayout,
+    SecAggNodeFiles,
     check_private_key_file,
     check_server_cert,
     read_allow_list,
@@ -49,6 +51,7 @@ from fedpeft.launch.process import (  # noqa: F401 - re-exported for callers of 
 )
 from fedpeft.launch.superlink import DEFAULT_RUN_TIMEOUT, ServerTls
 from fedpeft.runconfig.config import DEFAULTS, parse_run_config
+from fedpeft.runconfig.secagg_identity import read_node_identity, read_trust_anchor
 
 CONNECTION = "fedpeft-deploy"
 """Name of the ``flwr`` CLI connection to the coordinator's SuperLink."""
@@ -92,16 +95,36 @@ def connection_toml(address: str, root_certificates: Path | None) -> str:
 
 
 def node_config_toml(client_id: str, partition_id: int, num_partitions: int,
-                     state_dir: Path) -> str:
+                     state_dir: Path, secagg: SecAggNodeFiles | None = None) -> str:
     """Node config as a TOML file: ``flower-supernode --node-config FILE.toml`` reads it with
-    tomli, which avoids the quoting rules of the inline ``key="value" ...`` form."""
+    tomli, which avoids the quoting rules of the inline ``key="value" ...`` form.
+
+    ``secagg`` (the node's SecAgg+ identity files, :func:`fedpeft.deploy.certs.secagg_node_files`)
+    adds ``secagg-node-key``, ``secagg-node-cert`` and ``secagg-ca``
+    (:func:`fedpeft.client.node_identity.load_node_identity` reads them): the node then joins
+    only authenticated rounds."""
     if not client_id:
         raise ConfigError("client-id is empty; give each client a stable id")
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id={partition_id} is outside [0, num-partitions="
                           f"{num_partitions})")
-    return toml_table({"partition-id": partition_id, "num-partitions": num_partitions,
-                       "client-id": client_id, "state-dir": str(state_dir.resolve())})
+    table: dict[str, Scalar] = {"partition-id": partition_id, "num-partitions": num_partitions,
+                                "client-id": client_id, "state-dir": str(state_dir.resolve())}
+    if secagg is not None:
+        table.update({NODE_KEY: str(secagg.key.resolve()), NODE_CERT: str(secagg.cert.resolve()),
+                      NODE_CA: str(secagg.ca.resolve())})
+    return toml_table(table)
+
+
+def check_secagg_files(secagg: SecAggNodeFiles) -> None:
+    """Refuse to start a node whose SecAgg+ identity would be refused mid-round: a loose key
+    mode, a certificate not issued by its CA, expired, not for SecAgg, or not the key's."""
+    check_private_key_file(secagg.key)
+    try:
+        read_node_identity(secagg.key, secagg.cert, read_trust_anchor(secagg.ca))
+    except FedPeftError as exc:
+        raise CertificateError(f"SecAgg identity {secagg.cert} (key {secagg.key}, CA "
+                               f"{secagg.ca}) is refused: {exc}") from None
 
 
 def supernode_command(*, superlink: str, ca_cert: Path | None, node_key: Path | None,
@@ -284,21 +307,26 @@ class ClientNode:
 def start_client(*, superlink: str, client_id: str, partition_id: int, num_partitions: int,
                  state_dir: Path, ca_cert: Path | None, node_key: Path | None,
                  warm: bool = True, max_wait_time: float | None = None,
-                 to_files: bool = True) -> ClientNode:
+                 to_files: bool = True, secagg: SecAggNodeFiles | None = None) -> ClientNode:
     """Start one client: ``flower-supernode`` (+ the warm executor). ``ca_cert=None`` and
-    ``node_key=None`` = insecure. Logs go to ``state_dir`` (or this terminal)."""
+    ``node_key=None`` = insecure. Logs go to ``state_dir`` (or this terminal). ``secagg``:
+    the node's SecAgg+ identity (checked now; written to its node config), so that it joins
+    only rounds authenticated by that CA (the coordinator's run config ``secagg-ca``)."""
     check_host_port(superlink)
     if ca_cert is not None and not ca_cert.is_file():
         raise CertificateError(f"CA certificate {ca_cert} not found; copy ca.crt from the "
                                "coordinator's certificate directory")
     if node_key is not None:
         check_private_key_file(node_key)
+    if secagg is not None:
+        check_secagg_files(secagg)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = state_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     nc_file = state_dir / "node_config.toml"
-    nc_file.write_text(node_config_toml(client_id, partition_id, num_partitions, state_dir))
+    nc_file.write_text(node_config_toml(client_id, partition_id, num_partitions, state_dir,
+                                        secagg))
     runtime_port = free_port()
     cmd = supernode_command(superlink=superlink, ca_cert=ca_cert, node_key=node_key,
                             node_config=nc_file, runtime_port=runtime_port, warm=warm,

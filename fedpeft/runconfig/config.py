@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedpeft.core.errors import ConfigError, UnknownNameError
@@ -105,6 +106,12 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
     ledger_dir: str = ""
+    #: the federation CA every SecAgg+ round is authenticated with (None: unauthenticated
+    #: rounds); knob ``secagg-ca``, or ``secagg-sim-identities``/ca.crt
+    secagg_ca: Path | None = None
+    #: simulations: certificate dir whose nodes/secagg-<client id>.{key,crt} are the virtual
+    #: clients' identities (knob ``secagg-sim-identities``)
+    secagg_sim_identities: Path | None = None
     seed: int = 0
     run_dir: str = "runs/latest"
     resume: bool = True
@@ -226,6 +233,18 @@ DEFAULTS: dict[str, Scalar] = {
         "secagg-dropout", "secagg-max-abort", "secagg-corrupt-fraction")},
     "secagg-threshold": 0,  # 0 = planned from the number of clients (plan_graph)
     "secagg-degree": 0,
+    # Authenticated SecAgg+ (docs/secagg.md; Bonawitz et al. 2017, active adversaries): the
+    # path of the federation CA certificate (`fedpeft certs init`'s ca.crt) the coordinator
+    # checks node certificates against; "" = unauthenticated rounds. A deployment client pins
+    # its own CA (node config secagg-ca, beside secagg-node-key and secagg-node-cert) and
+    # refuses an unauthenticated round when it has an identity. Needs secagg = true; the file
+    # must exist where the run is parsed (coordinator, simulation).
+    "secagg-ca": "",
+    # Simulations: a `fedpeft certs init DIR --name client-0 --name client-1 ...` directory;
+    # each virtual client client-<partition-id> (or its node config client-id) signs with
+    # DIR/nodes/secagg-<client id>.{key,crt}. secagg-ca defaults to DIR/ca.crt (set it too to
+    # pin another CA). "" = no simulated identities.
+    "secagg-sim-identities": "",
     "seed": 0,
     "run-dir": "runs/latest",
     "resume": True,
@@ -269,8 +288,40 @@ def _grad_sample_mode(mode: str, method: str) -> str:
     return mode
 
 
-def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ()) -> RunConfig:
-    """Parse Flower's flat run config (dashed keys) into a validated :class:`RunConfig`."""
+def _secagg_files(v: Mapping[str, Scalar], secagg: bool,
+                  local_files: bool) -> tuple[Path | None, Path | None]:
+    """``(secagg_ca, secagg_sim_identities)`` from their knobs (see DEFAULTS), checked."""
+    ca_knob, sim_knob = str(v["secagg-ca"]), str(v["secagg-sim-identities"])
+    if not ca_knob and not sim_knob:
+        return None, None
+    if not secagg:
+        which = "secagg-ca" if ca_knob else "secagg-sim-identities"
+        raise ConfigError(f"{which} authenticates secure aggregation, but secagg=false: set "
+                          f"secagg = true, or {which} = \"\" for a run without it")
+    sim = Path(sim_knob) if sim_knob else None
+    ca = Path(ca_knob) if ca_knob else (sim / "ca.crt" if sim is not None else None)
+    if local_files:
+        if sim is not None and not sim.is_dir():
+            raise ConfigError(f"secagg-sim-identities={sim_knob!r} is not a directory; create "
+                              "it with `fedpeft certs init DIR --name client-0 --name client-1 "
+                              "...` (one name per virtual client), or set it to \"\"")
+        if ca is not None and not ca.is_file():
+            source = (f"secagg-ca={ca_knob!r}" if ca_knob else
+                      f"secagg-sim-identities={sim_knob!r} has no ca.crt, so secagg-ca={str(ca)!r}")
+            raise ConfigError(f"{source} is not a file; give the federation CA certificate "
+                              "(ca.crt of `fedpeft certs init`), or secagg-ca = \"\" for "
+                              "unauthenticated rounds")
+    return ca, sim
+
+
+def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = (),
+                     local_files: bool = True) -> RunConfig:
+    """Parse Flower's flat run config (dashed keys) into a validated :class:`RunConfig`.
+
+    ``local_files=False`` skips the check that ``secagg-ca`` / ``secagg-sim-identities``
+    exist on this machine: a deployment client parses the coordinator's run config, whose
+    paths name the coordinator's files (the client pins its own CA, from its node config).
+    """
     unknown = sorted(k for k in flat if k not in DEFAULTS and not k.startswith(extra_ok or "\0"))
     if unknown:
         raise ConfigError(f"unknown run config keys {unknown}; known keys: {sorted(DEFAULTS)}")
@@ -297,6 +348,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
                                   degree=int(v["secagg-degree"]) or None)
         except SecAggError as exc:
             raise ConfigError(f"secure aggregation settings: {exc}") from exc
+    secagg_ca, sim_identities = _secagg_files(v, secagg is not None, local_files)
     level = str(v["dp-level"])
     if level not in DP_LEVELS:
         raise ConfigError(f"dp-level={level!r} must be one of {list(DP_LEVELS)}")
@@ -362,6 +414,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = ())
         dp=dp,
         user_dp=user_dp,
         ledger_dir=str(v["ledger-dir"]),
+        secagg_ca=secagg_ca,
+        secagg_sim_identities=sim_identities,
         model=ModelConfig(name=str(v["model"]), task=task,  # type: ignore[arg-type]
                           num_hidden_layers=layers or None, num_labels=int(v["num-labels"]),
                           max_length=int(v["max-length"]),

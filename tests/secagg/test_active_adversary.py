@@ -3,10 +3,13 @@ and attributed, or detected; never a wrong sum accepted, never a secret revealed
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
+from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,8 +17,17 @@ from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
 from fedpeft.secagg import messages as msg
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import check_round_parameters, plan_graph
-from fedpeft.secagg.errors import AbortError, ProtocolError, RefusedError, ShamirError
+from fedpeft.secagg.errors import (
+    AbortError,
+    AuthenticationError,
+    ProtocolError,
+    RefusedError,
+    ShamirError,
+    StateError,
+)
+from fedpeft.secagg.identity import NodeIdentity, TrustAnchor, advertisement_message
 from fedpeft.secagg.quantize import decode_signed, plan_quantization, quantize
+from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.shamir import PRIME, SHARE_BYTES, robust_reconstruct, split
 
 SID = b"active-adversary-session"
@@ -164,3 +176,116 @@ def test_range_check_never_rejects_honest_inputs_at_the_clip() -> None:
         run = run_in_memory(CFG, ups, session_id=SID, rounding_seeds=SEEDS)
         plan = plan_quantization(CFG.clip, N, CFG.bits)
         np.testing.assert_array_equal(run.result.int_sum, np.full(L, sign * N * plan.max_level))
+
+
+# ---- authenticated rounds: certified node keys, signed advertisements -----------------------
+
+def _clock() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def pki() -> tuple[TrustAnchor, dict[int, NodeIdentity], Any]:
+    """A federation CA and one enrolled identity per client id (as ``fedpeft certs`` makes)."""
+    from fedpeft.deploy.certs import build_ca, build_secagg_node_cert
+
+    ca_key, ca_cert = build_ca()
+    trust = TrustAnchor(ca_cert, _clock)
+    identities = {}
+    for cid in IDS:
+        key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{cid}")
+        identities[cid] = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), trust)
+    return trust, identities, (ca_key, ca_cert)
+
+
+def test_authenticated_round_gives_the_exact_sum_with_dropouts(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    ups = _ups()
+    run = run_in_memory(CFG, ups, session_id=SID, rounding_seeds=SEEDS, identities=identities,
+                        trust=trust, dropouts={Stage.SHARE_KEYS: {IDS[2]}})
+    assert IDS[2] not in run.result.survivors
+    np.testing.assert_array_equal(run.result.int_sum, _expected(ups, run.result.survivors))
+
+
+def _substitute_keys(victim: int, peer: int, *, resign: NodeIdentity | None = None):  # type: ignore[no-untyped-def]
+    """The review's key substitution: the coordinator gives ``victim`` its own keys for ``peer``
+    (keeping ``peer``'s certificate and signature, or re-signing with another identity)."""
+    attacker = SecAggClient(peer, SID, CFG)
+
+    def tamper(stage: Stage, direction: str, cid: int, data: bytes) -> bytes:
+        if stage is not Stage.SHARE_KEYS or direction != "request" or cid != victim:  # KEYS
+            return data
+        own = attacker._own_keys()
+        out = []
+        for p in msg.decode_keys(data, SID, cid):
+            if p.client_id == peer:
+                cert, sig = p.certificate, p.signature
+                if resign is not None:
+                    cert = resign.certificate
+                    sig = resign.sign(advertisement_message(SID, peer, own[:32], own[32:64], own[64:]))
+                p = msg.PeerKeys(peer, own[:32], own[32:64], own[64:], cert, sig)
+            out.append(p)
+        return msg.encode_keys(SID, cid, out)
+    return tamper
+
+
+def test_substituted_peer_keys_are_refused_before_anything_is_shared(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, (ca_key, ca_cert) = pki
+    from fedpeft.deploy.certs import build_ca, build_secagg_node_cert
+
+    with pytest.raises(AuthenticationError, match="not signed by its certified key"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=identities, trust=trust,
+                      tamper=_substitute_keys(IDS[0], IDS[1]))
+    # re-signed by the coordinator with a key from its own CA: not the federation's
+    rogue_key, rogue_ca = build_ca("rogue CA")
+    key, cert = build_secagg_node_cert(rogue_key, rogue_ca, f"node-{IDS[1]}")
+    rogue = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), TrustAnchor(rogue_ca, _clock))
+    with pytest.raises(AuthenticationError, match="not issued by the federation CA"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=identities, trust=trust,
+                      tamper=_substitute_keys(IDS[0], IDS[1], resign=rogue))
+    # re-signed with another genuine node's key (a colluder): the signer is already a peer
+    with pytest.raises(ProtocolError, match="sybil"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=identities, trust=trust,
+                      tamper=_substitute_keys(IDS[0], IDS[1], resign=identities[IDS[2]]))
+    # without authentication the same substitution goes unnoticed by the victim (the review)
+    victim = SecAggClient(IDS[0], SID, CFG)
+    victim.set_update(_ups()[IDS[0]], SEEDS[IDS[0]])
+    server = SecAggServer(CFG, IDS, L, SID)
+    others = {c: SecAggClient(c, SID, CFG) for c in IDS[1:]}
+    setup = server.start()
+    replies = {IDS[0]: victim.handle(setup[IDS[0]])} | {c: others[c].handle(setup[c]) for c in IDS[1:]}
+    keys = server.on_advertise(replies)
+    keys[IDS[0]] = _substitute_keys(IDS[0], IDS[1])(Stage.SHARE_KEYS, "request", IDS[0], keys[IDS[0]])
+    victim.handle(keys[IDS[0]])
+    assert victim.stage is Stage.SHARE_KEYS  # it shared its secrets with the coordinator's keys
+
+
+def test_one_node_cannot_advertise_as_two_clients(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    sybil = dict(identities) | {IDS[3]: identities[IDS[4]]}
+    with pytest.raises(ProtocolError, match="already in use"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=sybil, trust=trust)
+
+
+def test_no_downgrade_either_way(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    with pytest.raises(RefusedError, match="joins only authenticated rounds"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=identities)  # server without CA
+    with pytest.raises(RefusedError, match="no SecAgg node identity"):
+        run_in_memory(CFG, _ups(), session_id=SID, trust=trust)  # clients without identities
+
+
+def test_authenticated_state_is_imported_only_with_the_identity(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    server = SecAggServer(CFG, IDS, L, SID, trust=trust)
+    client = SecAggClient(IDS[0], SID, CFG, identity=identities[IDS[0]])
+    client.handle(server.start()[IDS[0]])
+    state = client.export_state()
+    with pytest.raises(StateError, match="no SecAgg node identity"):
+        SecAggClient.import_state(state, CFG)
+    restored = SecAggClient.import_state(state, CFG, identity=identities[IDS[0]])
+    assert restored.export_state() == state and restored.identity is identities[IDS[0]]
+    unauthenticated = SecAggClient(IDS[0], SID, CFG)
+    unauthenticated.handle(SecAggServer(CFG, IDS, L, SID).start()[IDS[0]])
+    with pytest.raises(StateError, match="joins only authenticated rounds"):
+        SecAggClient.import_state(unauthenticated.export_state(), CFG, identity=identities[IDS[0]])

@@ -20,7 +20,7 @@ SECAGG = Path(fedpeft.secagg.__file__).parent
 MODULES = sorted(SECAGG.glob("*.py"))
 #: Standard-library modules secagg may use (``time`` only for the driver's timings).
 STDLIB = {"__future__", "collections", "dataclasses", "enum", "hashlib", "math", "os", "secrets",
-          "struct", "typing", "time"}
+          "struct", "typing", "time", "datetime"}
 FIRST_PARTY = ("fedpeft.secagg", "fedpeft.core.errors")
 #: Calls that would do I/O or run code.
 FORBIDDEN_CALLS = {"print", "open", "input", "breakpoint", "exec", "eval", "compile", "__import__"}
@@ -56,6 +56,9 @@ def test_imports_are_limited(path: Path) -> None:
             assert top in STDLIB | {"numpy", "cryptography"}, f"{path.name} imports {name}"
         if top == "time":
             assert path.name == "driver.py", f"{path.name} reads the clock"
+    for node in ast.walk(_tree(path)):  # datetime for types and arithmetic; the clock is passed in
+        if isinstance(node, ast.Attribute) and node.attr in ("now", "utcnow", "today"):
+            pytest.fail(f"{path.name} reads the clock ({node.attr}); take a clock argument")
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)

@@ -56,7 +56,7 @@ FULL_BODY = b"".join([
     b"\x01" + struct.pack(">I", len(REASON.encode())) + REASON.encode(),
     b"\x01" + bytes([2, 1]) + struct.pack(">Q", 3) + np.array([1.5, -2.0, 0.25], dtype="<f4").tobytes(),
     b"\x01" + b"\x04" * 32,
-    b"\x01" + struct.pack(">BHHdI", 32, 4, 5, 1e-2, 3) + bytes(range(32)) + _ids(11, 12, 13),
+    b"\x01" + struct.pack(">BHHdIB", 32, 4, 5, 1e-2, 3, 0) + bytes(range(32)) + _ids(11, 12, 13),
     _ids(12, 13),
     struct.pack(">IQ", 1, 12) + b"\x01" * 32 + b"\x02" * 32 + b"\x03" * 32,
     _ids(12),
