@@ -37,6 +37,7 @@ from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, check_round, enc
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.config import SecAggConfig
 from fedpeft.secagg.identity import NodeIdentity
+from fedpeft.secagg.messages import Kind
 from fedpeft.secagg.stages import Stage
 
 #: Key of the session's exported state in the node's ``state``.
@@ -128,8 +129,9 @@ def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[st
                  node_identity: NodeIdentity | None = None) -> bytes:
     """Answer one SecAgg+ stage of the session in ``state``; return the message to send.
 
-    Before an unmask request is answered, a marker in ``marker_dir`` records it durably;
-    a second unmask request of the same session is refused (:func:`mark_unmask_answered`).
+    Before an unmask request (or, in an authenticated round, a consistency request) is
+    answered, a marker in ``marker_dir`` records it durably; a second one of the same session
+    is refused (:func:`mark_unmask_answered`).
     The session leaves ``state`` once it is done or aborted. ``node_identity`` is the one the
     session started with (it is never in ``state``; an authenticated round needs it again).
     """
@@ -138,7 +140,12 @@ def answer_stage(content: Mapping[str, Value], cfg: SecAggConfig, state: dict[st
         raise PayloadError("no secure-aggregation session in this client's state (it "
                            "restarted or missed the start of the round); it counts as dropped")
     client = SecAggClient.import_state(blob, cfg, identity=node_identity)
-    if client.stage is Stage.COLLECT_MASKED:
+    if client.expects(Kind.CONSISTENCY_REQUEST):
+        # security: sign at most one survivor set per session, durably (two signed sets could
+        # let a lying coordinator certify two survivor views)
+        mark_unmask_answered(marker_dir, f"{client_id}.consistency", client.session_id,
+                             what="a consistency request")
+    if client.expects(Kind.UNMASK_REQUEST):
         # security: answer at most one unmask request per session, durably, before the reply
         # leaves: a replayed request with another survivor set could reveal a peer's update
         mark_unmask_answered(marker_dir, client_id, client.session_id)
@@ -157,7 +164,8 @@ def end_session(state: dict[str, bytes]) -> None:
     state.pop(SECAGG_STATE, None)
 
 
-def mark_unmask_answered(marker_dir: Path, client_id: str, session_id: bytes) -> None:
+def mark_unmask_answered(marker_dir: Path, client_id: str, session_id: bytes, *,
+                         what: str = "an unmask request") -> None:
     """Record, durably and at most once, that ``client_id`` answers the unmask request of
     ``session_id``; raise :class:`PayloadError` if it already did.
 
@@ -171,7 +179,7 @@ def mark_unmask_answered(marker_dir: Path, client_id: str, session_id: bytes) ->
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         raise PayloadError(f"secure-aggregation session {session_id.hex()[:16]}... already "
-                           "answered an unmask request; refusing a second one") from None
+                           f"answered {what}; refusing a second one") from None
     try:
         os.fsync(fd)
     finally:

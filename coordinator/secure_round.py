@@ -126,11 +126,15 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
             result.client_rows.append({**{k: v for k, v in content.items()
                                           if k != SECAGG_ADVERTISE_KEY}, "node": node})
         outgoing = server.on_advertise(adverts)
-        for stage, step in (("share-keys", server.on_shares), ("masked-input", server.on_masked)):
+        steps = [("share-keys", server.on_shares), ("masked-input", server.on_masked)]
+        if trust is not None:  # authenticated: the survivors sign the survivor set first
+            steps.append(("consistency", server.on_consistency))
+        for stage, step in steps:
             outgoing = step(_stage(transport, outgoing, stage, timeout, result))
         if field_round is not None:
-            # security: the release is accounted (or refused) before any unmask request leaves
-            field_round.gate(tuple(sorted(outgoing)), result.client_rows)
+            # security: the release is accounted (or refused) before any unmask request leaves;
+            # its contributors are the clients whose masked inputs are in the sum
+            field_round.gate(tuple(sorted(server.masked_inputs)), result.client_rows)
         aggregate = server.on_unmask(_stage(transport, outgoing, "unmask", timeout, result))
     except FedPeftError as exc:
         result.abort_reason = f"secure aggregation aborted: {type(exc).__name__}: {exc}"

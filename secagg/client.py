@@ -26,9 +26,11 @@ from fedpeft.secagg.config import (
     SecAggConfig,
     check_against_own_plan,
     check_round_parameters,
+    consistency_quorum,
 )
 from fedpeft.secagg.errors import (
     AbortError,
+    AuthenticationError,
     MalformedMessageError,
     ProtocolError,
     RefusedError,
@@ -39,7 +41,13 @@ from fedpeft.secagg.errors import (
     UpdateError,
 )
 from fedpeft.secagg.graph import neighbour_graph
-from fedpeft.secagg.identity import NodeIdentity, advertisement_message, verify_advertisement
+from fedpeft.secagg.identity import (
+    NodeIdentity,
+    advertisement_message,
+    consistency_message,
+    verify_advertisement,
+    verify_signature,
+)
 from fedpeft.secagg.kdf import (
     decrypt_shares,
     encrypt_shares,
@@ -53,7 +61,7 @@ from fedpeft.secagg.kdf import (
 from fedpeft.secagg.prg import SEED_BYTES, expand_mask
 from fedpeft.secagg.quantize import QuantizationPlan, check_update, plan_quantization, quantize
 from fedpeft.secagg.shamir import split
-from fedpeft.secagg.stages import CLIENT_TRANSITIONS, Stage
+from fedpeft.secagg.stages import Stage, client_transitions
 from fedpeft.secagg.state import ClientState, decode_state, encode_state
 
 _T = TypeVar("_T")
@@ -106,6 +114,7 @@ class SecAggClient:
         self._held_b: dict[int, bytes] = {}
         self._held_sk: dict[int, bytes] = {}
         self._own_b_share = b""
+        self._signed_survivors: frozenset[int] = frozenset()  # the set this client signed
         # security: fresh per-round secrets from the OS CSPRNG
         self._enc_sk, self._enc_pk = generate_keypair()
         self._mask_sk, self._mask_pk = generate_keypair()
@@ -161,10 +170,11 @@ class SecAggClient:
 
         ``message`` may be any bytes-like object (a memoryview of any layout is copied).
         """
-        if self.stage not in CLIENT_TRANSITIONS:
+        table = self._transitions()
+        if self.stage not in table:
             raise StageError(f"client {self.client_id} is in final stage={self.stage.name}; "
                              f"reason={self.abort_reason}")
-        kind, next_stage = CLIENT_TRANSITIONS[self.stage]
+        kind, next_stage = table[self.stage]
         if isinstance(message, memoryview):
             message = message.tobytes()
         elif isinstance(message, (bytes, bytearray)):
@@ -181,11 +191,14 @@ class SecAggClient:
         if self.stage is Stage.SHARE_KEYS and self._update is None:
             # usage error, not a protocol violation: stay in stage so the caller can retry
             raise UpdateError(f"client {self.client_id}: call set_update() before the masked-input stage")
+        authenticated = self._setup is not None and self._setup.authenticated
         handler: dict[Stage, Callable[[bytes], bytes]] = {
             Stage.SETUP: self._on_setup,
             Stage.ADVERTISE_KEYS: self._on_keys,
             Stage.SHARE_KEYS: self._on_forward,
-            Stage.COLLECT_MASKED: self._on_unmask_request,
+            Stage.COLLECT_MASKED: (self._on_consistency_request if authenticated
+                                   else self._on_unmask_request),
+            Stage.CONSISTENCY_CHECK: self._on_unmask_request,
         }
         try:
             reply = handler[self.stage](message)
@@ -193,6 +206,15 @@ class SecAggClient:
             self._fail(exc)
         self.stage = next_stage
         return reply
+
+    def _transitions(self) -> dict[Stage, tuple[msg.Kind, Stage]]:
+        return client_transitions(self._setup is not None and self._setup.authenticated)
+
+    def expects(self, kind: msg.Kind) -> bool:
+        """Whether the next message this client accepts is of ``kind`` (the Flower integration
+        marks an unmask request durably before it is answered)."""
+        entry = self._transitions().get(self.stage)
+        return entry is not None and entry[0] is kind
 
     @property
     def quantization(self) -> QuantizationPlan:
@@ -220,7 +242,8 @@ class SecAggClient:
             abort_reason=self.abort_reason, update=self._update, rounding_seed=self._rounding_seed,
             setup=self._setup, graph_neighbours=self._graph_neighbours, peers=self._peers, u2=self._u2,
             held_b=self._held_b, held_sk=self._held_sk, own_b_share=self._own_b_share,
-            enc_sk=self._enc_sk, mask_sk=self._mask_sk, self_seed=self._self_seed,
+            signed_survivors=self._signed_survivors, enc_sk=self._enc_sk, mask_sk=self._mask_sk,
+            self_seed=self._self_seed,
         ))
 
     @classmethod
@@ -279,6 +302,7 @@ class SecAggClient:
         client._held_b = st.held_b
         client._held_sk = st.held_sk
         client._own_b_share = st.own_b_share
+        client._signed_survivors = st.signed_survivors
         client._enc_sk, client._enc_pk = st.enc_sk, enc_pk  # security: secrets restored on-device only
         client._mask_sk, client._mask_pk = st.mask_sk, mask_pk
         client._self_seed = st.self_seed
@@ -403,9 +427,57 @@ class SecAggClient:
         self._update = None  # drop the plaintext update once masked
         return msg.encode_masked(self.session_id, self.client_id, acc, plan.bits)
 
+    def _gamma(self) -> float:
+        return DEFAULT_CORRUPT_FRACTION if self.config is None else self.config.corrupt_fraction
+
+    def _on_consistency_request(self, data: bytes) -> bytes:
+        """Authenticated rounds: sign the survivor set, once per session (the consistency
+        check, Bonawitz et al. CCS 2017 round 3)."""
+        s = _need(self._setup)
+        identity = _need(self.identity)
+        survivors = msg.decode_consistency_request(data, self.session_id, self.client_id)
+        n = len(s.participants)
+        quorum = consistency_quorum(n, self._gamma())
+        if not set(survivors) <= set(s.participants) or self.client_id not in survivors:
+            raise ProtocolError("the survivor set names non-participants or leaves out this "
+                                "client, which sent its masked input")
+        if len(survivors) < quorum:  # security: a sum over a minority is never unmasked
+            raise RefusedError(f"only {len(survivors)} survivors of n={n}; an authenticated "
+                               f"round needs a quorum of {quorum}")
+        self._signed_survivors = frozenset(survivors)
+        # security: an honest client signs exactly one survivor set per session
+        return msg.encode_consistency_signature(
+            self.session_id, self.client_id,
+            identity.sign(consistency_message(self.session_id, self.client_id, survivors)))
+
+    def _check_attestations(self, attestations: tuple[msg.Attestation, ...]) -> None:
+        """Authenticated rounds: at least a quorum of valid signatures, by distinct certified
+        survivors, on exactly the survivor set this client signed."""
+        s = _need(self._setup)
+        trust = _need(self.identity).trust
+        quorum = consistency_quorum(len(s.participants), self._gamma())
+        signed = sorted(self._signed_survivors)
+        keys: set[bytes] = set()
+        for a in attestations:
+            if a.signer not in self._signed_survivors:
+                continue
+            try:
+                peer = trust.verify(a.certificate)
+                verify_signature(peer.public_key, consistency_message(self.session_id, a.signer, signed),
+                                 a.signature, f"survivor {a.signer}")
+            except (AuthenticationError, MalformedMessageError):
+                continue  # an invalid attestation counts for nothing
+            keys.add(peer.public_key)  # security: one device counts once, whatever its ids
+            if len(keys) >= quorum:
+                return
+        raise RefusedError(f"only {len(keys)} valid signatures on the survivor set this client "
+                           f"signed; revealing shares needs {quorum} (the coordinator may be "
+                           "telling clients different survivor sets)")
+
     def _on_unmask_request(self, data: bytes) -> bytes:
         s = _need(self._setup)
-        survivors, dropped = msg.decode_unmask_request(data, self.session_id, self.client_id)
+        survivors, dropped, attestations = msg.decode_unmask_request(data, self.session_id,
+                                                                     self.client_id)
         sv, dr = set(survivors), set(dropped)
         if sv & dr:  # security: never reveal both the self-mask and the key share of one client
             raise RefusedError(f"clients {sorted(sv & dr)[:5]} listed as both survivor and dropped")
@@ -415,11 +487,20 @@ class SecAggClient:
             )
         if len(sv) + 1 < s.threshold:  # security: refuse to unmask a sum over too few clients
             raise RefusedError(f"only {len(sv)} surviving peers; need threshold - 1 = {s.threshold - 1}")
+        if s.authenticated:
+            # security: the partition follows the survivor set a quorum signed, nothing else
+            if sv != set(self._u2) & self._signed_survivors:
+                raise RefusedError("the unmask request's survivors differ from the survivor set "
+                                   "this client signed")
+            self._check_attestations(attestations)
+        elif attestations:
+            raise ProtocolError("signatures in an unauthenticated round's unmask request")
         b = {i: self._held_b[i] for i in sv}
         b[self.client_id] = self._own_b_share  # I survived: my own self-mask share may be revealed
         sk = {i: self._held_sk[i] for i in dr}
         self._held_b.clear()
         self._held_sk.clear()
+        self._signed_survivors = frozenset()
         return msg.encode_unmask_shares(self.session_id, self.client_id, b, sk)
 
 

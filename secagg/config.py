@@ -82,6 +82,17 @@ def colluders(n: int, corrupt_fraction: float) -> int:
     return int(math.floor(corrupt_fraction * n + 1e-9))
 
 
+def consistency_quorum(n: int, corrupt_fraction: float) -> int:
+    """Signatures on one survivor set a client needs before it reveals shares (authenticated
+    rounds): ``floor((n + c) / 2) + 1`` of the ``n`` participants, ``c = floor(gamma n)``.
+
+    Two different survivor sets cannot both reach it: their signer sets would share more than
+    ``c`` clients, so some honest client signed both, and an honest client signs once per
+    session. The sum therefore also always covers a majority of the participants.
+    """
+    return (n + colluders(n, corrupt_fraction)) // 2 + 1
+
+
 def min_degree(n: int) -> int:
     """Smallest degree a round of ``n`` accepts: ``min(n - 1, max(2, 2 ceil(log2 n)))``."""
     return min(n - 1, max(2, 2 * math.ceil(math.log2(n))))

@@ -21,7 +21,8 @@ from fedpeft.secagg.identity import NodeIdentity, TrustAnchor
 from fedpeft.secagg.server import AggregateResult, SecAggServer
 from fedpeft.secagg.stages import Stage
 
-#: Stages in which a client can drop, in protocol order (the reply of that stage is lost).
+#: Stages in which a client can drop, in protocol order (the reply of that stage is lost);
+#: authenticated rounds add CONSISTENCY_CHECK before UNMASK.
 DROP_STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
 
 #: ``tamper(stage, "request" | "reply", client_id, message) -> message`` rewrites one message in flight.
@@ -83,7 +84,8 @@ def run_in_memory(
     requests = server.start()
     run_server_s["start"] = time.perf_counter() - t0
     result: AggregateResult | None = None
-    for stage in DROP_STAGES:
+    stages = DROP_STAGES if trust is None else (*DROP_STAGES[:3], Stage.CONSISTENCY_CHECK, Stage.UNMASK)
+    for stage in stages:
         gone |= drops.get(stage, set())
         replies: dict[int, bytes] = {}
         for cid, request in requests.items():
@@ -106,7 +108,8 @@ def run_in_memory(
             result = server.on_unmask(replies)
         else:
             step = {Stage.ADVERTISE_KEYS: server.on_advertise, Stage.SHARE_KEYS: server.on_shares,
-                    Stage.COLLECT_MASKED: server.on_masked}[stage]
+                    Stage.COLLECT_MASKED: server.on_masked,
+                    Stage.CONSISTENCY_CHECK: server.on_consistency}[stage]
             requests = step(replies)
         run_server_s[stage.value] = time.perf_counter() - t0
     if result is None:  # pragma: no cover - on_unmask either returns or raises

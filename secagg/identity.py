@@ -67,6 +67,17 @@ def advertisement_message(session_id: bytes, client_id: int, enc_pk: bytes, mask
             + struct.pack(">Q", client_id) + enc_pk + mask_pk + commitment)
 
 
+_CONSISTENCY_LABEL = b"fedpeft/secagg/v1/consistency"
+
+
+def consistency_message(session_id: bytes, signer: int, survivors: tuple[int, ...] | list[int]) -> bytes:
+    """The bytes a survivor signs in the consistency check: the survivor set of this session,
+    bound to the signer's id (Bonawitz et al. CCS 2017, round 3)."""
+    ids = sorted(survivors)
+    return (_CONSISTENCY_LABEL + struct.pack(">B", len(session_id)) + session_id
+            + struct.pack(f">QI{len(ids)}Q", signer, len(ids), *ids))
+
+
 @dataclass(frozen=True)
 class VerifiedPeer:
     """A certificate that passed :meth:`TrustAnchor.verify`: its subject and signing key."""

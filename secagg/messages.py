@@ -8,9 +8,9 @@ unsorted id lists and out-of-range sizes with :class:`MalformedMessageError`. No
 
 Below, ``ids`` is ``u32 count | count x u64``, strictly increasing, ``count <=``
 :data:`MAX_PARTICIPANTS`. The messages follow the rounds of Bonawitz et al. (CCS 2017, sec. 4:
-AdvertiseKeys, ShareKeys, MaskedInputCollection, Unmasking; no ConsistencyCheck round, which
-only the malicious-server variant needs) restricted, as in SecAgg+ (Bell et al., CCS 2020), to
-each client's neighbours in the public graph. Pure encoders/decoders on bytes: no I/O.
+AdvertiseKeys, ShareKeys, MaskedInputCollection, ConsistencyCheck in authenticated rounds only,
+Unmasking) restricted, as in SecAgg+ (Bell et al., CCS 2020), to each client's neighbours in the
+public graph. Pure encoders/decoders on bytes: no I/O.
 
 In an authenticated round (SETUP's flag; Bonawitz et al. sec. 6) each advertisement carries
 the sender's node certificate (DER, :mod:`fedpeft.secagg.identity`) and its Ed25519 signature
@@ -53,7 +53,7 @@ COMMIT_BYTES = 32
 
 
 class Kind(enum.IntEnum):
-    """Message kinds, the ``u8 kind`` header byte (server -> client: 1..4, client -> server: 11..14).
+    """Message kinds, the ``u8 kind`` header byte (server -> client: 1..5, client -> server: 11..15).
 
     Each stage accepts exactly one kind (:mod:`fedpeft.secagg.stages`).
     """
@@ -62,10 +62,12 @@ class Kind(enum.IntEnum):
     KEYS = 2
     FORWARD_SHARES = 3
     UNMASK_REQUEST = 4
+    CONSISTENCY_REQUEST = 5
     ADVERTISE = 11
     SHARES = 12
     MASKED = 13
     UNMASK_SHARES = 14
+    CONSISTENCY_SIGNATURE = 15
 
 
 class _Reader:
@@ -316,32 +318,78 @@ def decode_forward(data: bytes, session_id: bytes, me: int) -> dict[int, bytes]:
     return _read_ciphertexts(r, "forwarded shares")
 
 
-def encode_unmask_request(session_id: bytes, to: int, survivors: list[int], dropped: list[int]) -> bytes:
-    """UNMASK_REQUEST message from the server to client ``to``: ``ids survivors | ids dropped``.
+@dataclass(frozen=True)
+class Attestation:
+    """One survivor's signature on the survivor set (the consistency check), with its node
+    certificate (DER) so that every client can verify it."""
+
+    signer: int
+    certificate: bytes
+    signature: bytes
+
+
+def encode_unmask_request(session_id: bytes, to: int, survivors: list[int], dropped: list[int],
+                          attestations: list[Attestation] | tuple[Attestation, ...] = ()) -> bytes:
+    """UNMASK_REQUEST message from the server to client ``to``: ``ids survivors | ids dropped |
+    u32 count | count x (u64 signer | u16 len | certificate | 64 B signature)``.
 
     The partition of ``to``'s share holders into those whose masked input arrived (reveal
-    their self-mask share) and those that dropped (reveal their mask-key share).
+    their self-mask share) and those that dropped (reveal their mask-key share); in an
+    authenticated round, the survivors' signatures on the survivor set (sorted by signer;
+    none in an unauthenticated round).
     """
     s, d = sorted(survivors), sorted(dropped)
+    att = sorted(attestations, key=lambda a: a.signer)
+    body = b"".join(struct.pack(">Q", a.signer) + _signed(a.certificate, a.signature)[1:] for a in att)
     return (
         encode_header(Kind.UNMASK_REQUEST, session_id, to)
         + struct.pack(f">I{len(s)}Q", len(s), *s)
         + struct.pack(f">I{len(d)}Q", len(d), *d)
+        + struct.pack(">I", len(att)) + body
     )
 
 
 def decode_unmask_request(
     data: bytes, session_id: bytes, me: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Parse an UNMASK_REQUEST addressed to ``me``: ``(survivors, dropped)``.
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Attestation, ...]]:
+    """Parse an UNMASK_REQUEST addressed to ``me``: ``(survivors, dropped, attestations)``.
 
-    Format only; the client refuses overlapping or incomplete lists (:class:`RefusedError`).
+    Format only; the client refuses overlapping or incomplete lists (:class:`RefusedError`)
+    and, in an authenticated round, too few valid signatures.
     """
     r = open_message(data, Kind.UNMASK_REQUEST, session_id, me)
     survivors = r.ids("survivors")
     dropped = r.ids("dropped")
+    count = r.u(">I", "attestation count")
+    if count > MAX_PARTICIPANTS:
+        raise MalformedMessageError(f"attestation count={count} exceeds {MAX_PARTICIPANTS}")
+    out = []
+    for _ in range(count):
+        signer = r.u(">Q", "attestation signer")
+        length = r.u(">H", "attestation certificate length")
+        if not 0 < length <= MAX_CERT_BYTES:
+            raise MalformedMessageError(f"attestation certificate length={length} must be in "
+                                        f"1..{MAX_CERT_BYTES}")
+        out.append(Attestation(signer, r.take(length, "attestation certificate"),
+                               r.take(SIGNATURE_BYTES, "attestation signature")))
     r.end()
-    return survivors, dropped
+    _check_sorted_unique([a.signer for a in out], "attestation signers")
+    return survivors, dropped, tuple(out)
+
+
+def encode_consistency_request(session_id: bytes, to: int, survivors: list[int]) -> bytes:
+    """CONSISTENCY_REQUEST from the server to client ``to``: ``ids survivors`` (the clients
+    whose masked inputs the sum will hold; authenticated rounds only)."""
+    s = sorted(survivors)
+    return encode_header(Kind.CONSISTENCY_REQUEST, session_id, to) + struct.pack(f">I{len(s)}Q", len(s), *s)
+
+
+def decode_consistency_request(data: bytes, session_id: bytes, me: int) -> tuple[int, ...]:
+    """Parse a CONSISTENCY_REQUEST addressed to ``me``: the survivor set."""
+    r = open_message(data, Kind.CONSISTENCY_REQUEST, session_id, me)
+    survivors = r.ids("survivors")
+    r.end()
+    return survivors
 
 
 # ---- client -> server -------------------------------------------------------------------
@@ -363,6 +411,22 @@ def decode_advertise(data: bytes, session_id: bytes, sender: int) -> PeerKeys:
     out = PeerKeys(sender, enc_pk, mask_pk, commitment, *_read_signed(r, "advertisement"))
     r.end()
     return out
+
+
+def encode_consistency_signature(session_id: bytes, me: int, signature: bytes) -> bytes:
+    """CONSISTENCY_SIGNATURE from client ``me``: its 64-byte Ed25519 signature on the survivor
+    set (:func:`fedpeft.secagg.identity.consistency_message`)."""
+    if len(signature) != SIGNATURE_BYTES:
+        raise MalformedMessageError(f"signature of {len(signature)} B must be {SIGNATURE_BYTES}")
+    return encode_header(Kind.CONSISTENCY_SIGNATURE, session_id, me) + signature
+
+
+def decode_consistency_signature(data: bytes, session_id: bytes, sender: int) -> bytes:
+    """Parse a CONSISTENCY_SIGNATURE from ``sender``: the signature."""
+    r = open_message(data, Kind.CONSISTENCY_SIGNATURE, session_id, sender)
+    sig = r.take(SIGNATURE_BYTES, "consistency signature")
+    r.end()
+    return sig
 
 
 def encode_shares(session_id: bytes, me: int, cts: dict[int, bytes]) -> bytes:

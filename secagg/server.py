@@ -9,6 +9,9 @@ Flow (a client missing from a ``replies`` mapping has dropped at that stage)::
     out = server.on_masked(replies)      # -> UNMASK                  (unmask requests)
     result = server.on_unmask(replies)   # -> DONE                    (AggregateResult)
 
+An authenticated round (``trust=``) adds the consistency check between the last two:
+``on_masked`` -> CONSISTENCY_CHECK (survivor set to sign), ``on_consistency`` -> UNMASK.
+
 Every error raises a typed :class:`SecAggError`, sets ``stage = ABORTED`` and records
 ``abort_reason``; an aborted server answers nothing more. The server learns only the sum.
 """
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpeft.secagg import messages as msg
-from fedpeft.secagg.config import MAX_CLIENT_ID, SecAggConfig
+from fedpeft.secagg.config import MAX_CLIENT_ID, SecAggConfig, consistency_quorum
 from fedpeft.secagg.errors import (
     AbortError,
     MalformedMessageError,
@@ -35,12 +38,17 @@ from fedpeft.secagg.errors import (
     StageError,
 )
 from fedpeft.secagg.graph import neighbour_graph
-from fedpeft.secagg.identity import TrustAnchor, verify_advertisement
+from fedpeft.secagg.identity import (
+    TrustAnchor,
+    consistency_message,
+    verify_advertisement,
+    verify_signature,
+)
 from fedpeft.secagg.kdf import pairwise_mask_seed, public_from_private, self_mask_commitment
 from fedpeft.secagg.prg import SEED_BYTES, expand_mask
 from fedpeft.secagg.quantize import QuantizationPlan, decode_signed, dequantize
 from fedpeft.secagg.shamir import reconstruct, robust_reconstruct
-from fedpeft.secagg.stages import SERVER_TRANSITIONS, Stage
+from fedpeft.secagg.stages import Stage, server_transitions
 
 _T = TypeVar("_T")
 
@@ -134,6 +142,7 @@ class SecAggServer:
         self._u3: frozenset[int] = frozenset()
         self._acc: npt.NDArray[np.uint32] | None = None
         self._requests: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._signers: dict[int, bytes] = {}  # certified node key of each advertiser
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -152,7 +161,7 @@ class SecAggServer:
     def _collect(
         self, replies: Mapping[int, bytes], allowed: frozenset[int], decode: Callable[[bytes, int], _T]
     ) -> dict[int, _T]:
-        kind = SERVER_TRANSITIONS[self.stage][0]
+        kind = server_transitions(self.trust is not None)[self.stage][0]
         if not isinstance(replies, Mapping):
             self._fail(ProtocolError(f"replies type={type(replies).__name__} must map client id -> bytes"))
         bad_ids = [k for k in replies if isinstance(k, bool) or not isinstance(k, int)]
@@ -213,7 +222,7 @@ class SecAggServer:
     def on_advertise(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
         """Collect public keys; send each client its advertising neighbours' keys."""
         self._enter(Stage.ADVERTISE_KEYS)
-        signers: dict[int, bytes] = {}
+        signers = self._signers
 
         def decode(data: bytes, cid: int) -> msg.PeerKeys:
             keys = msg.decode_advertise(data, self.session_id, cid)
@@ -288,12 +297,49 @@ class SecAggServer:
         got = self._collect(replies, frozenset(self._forwarded), decode)
         self._u3 = frozenset(got)
         u3 = self._u3
+        quorum = consistency_quorum(len(self.participants), self.config.corrupt_fraction)
+        if self.trust is not None and len(u3) < quorum:
+            self._fail(AbortError(f"only {len(u3)} masked inputs of n={len(self.participants)}; "
+                                  f"an authenticated round needs a quorum of {quorum}; nothing "
+                                  "was revealed"))
         if len(u3) < self.threshold:
             self._fail(AbortError(f"only {len(u3)} masked inputs < threshold={self.threshold}; "
                                   "nothing was revealed"))
-        # security: check before asking for any share that every secret will be recoverable.
-        holders: dict[int, int] = {j: 1 for j in u3}  # a survivor holds a share of its own seed
-        for j in u3:
+        self._check_recoverable(u3)
+        self._acc = acc
+        if self.trust is not None:  # the consistency check first: the survivors sign u3
+            self.stage = Stage.CONSISTENCY_CHECK
+            return {j: msg.encode_consistency_request(self.session_id, j, sorted(u3)) for j in sorted(u3)}
+        return self._unmask_requests(u3, ())
+
+    def on_consistency(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Authenticated rounds: collect the survivors' signatures on the survivor set; ask
+        the signers for shares, sending every client all the signatures (it reveals nothing
+        unless a quorum of them is valid, :meth:`SecAggClient._check_attestations`)."""
+        self._enter(Stage.CONSISTENCY_CHECK)
+        survivors = sorted(self._u3)
+
+        def decode(data: bytes, cid: int) -> msg.Attestation:
+            sig = msg.decode_consistency_signature(data, self.session_id, cid)
+            verify_signature(self._signers[cid], consistency_message(self.session_id, cid, survivors),
+                             sig, f"survivor {cid}")
+            return msg.Attestation(cid, self._keys[cid].certificate, sig)
+
+        got = self._collect(replies, self._u3, decode)
+        quorum = consistency_quorum(len(self.participants), self.config.corrupt_fraction)
+        if len(got) < quorum:
+            self._fail(AbortError(f"only {len(got)} valid signatures on the survivor set; the "
+                                  f"quorum is {quorum}; nothing was revealed"))
+        u4 = frozenset(got)
+        self._check_recoverable(u4)
+        return self._unmask_requests(u4, tuple(got[c] for c in sorted(got)))
+
+    def _check_recoverable(self, responders: frozenset[int]) -> None:
+        """security: before any share is asked for, every needed secret must have at least
+        ``threshold`` holders among ``responders`` (the clients that will be asked)."""
+        u3 = self._u3
+        holders: dict[int, int] = {j: 1 for j in responders}  # a survivor holds its own seed share
+        for j in responders:
             for i in self._forwarded[j]:
                 holders[i] = holders.get(i, 0) + 1
         needed = set(u3) | {i for j in u3 for i in self._forwarded[j] - u3}
@@ -303,12 +349,16 @@ class SecAggServer:
                 f"clients {short[:5]} have fewer than threshold={self.threshold} surviving share "
                 "holders; aborting before any share is revealed"
             ))
-        self._acc = acc
+
+    def _unmask_requests(self, responders: frozenset[int],
+                         attestations: tuple[msg.Attestation, ...]) -> dict[int, bytes]:
+        u3 = self._u3
         out: dict[int, bytes] = {}
-        for j in sorted(u3):
+        for j in sorted(responders):
             surv, drop = self._forwarded[j] & u3, self._forwarded[j] - u3
             self._requests[j] = (surv, drop)
-            out[j] = msg.encode_unmask_request(self.session_id, j, sorted(surv), sorted(drop))
+            out[j] = msg.encode_unmask_request(self.session_id, j, sorted(surv), sorted(drop),
+                                               attestations)
         self.stage = Stage.UNMASK
         return out
 
@@ -373,6 +423,11 @@ class SecAggServer:
             plan=self.plan,
         )
 
+    @property
+    def masked_inputs(self) -> frozenset[int]:
+        """The clients whose masked inputs the sum holds (known after :meth:`on_masked`)."""
+        return self._u3
+
     def _seed_check(self, owner: int) -> Callable[[bytes], bool]:
         def check(seed: bytes) -> bool:
             return self_mask_commitment(self.session_id, owner, seed) == self._keys[owner].commitment
@@ -422,6 +477,7 @@ class SecAggServer:
             Stage.ADVERTISE_KEYS: self.on_advertise,
             Stage.SHARE_KEYS: self.on_shares,
             Stage.COLLECT_MASKED: self.on_masked,
+            Stage.CONSISTENCY_CHECK: self.on_consistency,
             Stage.UNMASK: self.on_unmask,
         }
         if self.stage not in dispatch:

@@ -24,7 +24,8 @@ flag (0 or 1) before an optional field. Body, in order:
   authenticated, 32 B graph seed, ids participants`` (the accepted SETUP message);
 * ``ids`` graph neighbours; ``u32 count | count x (u64 id | 32 B enc pk | 32 B mask pk | 32 B
   commitment)`` peer keys; ``ids`` share holders (U2); ``shares`` held self-mask shares;
-  ``shares`` held key shares; ``u8 len | own self-mask share`` (0 or 66 B);
+  ``shares`` held key shares; ``u8 len | own self-mask share`` (0 or 66 B); ``ids`` the
+  survivor set the client signed (consistency check; empty outside it);
 * ``32 B enc sk | 32 B mask sk | 32 B self-mask seed`` (public keys are re-derived on import).
 
 security: an encoded state holds the client's private keys, self-mask seed, held shares and
@@ -59,12 +60,12 @@ __all__ = [
 #: Exported client state: ``MAGIC | u8 version | body | SHA-256(MAGIC | version | body)``.
 STATE_MAGIC = b"FPSC"
 #: Format version; any other version is refused on import (no migration).
-STATE_VERSION = 3  # 2: the pinned config carries corrupt_fraction; 3: SETUP authenticated flag
+STATE_VERSION = 4  # 2: config corrupt_fraction; 3: SETUP authenticated flag; 4: signed survivors
 _DIGEST_BYTES = 32
 #: Explicit wire codes (independent of enum order) for the stage and the update dtype.
 STAGE_CODES: dict[Stage, int] = {
     Stage.SETUP: 0, Stage.ADVERTISE_KEYS: 1, Stage.SHARE_KEYS: 2, Stage.COLLECT_MASKED: 3,
-    Stage.DONE: 4, Stage.ABORTED: 5,
+    Stage.DONE: 4, Stage.ABORTED: 5, Stage.CONSISTENCY_CHECK: 6,
 }
 _CODE_STAGES = {v: k for k, v in STAGE_CODES.items()}
 #: Wire codes of the update dtypes that can be exported (``uint32``: field words, sent as they
@@ -76,7 +77,7 @@ DTYPE_CODES: dict[np.dtype[Any], int] = {
 }
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _STAGE_RANK = {Stage.SETUP: 0, Stage.ADVERTISE_KEYS: 1, Stage.SHARE_KEYS: 2, Stage.COLLECT_MASKED: 3,
-               Stage.DONE: 4}
+               Stage.CONSISTENCY_CHECK: 3, Stage.DONE: 4}
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +107,7 @@ class ClientState:
     enc_sk: bytes = field(repr=False)
     mask_sk: bytes = field(repr=False)
     self_seed: bytes = field(repr=False)
+    signed_survivors: frozenset[int] = frozenset()  # the survivor set signed (consistency check)
 
     def check_invariants(self) -> None:
         """Cross-field consistency of a decoded state (raises :class:`StateError`)."""
@@ -147,8 +149,17 @@ class ClientState:
             bad("held shares stored before COLLECT_MASKED")
         if rank >= 3 and update is not None:
             bad("plaintext update kept after the masked input was sent")
-        if stage is Stage.COLLECT_MASKED and not set(held_b) == set(held_sk) == u2:
+        if (stage in (Stage.COLLECT_MASKED, Stage.CONSISTENCY_CHECK)
+                and not set(held_b) == set(held_sk) == u2):
             bad("held shares must come from exactly the share holders")
+        if bool(self.signed_survivors) != (stage is Stage.CONSISTENCY_CHECK):
+            bad("a signed survivor set is stored exactly in stage CONSISTENCY_CHECK")
+        if stage is Stage.CONSISTENCY_CHECK and not (
+                setup is not None and setup.authenticated
+                and self.client_id in self.signed_survivors
+                and self.signed_survivors <= set(setup.participants)):
+            bad("the consistency check belongs to authenticated rounds, over participants, "
+                "this client among them")
         if stage is Stage.DONE and (held_b or held_sk):
             bad("held shares kept after the unmask reply")
 
@@ -175,6 +186,7 @@ def encode_state(s: ClientState) -> bytes:
     w.append(_encode_shares(s.held_b))
     w.append(_encode_shares(s.held_sk))
     w.append(_blob8(s.own_b_share, "own share"))
+    w.append(_encode_ids(sorted(s.signed_survivors)))
     # security: raw secrets; public keys are re-derived from them on import
     w.append(s.enc_sk + s.mask_sk + s.self_seed)
     head = STATE_MAGIC + struct.pack(">B", STATE_VERSION)
@@ -223,6 +235,7 @@ def decode_state(data: bytes) -> ClientState:
     held_b = _decode_shares(r, "held self-mask shares")
     held_sk = _decode_shares(r, "held key shares")
     own_share = r.take(r.u(">B", "own share length"), "own share")
+    signed = frozenset(r.ids("signed survivors"))
     enc_sk = r.take(KEY_BYTES, "enc sk")
     mask_sk = r.take(KEY_BYTES, "mask sk")
     self_seed = r.take(SEED_BYTES, "self-mask seed")
@@ -234,7 +247,7 @@ def decode_state(data: bytes) -> ClientState:
         stage=stage, abort_reason=reason, update=update, rounding_seed=rounding_seed, setup=setup,
         graph_neighbours=neighbours, peers={p.client_id: p for p in peer_list}, u2=u2,
         held_b=held_b, held_sk=held_sk, own_b_share=own_share, enc_sk=enc_sk, mask_sk=mask_sk,
-        self_seed=self_seed,
+        self_seed=self_seed, signed_survivors=signed,
     )
 
 

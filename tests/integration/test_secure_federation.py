@@ -158,3 +158,26 @@ def test_a_replayed_unmask_request_is_refused(tmp_path: Path) -> None:
     reply = rt.handle("secagg", unmask, dict(state))  # type: ignore[arg-type]
     assert reply["status"] == "error"
     assert "already answered an unmask request" in str(reply["reason"])
+
+
+def test_authenticated_rounds_in_a_simulation(tmp_path: Path) -> None:
+    """``secagg-sim-identities``: every virtual client signs its keys with its enrolled node
+    key, the coordinator pins the directory's CA, and the round gives the plain result."""
+    from fedpeft.core.protocol import SECAGG_ADVERTISE_KEY
+    from fedpeft.deploy.certs import init_cert_dir
+    from fedpeft.secagg import messages as msg
+
+    init_cert_dir(tmp_path / "certs", nodes=4, names=[f"client-{i}" for i in range(4)])
+    run = parse_run_config(_flat(tmp_path / "run", secagg=True,
+                                 **{"secagg-sim-identities": str(tmp_path / "certs")}))
+    assert run.secagg_ca == tmp_path / "certs" / "ca.crt"
+    transport = InMemoryTransport(run, 4, record=True)
+    Coordinator(run, transport, tmp_path / "run").run_federation()
+    row = _rows(tmp_path / "run")[1]
+    assert row["ok"] == 4 and row["secagg"]["survivors"] == 4  # type: ignore[index]
+    adverts = [reply[SECAGG_ADVERTISE_KEY] for kind, _node, reply in transport.received
+               if SECAGG_ADVERTISE_KEY in reply]
+    assert len(adverts) == 4
+    for data in adverts:
+        head = msg.peek_header(data)
+        assert msg.decode_advertise(data, head.session_id, head.client_id).certificate  # signed

@@ -23,6 +23,7 @@ from fedpeft.secagg.errors import (
     ProtocolError,
     RefusedError,
     ShamirError,
+    StageError,
     StateError,
 )
 from fedpeft.secagg.identity import NodeIdentity, TrustAnchor, advertisement_message
@@ -289,3 +290,78 @@ def test_authenticated_state_is_imported_only_with_the_identity(pki) -> None:  #
     unauthenticated.handle(SecAggServer(CFG, IDS, L, SID).start()[IDS[0]])
     with pytest.raises(StateError, match="joins only authenticated rounds"):
         SecAggClient.import_state(unauthenticated.export_state(), CFG, identity=identities[IDS[0]])
+
+
+# ---- the consistency check: one survivor set, signed by a quorum -----------------------------
+
+def _authenticated_round_to_consistency(pki):  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    server = SecAggServer(CFG, IDS, L, SID, trust=trust)
+    clients = {c: SecAggClient(c, SID, CFG, identity=identities[c]) for c in IDS}
+    ups = _ups()
+    for c in IDS:
+        clients[c].set_update(ups[c], SEEDS[c])
+    requests = server.start()
+    for step in (server.on_advertise, server.on_shares, server.on_masked):
+        requests = step({c: clients[c].handle(m) for c, m in requests.items()})
+    assert server.stage is Stage.CONSISTENCY_CHECK
+    return server, clients, requests
+
+
+def test_a_coordinator_telling_two_survivor_stories_gets_no_share(pki) -> None:  # type: ignore[no-untyped-def]
+    """The review's lie about dropouts, against the consistency check: half the clients are
+    told the victim dropped, half that it survived. Each story gets at most 5 signatures of
+    n = 10, below the quorum of 6, so no client reveals anything (honest clients sign once)."""
+    from fedpeft.secagg.config import consistency_quorum
+
+    server, clients, _ = _authenticated_round_to_consistency(pki)
+    victim, group_a = IDS[0], set(IDS[:5])
+    full = sorted(IDS)
+    story = {c: [i for i in full if i != victim] if c in group_a else full for c in IDS}
+    sigs = {c: msg.decode_consistency_signature(
+        clients[c].handle(msg.encode_consistency_request(SID, c, story[c])), SID, c)
+        for c in IDS if c != victim}
+    assert consistency_quorum(N, CFG.corrupt_fraction) == 6
+    certs = {c: clients[c].identity.certificate for c in IDS}  # type: ignore[union-attr]
+    attestations = [msg.Attestation(c, certs[c], sigs[c]) for c in sorted(sigs)]
+    for c in sorted(sigs):
+        surv = [i for i in story[c] if i != c]
+        drop = [i for i in full if i not in story[c] and i != c]
+        with pytest.raises(RefusedError, match="only [45] valid signatures"):
+            clients[c].handle(msg.encode_unmask_request(SID, c, surv, drop, attestations))
+        assert clients[c].stage is Stage.ABORTED  # and never answers again
+
+
+def test_a_bad_consistency_signature_is_dropped_and_the_sum_stays_exact(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+
+    def forge(stage: Stage, direction: str, cid: int, data: bytes) -> bytes:
+        if stage is Stage.CONSISTENCY_CHECK and direction == "reply" and cid == IDS[4]:
+            return msg.encode_consistency_signature(SID, cid, bytes(64))
+        return data
+
+    ups = _ups()
+    run = run_in_memory(CFG, ups, session_id=SID, rounding_seeds=SEEDS, identities=identities,
+                        trust=trust, tamper=forge, drop_invalid=True)
+    assert set(run.server.faults) == {IDS[4]}
+    assert run.result.survivors == tuple(IDS)  # its masked input is in the sum; it just is not asked
+    np.testing.assert_array_equal(run.result.int_sum, _expected(ups, run.result.survivors))
+
+
+def test_no_quorum_of_masked_inputs_aborts_before_any_share(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    with pytest.raises(AbortError, match="quorum of 6"):
+        run_in_memory(CFG, _ups(), session_id=SID, identities=identities, trust=trust,
+                      dropouts={Stage.COLLECT_MASKED: set(IDS[:5])})
+
+
+def test_consistency_stage_state_round_trips_and_signs_once(pki) -> None:  # type: ignore[no-untyped-def]
+    _, identities, _ = pki
+    server, clients, requests = _authenticated_round_to_consistency(pki)
+    me = IDS[1]
+    clients[me].handle(requests[me])
+    state = clients[me].export_state()
+    restored = SecAggClient.import_state(state, CFG, identity=identities[me])
+    assert restored.stage is Stage.CONSISTENCY_CHECK and restored.export_state() == state
+    with pytest.raises(StageError):  # a second survivor set is never signed
+        restored.handle(requests[me])

@@ -63,6 +63,7 @@ FULL_BODY = b"".join([
     struct.pack(">IQ", 1, 12) + b"\x05" * 66,
     struct.pack(">IQ", 1, 12) + b"\x06" * 66,
     bytes([66]) + b"\x07" * 66,
+    _ids(),  # signed survivors (consistency check): none outside that stage
     b"\x08" * 32 + b"\x09" * 32 + b"\x0a" * 32,
 ])
 
@@ -90,7 +91,7 @@ def test_fresh_client_export_matches_the_layout() -> None:
     c = SecAggClient(7, SID)
     body = b"".join([struct.pack(">Q", 7), bytes([len(SID)]) + SID, b"\x00\x00\x00\x00\x00\x00\x00",
                      _ids(), struct.pack(">I", 0), _ids(), struct.pack(">I", 0), struct.pack(">I", 0),
-                     b"\x00", c._enc_sk + c._mask_sk + c._self_seed])
+                     b"\x00", _ids(), c._enc_sk + c._mask_sk + c._self_seed])
     assert c.export_state() == _seal(body)
 
 
@@ -114,7 +115,7 @@ def _fresh(**parts: bytes) -> bytes:
            "expected": b"\x00", "stage": b"\x00", "reason": b"\x00", "update": b"\x00", "seed": b"\x00",
            "setup": b"\x00", "neighbours": _ids(), "peers": struct.pack(">I", 0), "u2": _ids(),
            "held_b": struct.pack(">I", 0), "held_sk": struct.pack(">I", 0), "own": b"\x00",
-           "secrets": bytes(96)}
+           "signed": _ids(), "secrets": bytes(96)}
     assert set(parts) <= set(seg)
     seg.update(parts)
     return _seal(b"".join(seg.values()))
@@ -142,7 +143,7 @@ TOO_MANY = struct.pack(">I", msg.MAX_PARTICIPANTS + 1)
     ({"update": b"\x01\x02\x02" + struct.pack(">QQ", 1, 1)}, "update ndim=2 must be 1"),
     ({"update": b"\x01\x07"}, "update dtype code=7 unknown"),
     ({"stage": b"\x05", "reason": b"\x01" + struct.pack(">I", 2) + b"\xff\xfe"}, "not valid UTF-8"),
-    ({"stage": b"\x06"}, "stage code=6 unknown"),
+    ({"stage": b"\x07"}, "stage code=7 unknown"),
     ({"seed": b"\x02"}, "rounding_seed presence flag=2"),
     ({"neighbours": _ids(3, 2)}, "graph neighbours must be strictly increasing"),
     ({"u2": _ids(4, 4)}, "strictly increasing"),
