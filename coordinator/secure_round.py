@@ -111,7 +111,7 @@ def secure_round(transport: Transport, chosen: list[int], train_message: Content
     length = (vector_length(spec) + CLIP_STATS if field_round is None
               else field_round.length)
     try:
-        resolved = config.resolve(len(chosen))
+        resolved = config.resolve(len(chosen), authenticated=trust is not None)
         result.threshold, result.degree = int(resolved.threshold or 0), int(resolved.degree or 0)
         server = SecAggServer(resolved, chosen, length, session_id, drop_invalid=True,
                               field_inputs=field_round is not None, trust=trust)

@@ -517,7 +517,7 @@ def _validate_setup(s: msg.Setup, client_id: int, expected_vector_length: int | 
     # security: the client enforces the threshold and degree floors (and its own plan) whatever
     # the server says.
     gamma = DEFAULT_CORRUPT_FRACTION if pin is None else pin.corrupt_fraction
-    check_round_parameters(n, s.degree, s.threshold, gamma)
+    check_round_parameters(n, s.degree, s.threshold, gamma, consistency=s.authenticated)
     if expected_vector_length is not None and s.vector_length != expected_vector_length:
         raise ProtocolError(f"vector_length={s.vector_length} != expected {expected_vector_length}")
 
@@ -543,7 +543,7 @@ def _check_pinned_config(s: msg.Setup, c: SecAggConfig) -> None:
         if s.threshold < c.threshold or s.degree != min(c.degree, n - 1):
             raise RefusedError(f"server threshold={s.threshold}, degree={s.degree} differ from "
                                f"local threshold={c.threshold}, degree={c.degree}")
-    check_against_own_plan(n, s.degree, s.threshold, c)
+    check_against_own_plan(n, s.degree, s.threshold, c, consistency=s.authenticated)
 
 
 def _need(value: _T | None) -> _T:

@@ -66,10 +66,19 @@ def abort_probability(n: int, degree: int, threshold: int, dropout: float) -> fl
     return min(1.0, n * binom_cdf(threshold - 1, degree, survive))
 
 
-def min_safe_threshold(degree: int, colluders: int = 0) -> int:
-    """Smallest threshold with ``2 t > k + 1 + c``, ``c = min(colluders, k)``: a server with
-    ``c`` colluding holders cannot gather both share kinds of one honest client."""
-    return (degree + 1 + min(max(colluders, 0), degree)) // 2 + 1
+def min_safe_threshold(degree: int, colluders: int = 0, *, consistency: bool = False) -> int:
+    """Smallest safe threshold for ``c = min(colluders, k)`` colluders.
+
+    Without the consistency check: ``2 t > k + 1 + c`` (a server with ``c`` colluding holders
+    cannot gather both share kinds of one honest client). With it (authenticated rounds),
+    honest holders all answer for one signed survivor set, so the server gets a secret's
+    other kind from colluders only: ``t > c`` suffices; ``2 t > k + 1`` is kept as a second
+    line (it holds even if the check were bypassed with no colluders).
+    """
+    c = min(max(colluders, 0), degree)
+    if consistency:
+        return max(c + 1, (degree + 1) // 2 + 1)
+    return (degree + 1 + c) // 2 + 1
 
 
 #: Fraction of a round's clients assumed to collude with the coordinator (the run config's
@@ -117,12 +126,17 @@ DEFAULT_EXPECTED_DROPOUT = 0.1
 
 def plan_graph(n: int, expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
                max_abort_prob: float = 0.01, *, complete: bool = False,
-               corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION) -> GraphPlan:
+               corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+               consistency: bool = False) -> GraphPlan:
     """Smallest even degree (or the complete graph) and then largest threshold meeting the target.
 
     The threshold is at least :func:`min_safe_threshold` for ``floor(corrupt_fraction * n)``
     colluders. ``complete``: the complete graph only, whose threshold is the largest any graph
     allows (user-level DP sizes each client's noise for ``threshold - 1`` other survivors).
+    ``consistency``: the round runs the consistency check (authenticated rounds), whose floor
+    is lower (:func:`min_safe_threshold`); it also needs a quorum of survivors, counted in the
+    abort probability of the complete graph only through ``threshold`` (the quorum is at most
+    the complete graph's threshold).
     """
     if n < MIN_CLIENTS:
         raise SecAggConfigError(f"n={n} must be >= {MIN_CLIENTS} for secure aggregation to hide anyone")
@@ -133,13 +147,13 @@ def plan_graph(n: int, expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
     candidates = [] if complete else [k for k in range(min_degree(n), n - 1) if k % 2 == 0]
     candidates.append(n - 1)
     for k in candidates:
-        t = min_safe_threshold(k, c)
+        t = min_safe_threshold(k, c, consistency=consistency)
         if t > k or abort_probability(n, k, t, expected_dropout) > max_abort_prob:
             continue
         while t + 1 <= k and abort_probability(n, k, t + 1, expected_dropout) <= max_abort_prob:
             t += 1
         return GraphPlan(n, k, t, abort_probability(n, k, t, expected_dropout), k >= n - 1, c)
-    t_min = min_safe_threshold(n - 1, c)
+    t_min = min_safe_threshold(n - 1, c, consistency=consistency)
     best = abort_probability(n, n - 1, t_min, expected_dropout) if t_min <= n - 1 else 1.0
     raise InfeasiblePlanError(
         f"max_abort_prob={max_abort_prob} is unreachable for n={n}, expected_dropout="
@@ -150,7 +164,8 @@ def plan_graph(n: int, expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
     )
 
 
-def check_round_parameters(n: int, degree: int, threshold: int, corrupt_fraction: float) -> None:
+def check_round_parameters(n: int, degree: int, threshold: int, corrupt_fraction: float, *,
+                           consistency: bool = False) -> None:
     """A client's floor on the server's round parameters (Bell et al. CCS 2020, sec. 3).
 
     Refuses (``RefusedError``) a degree below :func:`min_degree` or a threshold below
@@ -159,17 +174,20 @@ def check_round_parameters(n: int, degree: int, threshold: int, corrupt_fraction
     """
     k = min(degree, n - 1)
     c = colluders(n, corrupt_fraction)
-    floor_t = min_safe_threshold(k, c)
+    floor_t = min_safe_threshold(k, c, consistency=consistency)
+    rule = (f"threshold > {c} colluders and 2*threshold > degree + 1, with the consistency check"
+            if consistency else f"2*threshold > degree + 1 + {c} colluders")
     # security: the threshold floor and the degree floor hold whatever the server says
     if degree < 2 or k < min_degree(n) or not floor_t <= threshold <= k:
         raise RefusedError(
             f"threshold={threshold}, degree={degree} are below the security floor for n={n}: "
             f"degree >= {min_degree(n)} and {floor_t} <= threshold <= degree "
-            f"(2*threshold > degree + 1 + {c} colluders at corrupt_fraction={corrupt_fraction})"
+            f"({rule} at corrupt_fraction={corrupt_fraction})"
         )
 
 
-def check_against_own_plan(n: int, degree: int, threshold: int, pin: SecAggConfig) -> None:
+def check_against_own_plan(n: int, degree: int, threshold: int, pin: SecAggConfig, *,
+                           consistency: bool = False) -> None:
     """A planning client (``pin`` without threshold and degree) re-plans the round from ``n``
     and its own config and refuses a lower degree or, at its own degree, a lower threshold
     (``RefusedError``): a lying coordinator cannot downgrade it (review finding, issue 19)."""
@@ -177,7 +195,7 @@ def check_against_own_plan(n: int, degree: int, threshold: int, pin: SecAggConfi
         return
     try:
         own = plan_graph(n, pin.expected_dropout, pin.max_abort_prob,
-                         corrupt_fraction=pin.corrupt_fraction)
+                         corrupt_fraction=pin.corrupt_fraction, consistency=consistency)
     except InfeasiblePlanError as exc:
         raise RefusedError(f"this client cannot plan a round of n={n}: {exc}") from exc
     k = min(degree, n - 1)
@@ -245,13 +263,14 @@ class SecAggConfig:
                     f"degree={self.degree}] (security: 2*threshold > degree + 1)"
                 )
 
-    def resolve(self, n: int) -> SecAggConfig:
-        """Concrete config for ``n`` participants (planner or checks), failing closed."""
+    def resolve(self, n: int, *, authenticated: bool = False) -> SecAggConfig:
+        """Concrete config for ``n`` participants (planner or checks), failing closed;
+        ``authenticated``: the round runs the consistency check (its lower floor)."""
         if n < MIN_CLIENTS:
             raise SecAggConfigError(f"n={n} must be >= {MIN_CLIENTS}")
         if self.degree is None:
             gp = plan_graph(n, self.expected_dropout, self.max_abort_prob,
-                            corrupt_fraction=self.corrupt_fraction)
+                            corrupt_fraction=self.corrupt_fraction, consistency=authenticated)
             resolved = replace(self, degree=gp.degree, threshold=gp.threshold)
         else:
             degree = min(self.degree, n - 1)
@@ -263,7 +282,7 @@ class SecAggConfig:
                     f"threshold={resolved.threshold} exceeds degree={degree} for n={n}; lower it"
                 )
             c = colluders(n, self.corrupt_fraction)
-            floor_t = min_safe_threshold(degree, c)
+            floor_t = min_safe_threshold(degree, c, consistency=authenticated)
             if int(self.threshold or 0) < floor_t or degree < min_degree(n):
                 raise SecAggConfigError(  # security: the floor clients enforce, checked here first
                     f"threshold={self.threshold}, degree={degree} are below the floor for n={n}: "
@@ -280,14 +299,15 @@ class SecAggConfig:
         resolved.quantization(n)  # security: fail closed now if the sum of n clients could wrap
         return resolved
 
-    def resolve_complete(self, n: int) -> SecAggConfig:
+    def resolve_complete(self, n: int, *, authenticated: bool = False) -> SecAggConfig:
         """Like :meth:`resolve`, but a planned graph is the complete one with its largest
         threshold meeting the abort target (explicit degree and threshold are kept)."""
         if self.degree is None and n >= MIN_CLIENTS:
             gp = plan_graph(n, self.expected_dropout, self.max_abort_prob, complete=True,
                             corrupt_fraction=self.corrupt_fraction)
-            return replace(self, degree=gp.degree, threshold=gp.threshold).resolve(n)
-        return self.resolve(n)
+            return replace(self, degree=gp.degree, threshold=gp.threshold).resolve(
+                n, authenticated=authenticated)
+        return self.resolve(n, authenticated=authenticated)
 
     def quantization(self, n: int) -> QuantizationPlan:
         """Quantisation plan for ``n`` participants."""

@@ -38,6 +38,8 @@ SECAGG_NODE_USAGE = x509.ObjectIdentifier("2.25.19163392761434637522795056642630
 MAX_CERT_BYTES = 2048
 #: Length of an Ed25519 signature.
 SIGNATURE_BYTES = 64
+#: Most verified certificates a trust anchor remembers (one per node of a federation).
+MAX_VERIFIED = 1 << 16
 #: Length of an Ed25519 public key.
 PUBLIC_KEY_BYTES = 32
 _ADVERTISE_LABEL = b"fedpeft/secagg/v1/advertise"
@@ -97,6 +99,10 @@ class TrustAnchor:
     def __init__(self, ca_certificate: x509.Certificate, clock: Clock) -> None:
         self.ca = ca_certificate
         self.clock = clock
+        # certificates whose issuer signature, usage and key already verified (the validity
+        # window is checked again on every use): a neighbour's certificate comes back with its
+        # consistency signature, and simulated clients share one anchor
+        self._verified: dict[bytes, tuple[VerifiedPeer, dt.datetime, dt.datetime]] = {}
 
     @classmethod
     def from_pem(cls, data: bytes, clock: Clock) -> TrustAnchor:
@@ -117,6 +123,14 @@ class TrustAnchor:
         if not isinstance(certificate_der, bytes) or not 0 < len(certificate_der) <= MAX_CERT_BYTES:
             raise MalformedMessageError(f"node certificate of {len(certificate_der)} bytes must be "
                                         f"1..{MAX_CERT_BYTES} bytes of DER")
+        moment = now if now is not None else self.clock()
+        hit = self._verified.get(certificate_der)
+        if hit is not None:
+            peer, start, end = hit
+            if not start <= moment <= end:
+                raise AuthenticationError(f"node certificate {peer.name!r} is not valid now "
+                                          f"({start} .. {end})")
+            return peer
         try:
             cert = x509.load_der_x509_certificate(certificate_der)
         except ValueError as exc:
@@ -126,7 +140,6 @@ class TrustAnchor:
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise AuthenticationError(f"node certificate {_subject(cert)!r} is not issued by the "
                                       f"federation CA: {exc}") from exc
-        moment = now if now is not None else self.clock()
         if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
             raise AuthenticationError(f"node certificate {_subject(cert)!r} is not valid now "
                                       f"({cert.not_valid_before_utc} .. {cert.not_valid_after_utc})")
@@ -142,7 +155,10 @@ class TrustAnchor:
         if not isinstance(key, Ed25519PublicKey):
             raise AuthenticationError(f"node certificate {_subject(cert)!r} certifies a "
                                       f"{type(key).__name__}, not an Ed25519 key")
-        return VerifiedPeer(_subject(cert), key.public_bytes_raw())
+        peer = VerifiedPeer(_subject(cert), key.public_bytes_raw())
+        if len(self._verified) < MAX_VERIFIED:
+            self._verified[certificate_der] = (peer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        return peer
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes, who: str) -> None:

@@ -117,7 +117,8 @@ class SecAggServer:
         if graph_seed is not None and len(graph_seed) != SEED_BYTES:
             raise SecAggConfigError(f"graph_seed length={len(graph_seed)} must be {SEED_BYTES}")
         self.participants: tuple[int, ...] = tuple(sorted(ids))
-        self.config = config.resolve(len(ids))  # security: fails closed on modulus/threshold
+        # security: fails closed on modulus/threshold
+        self.config = config.resolve(len(ids), authenticated=trust is not None)
         self.threshold = int(self.config.threshold or 0)
         self.degree = min(int(self.config.degree or 0), len(ids) - 1)
         self.plan = self.config.quantization(len(ids))

@@ -365,3 +365,32 @@ def test_consistency_stage_state_round_trips_and_signs_once(pki) -> None:  # typ
     assert restored.stage is Stage.CONSISTENCY_CHECK and restored.export_state() == state
     with pytest.raises(StageError):  # a second survivor set is never signed
         restored.handle(requests[me])
+
+
+def test_consistency_check_lowers_the_floor_to_more_than_c_colluders() -> None:
+    """With one signed survivor set the server gets a secret's other share kind only from
+    colluders, so ``t > c`` (and ``2t > k + 1`` kept) suffices: the plan at n = 1,000 tolerates
+    the same 50 colluders with k = 86 instead of 164."""
+    from fedpeft.secagg.config import min_safe_threshold
+
+    assert min_safe_threshold(28, 5, consistency=True) == 15  # 2t > k + 1 dominates
+    assert min_safe_threshold(86, 50, consistency=True) == 51  # t > c dominates
+    for n in (100, 1000):
+        plain, checked = plan_graph(n, 0.2, 0.01), plan_graph(n, 0.2, 0.01, consistency=True)
+        assert checked.colluders == plain.colluders
+        assert checked.threshold > checked.colluders and 2 * checked.threshold > checked.degree + 1
+        assert checked.degree < plain.degree
+    with pytest.raises(RefusedError, match="threshold > 5 colluders"):
+        check_round_parameters(100, 34, 5, 0.05, consistency=True)
+    check_round_parameters(100, 34, 18, 0.05, consistency=True)
+    with pytest.raises(RefusedError):  # the same parameters without the check: below the floor
+        check_round_parameters(100, 34, 18, 0.05)
+
+
+def test_a_remembered_certificate_still_expires(pki) -> None:  # type: ignore[no-untyped-def]
+    trust, identities, _ = pki
+    der = identities[IDS[0]].certificate
+    assert trust.verify(der).name == f"node-{IDS[0]}"  # verified once, remembered
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=4000)
+    with pytest.raises(AuthenticationError, match="not valid now"):
+        trust.verify(der, now=later)
