@@ -33,9 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
-from fedpeft.deploy.certs import build_ca, build_secagg_node_cert  # noqa: E402
+from fedpeft.deploy.certs import build_identities  # noqa: E402
 from fedpeft.secagg import SecAggConfig, Stage, run_in_memory  # noqa: E402
 from fedpeft.secagg.config import consistency_quorum  # noqa: E402
 from fedpeft.secagg.identity import NodeIdentity, TrustAnchor  # noqa: E402
@@ -47,17 +45,6 @@ VARIANTS = {"before": (0.0, False), "planner": (0.05, False), "active": (0.05, T
 
 def _clock() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def identities(ids: list[int]) -> tuple[TrustAnchor, dict[int, NodeIdentity]]:
-    """A CA and one enrolled node identity per client (what ``fedpeft certs`` issues)."""
-    ca_key, ca_cert = build_ca()
-    trust = TrustAnchor(ca_cert, _clock)
-    out = {}
-    for cid in ids:
-        key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{cid}")
-        out[cid] = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), trust)
-    return trust, out
 
 
 def bench(n: int, length: int, variant: str, pki: tuple[TrustAnchor, dict[int, NodeIdentity]],
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes, length = ((10, 20), 2_000) if args.quick else ((20, 100, 300, 1000), 100_000)
     rows = []
     for n in sizes:
-        pki = identities(list(range(1, n + 1)))
+        pki = build_identities(list(range(1, n + 1)))
         for variant in VARIANTS:
             rows.append(bench(n, length, variant, pki))
             print(f"n={n} {variant}: {rows[-1]['wall_seconds']:.1f} s", flush=True)

@@ -36,9 +36,7 @@ CLIENT_TRANSITIONS: dict[Stage, tuple[Kind, Stage]] = {
 
 #: Client, authenticated rounds: the consistency check comes before the unmask request.
 CLIENT_TRANSITIONS_AUTHENTICATED: dict[Stage, tuple[Kind, Stage]] = {
-    Stage.SETUP: (Kind.SETUP, Stage.ADVERTISE_KEYS),
-    Stage.ADVERTISE_KEYS: (Kind.KEYS, Stage.SHARE_KEYS),
-    Stage.SHARE_KEYS: (Kind.FORWARD_SHARES, Stage.COLLECT_MASKED),
+    **CLIENT_TRANSITIONS,
     Stage.COLLECT_MASKED: (Kind.CONSISTENCY_REQUEST, Stage.CONSISTENCY_CHECK),
     Stage.CONSISTENCY_CHECK: (Kind.UNMASK_REQUEST, Stage.DONE),
 }
@@ -54,11 +52,9 @@ SERVER_TRANSITIONS: dict[Stage, tuple[Kind, Stage]] = {
 
 #: Server, authenticated rounds.
 SERVER_TRANSITIONS_AUTHENTICATED: dict[Stage, tuple[Kind, Stage]] = {
-    Stage.ADVERTISE_KEYS: (Kind.ADVERTISE, Stage.SHARE_KEYS),
-    Stage.SHARE_KEYS: (Kind.SHARES, Stage.COLLECT_MASKED),
+    **SERVER_TRANSITIONS,
     Stage.COLLECT_MASKED: (Kind.MASKED, Stage.CONSISTENCY_CHECK),
     Stage.CONSISTENCY_CHECK: (Kind.CONSISTENCY_SIGNATURE, Stage.UNMASK),
-    Stage.UNMASK: (Kind.UNMASK_SHARES, Stage.DONE),
 }
 
 

@@ -36,18 +36,21 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.deploy.errors import CertificateError, CertificateExistsError
 from fedpeft.runconfig.secagg_identity import SECAGG_PREFIX, secagg_node_paths
-from fedpeft.secagg.identity import SECAGG_NODE_USAGE
+from fedpeft.secagg.identity import SECAGG_NODE_USAGE, NodeIdentity, TrustAnchor
+
+T = TypeVar("T")
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 CA_CERT = "ca.crt"
@@ -193,25 +196,9 @@ def build_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certific
         raise ConfigError("hosts is empty; give at least one host name or IP for the SuperLink")
     sans = [host_to_san(h) for h in hosts]
     key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(valid_days, _now(now), expired)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0].strip()),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpeft")])
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
-                                         crl_sign=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=True, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = _leaf_cert(ca_key, ca_cert, hosts[0].strip(), key.public_key(), valid_days, now, expired,
+                      usage=ExtendedKeyUsageOID.SERVER_AUTH, key_agreement=True,
+                      extra=[x509.SubjectAlternativeName(sans)])
     return key, cert
 
 
@@ -227,24 +214,49 @@ def build_secagg_node_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Cer
     """
     check_node_name(name)
     key = Ed25519PrivateKey.generate()
+    cert = _leaf_cert(ca_key, ca_cert, name, key.public_key(), valid_days, now, expired,
+                      usage=SECAGG_NODE_USAGE, key_agreement=False)
+    return key, cert
+
+
+def _leaf_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
+               public_key: ec.EllipticCurvePublicKey | Ed25519PublicKey, valid_days: int,
+               now: dt.datetime | None, expired: bool, *, usage: x509.ObjectIdentifier,
+               key_agreement: bool, extra: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
+    """A certificate signed by the CA for ``public_key``: not a CA, digital signatures (and key
+    agreement if asked), one extended key usage, the CA's key identifier."""
     start, end = _validity(valid_days, _now(now), expired)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpeft")])
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject).issuer_name(ca_cert.subject).public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end))
+    for ext in extra:
+        builder = builder.add_extension(ext, critical=False)
+    return (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
                                          crl_sign=False, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
+                                         key_agreement=key_agreement, encipher_only=False,
                                          decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([SECAGG_NODE_USAGE]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    return key, cert
+
+
+def build_identities(ids: Sequence[T], *, valid_days: int = 365) -> tuple[TrustAnchor, dict[T, NodeIdentity]]:
+    """A fresh CA and an in-memory SecAgg identity ``node-<id>`` for each of ``ids`` (tests,
+    benchmarks and simulations that need no files; the CA key is dropped)."""
+    ca_key, ca_cert = build_ca()
+    trust = TrustAnchor(ca_cert, lambda: dt.datetime.now(dt.UTC))
+    out: dict[T, NodeIdentity] = {}
+    for i in ids:
+        key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{i}", valid_days=valid_days)
+        out[i] = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), trust)
+    return trust, out
 
 
 def build_node_key() -> ec.EllipticCurvePrivateKey:

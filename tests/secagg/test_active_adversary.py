@@ -188,15 +188,10 @@ def _clock() -> dt.datetime:
 @pytest.fixture(scope="module")
 def pki() -> tuple[TrustAnchor, dict[int, NodeIdentity], Any]:
     """A federation CA and one enrolled identity per client id (as ``fedpeft certs`` makes)."""
-    from fedpeft.deploy.certs import build_ca, build_secagg_node_cert
+    from fedpeft.deploy.certs import build_identities
 
-    ca_key, ca_cert = build_ca()
-    trust = TrustAnchor(ca_cert, _clock)
-    identities = {}
-    for cid in IDS:
-        key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{cid}")
-        identities[cid] = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), trust)
-    return trust, identities, (ca_key, ca_cert)
+    trust, identities = build_identities(IDS)
+    return trust, identities, None
 
 
 def test_authenticated_round_gives_the_exact_sum_with_dropouts(pki) -> None:  # type: ignore[no-untyped-def]
@@ -231,7 +226,7 @@ def _substitute_keys(victim: int, peer: int, *, resign: NodeIdentity | None = No
 
 
 def test_substituted_peer_keys_are_refused_before_anything_is_shared(pki) -> None:  # type: ignore[no-untyped-def]
-    trust, identities, (ca_key, ca_cert) = pki
+    trust, identities, _ = pki
     from fedpeft.deploy.certs import build_ca, build_secagg_node_cert
 
     with pytest.raises(AuthenticationError, match="not signed by its certified key"):

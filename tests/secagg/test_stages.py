@@ -9,17 +9,15 @@ succeed, every other pair raises :class:`StageError` and moves the party to ABOR
 from __future__ import annotations
 
 import copy
-import datetime as dt
 from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
 
+from fedpeft.deploy.certs import build_identities
 from fedpeft.secagg import SecAggConfig, Stage
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.errors import StageError
-from fedpeft.secagg.identity import NodeIdentity, TrustAnchor
 from fedpeft.secagg.messages import Kind
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.stages import client_transitions, server_transitions
@@ -31,20 +29,8 @@ ME = 4
 Reference = tuple[dict[Stage, SecAggClient], dict[Stage, SecAggServer], dict[Kind, dict[int, bytes]]]
 
 
-def _pki() -> tuple[TrustAnchor, dict[int, NodeIdentity]]:
-    from fedpeft.deploy.certs import build_ca, build_secagg_node_cert
-
-    ca_key, ca_cert = build_ca()
-    trust = TrustAnchor(ca_cert, lambda: dt.datetime.now(dt.UTC))
-    ids = {}
-    for c in IDS:
-        key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{c}")
-        ids[c] = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), trust)
-    return trust, ids
-
-
 def _reference(authenticated: bool) -> Reference:
-    trust, identities = _pki() if authenticated else (None, {})
+    trust, identities = build_identities(IDS) if authenticated else (None, {})
     server = SecAggServer(CFG, IDS, 8, SID, trust=trust)
     clients = {c: SecAggClient(c, SID, CFG, identity=identities.get(c)) for c in IDS}
     for c in IDS:
