@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from fedpeft.core.errors import FedPeftError, PayloadError
 from fedpeft.core.wire import MAX_HEADER_DEPTH, TensorSpec, decode, encode
+from fedpeft.deploy.certs import build_identities
 from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
 from fedpeft.secagg import messages as msg
 from fedpeft.secagg.client import SecAggClient
@@ -44,8 +45,14 @@ from tests.secagg.test_adversarial import CFG, IDS, SEEDS, SID, L, _exact, _ups
 from tests.secagg.test_state_codec import HEAD, STATES, _seal
 
 WHO = IDS[0]
-_CLIENT_STAGES = [Stage.SETUP, Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED]
-_SERVER_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK]
+TRUST, IDENTITIES = build_identities(IDS)
+_BASE_STAGES = [Stage.SETUP, Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED]
+#: (authenticated, stage): both protocol variants, the consistency check only when authenticated
+_CLIENT_CASES = [(False, s) for s in _BASE_STAGES] + [(True, s) for s in
+                                                      [*_BASE_STAGES, Stage.CONSISTENCY_CHECK]]
+_SERVER_CASES = [(auth, s) for auth in (False, True) for s in
+                 [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED,
+                  *([Stage.CONSISTENCY_CHECK] if auth else []), Stage.UNMASK]]
 
 
 def _tier(examples: int) -> settings:
@@ -53,18 +60,23 @@ def _tier(examples: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _capture() -> tuple[dict[msg.Kind, bytes], dict[Stage, tuple[bytes, bytes]]]:
+def _capture(authenticated: bool) -> tuple[dict[msg.Kind, bytes], dict[Stage, tuple[bytes, bytes]]]:
     """One honest round: a valid message of every kind to or from ``WHO``, and ``WHO``'s exported
-    state with the request it handles at each client stage."""
-    server = SecAggServer(CFG, IDS, L, SID, graph_seed=bytes(32))
-    clients = {c: SecAggClient(c, SID, CFG) for c in IDS}
+    state with the request it handles at each client stage (signed, with the consistency
+    check, when ``authenticated``)."""
+    server = SecAggServer(CFG, IDS, L, SID, graph_seed=bytes(32),
+                          trust=TRUST if authenticated else None)
+    clients = {c: SecAggClient(c, SID, CFG, identity=IDENTITIES[c] if authenticated else None)
+               for c in IDS}
     ups = _ups()
     for c in IDS:
         clients[c].set_update(ups[c], SEEDS[c])
     messages: dict[msg.Kind, bytes] = {}
     states: dict[Stage, tuple[bytes, bytes]] = {}
     requests = server.start()
-    for step in (server.on_advertise, server.on_shares, server.on_masked, server.on_unmask):
+    steps = [server.on_advertise, server.on_shares, server.on_masked,
+             *([server.on_consistency] if authenticated else []), server.on_unmask]
+    for step in steps:
         states[clients[WHO].stage] = (clients[WHO].export_state(), requests[WHO])
         replies = {c: clients[c].handle(m) for c, m in requests.items()}
         for data in (requests[WHO], replies[WHO]):
@@ -74,7 +86,9 @@ def _capture() -> tuple[dict[msg.Kind, bytes], dict[Stage, tuple[bytes, bytes]]]
     return messages, states
 
 
-MESSAGES, CLIENT_STATES = _capture()
+CAPTURES = {auth: _capture(auth) for auth in (False, True)}
+MESSAGES, CLIENT_STATES = CAPTURES[False]
+SIGNED_MESSAGES = CAPTURES[True][0]
 
 # ---- inputs: random bytes or edits of a valid message, in any bytes-like wrapper ------------
 
@@ -185,6 +199,13 @@ def test_wire_decode_gives_payload_error_many(source: bytes | list[Edit], wrap: 
 # ---- secagg.messages: every decoder and peek_header -----------------------------------------
 
 DECODERS: dict[str, tuple[msg.Kind, Callable[[bytes], object]]] = {
+    "keys_signed": (msg.Kind.KEYS, lambda d: msg.decode_keys(d, SID, WHO)),
+    "advertise_signed": (msg.Kind.ADVERTISE, lambda d: msg.decode_advertise(d, SID, WHO)),
+    "unmask_request_signed": (msg.Kind.UNMASK_REQUEST, lambda d: msg.decode_unmask_request(d, SID, WHO)),
+    "consistency_request_signed": (msg.Kind.CONSISTENCY_REQUEST,
+                                   lambda d: msg.decode_consistency_request(d, SID, WHO)),
+    "consistency_signature_signed": (msg.Kind.CONSISTENCY_SIGNATURE,
+                                     lambda d: msg.decode_consistency_signature(d, SID, WHO)),
     "peek_header": (msg.Kind.SETUP, msg.peek_header),
     "setup": (msg.Kind.SETUP, lambda d: msg.decode_setup(d, SID, WHO)),
     "keys": (msg.Kind.KEYS, lambda d: msg.decode_keys(d, SID, WHO)),
@@ -199,7 +220,7 @@ DECODERS: dict[str, tuple[msg.Kind, Callable[[bytes], object]]] = {
 
 def _check_decoder(name: str, source: bytes | list[Edit], wrap: str) -> None:
     kind, decoder = DECODERS[name]
-    base = MESSAGES[kind]
+    base = (SIGNED_MESSAGES if name.endswith("_signed") else MESSAGES)[kind]
     try:
         decoder(_wrap(_input(base, source, _msg_head(base)), wrap))
     except SecAggError:
@@ -255,9 +276,9 @@ def test_decode_state_gives_state_error_many(which: int, source: bytes | list[Ed
 # ---- SecAggClient.handle at each client stage ------------------------------------------------
 
 
-def _check_client(stage: Stage, source: bytes | list[Edit], wrap: str) -> None:
-    state, request = CLIENT_STATES[stage]
-    client = SecAggClient.import_state(state)
+def _check_client(auth: bool, stage: Stage, source: bytes | list[Edit], wrap: str) -> None:
+    state, request = CAPTURES[auth][1][stage]
+    client = SecAggClient.import_state(state, identity=IDENTITIES[WHO] if auth else None)
     try:
         reply = client.handle(_wrap(_input(request, source, _msg_head(request)), wrap))
     except SecAggError:
@@ -266,19 +287,21 @@ def _check_client(stage: Stage, source: bytes | list[Edit], wrap: str) -> None:
     assert isinstance(reply, bytes) and client.stage is not stage
 
 
-@pytest.mark.parametrize("stage", _CLIENT_STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize("auth, stage", _CLIENT_CASES, ids=lambda c: str(getattr(c, "name", c)))
 @_tier(30)
 @given(source=SOURCES, wrap=WRAPS)
-def test_client_handle_gives_typed_errors(stage: Stage, source: bytes | list[Edit], wrap: str) -> None:
-    _check_client(stage, source, wrap)
+def test_client_handle_gives_typed_errors(auth: bool, stage: Stage, source: bytes | list[Edit],
+                                          wrap: str) -> None:
+    _check_client(auth, stage, source, wrap)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", _CLIENT_STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize("auth, stage", _CLIENT_CASES, ids=lambda c: str(getattr(c, "name", c)))
 @_tier(300)
 @given(source=SOURCES, wrap=WRAPS)
-def test_client_handle_gives_typed_errors_many(stage: Stage, source: bytes | list[Edit], wrap: str) -> None:
-    _check_client(stage, source, wrap)
+def test_client_handle_gives_typed_errors_many(auth: bool, stage: Stage, source: bytes | list[Edit],
+                                               wrap: str) -> None:
+    _check_client(auth, stage, source, wrap)
 
 
 # ---- SecAggServer.on_* at each server stage: typed error or the exact sum --------------------
@@ -296,7 +319,8 @@ def _expected_modular(survivors: tuple[int, ...],
     return acc
 
 
-def _check_server(stage: Stage, who: int, source: bytes | list[Edit], wrap: str, drop_invalid: bool) -> None:
+def _check_server(auth: bool, stage: Stage, who: int, source: bytes | list[Edit], wrap: str,
+                  drop_invalid: bool) -> None:
     deltas: dict[int, npt.NDArray[np.uint32]] = {}
 
     def tamper(s: Stage, direction: str, cid: int, data: bytes) -> bytes:
@@ -315,33 +339,35 @@ def _check_server(stage: Stage, who: int, source: bytes | list[Edit], wrap: str,
 
     try:
         run = run_in_memory(CFG, _ups(), session_id=SID, rounding_seeds=SEEDS, tamper=tamper,
-                            drop_invalid=drop_invalid)
+                            drop_invalid=drop_invalid, identities=IDENTITIES if auth else None,
+                            trust=TRUST if auth else None)
     except SecAggError:
         return
     result = run.result
     assert np.array_equal(result.modular_sum, _expected_modular(result.survivors, deltas))
     if not any(c in deltas and deltas[c].any() for c in result.survivors):
         assert _exact(result.int_sum, result.survivors)
-    if stage is not Stage.UNMASK:  # a bad unmask reply leaves the input in; before, it is out
+    if stage not in (Stage.UNMASK, Stage.CONSISTENCY_CHECK):  # later: its masked input is in
         assert set(result.survivors).isdisjoint(run.server.faults)
 
 
-@pytest.mark.parametrize("stage", _SERVER_STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize("auth, stage", _SERVER_CASES, ids=lambda c: str(getattr(c, "name", c)))
 @_tier(15)
 @given(who=st.sampled_from(IDS), source=SOURCES, wrap=WRAPS, drop_invalid=st.booleans())
-def test_server_stages_give_typed_error_or_exact_sum(stage: Stage, who: int, source: bytes | list[Edit],
-                                                     wrap: str, drop_invalid: bool) -> None:
-    _check_server(stage, who, source, wrap, drop_invalid)
+def test_server_stages_give_typed_error_or_exact_sum(auth: bool, stage: Stage, who: int,
+                                                     source: bytes | list[Edit], wrap: str,
+                                                     drop_invalid: bool) -> None:
+    _check_server(auth, stage, who, source, wrap, drop_invalid)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", _SERVER_STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize("auth, stage", _SERVER_CASES, ids=lambda c: str(getattr(c, "name", c)))
 @_tier(150)
 @given(who=st.sampled_from(IDS), source=SOURCES, wrap=WRAPS, drop_invalid=st.booleans())
-def test_server_stages_give_typed_error_or_exact_sum_many(stage: Stage, who: int,
+def test_server_stages_give_typed_error_or_exact_sum_many(auth: bool, stage: Stage, who: int,
                                                           source: bytes | list[Edit], wrap: str,
                                                           drop_invalid: bool) -> None:
-    _check_server(stage, who, source, wrap, drop_invalid)
+    _check_server(auth, stage, who, source, wrap, drop_invalid)
 
 
 # ---- regressions: the cases the attacker review reproduced -----------------------------------
