@@ -26,7 +26,7 @@ from fedpeft.coordinator.secure_round import secure_round
 from fedpeft.coordinator.server_opt import ServerOptConfig, server_step
 from fedpeft.coordinator.transport import Fault, Reply, Transport, classify_reply
 from fedpeft.coordinator.user_level import CLIP_META_KEY, UserLevel, resumed_clip_of
-from fedpeft.core.errors import FedPeftError
+from fedpeft.core.errors import ConfigError, FedPeftError
 from fedpeft.core.protocol import (
     ADAPTER_KEY,
     CLIENT_ID_KEY,
@@ -48,8 +48,10 @@ from fedpeft.data.tokenize import Encoded, encode
 from fedpeft.peft_methods import get_adapted
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.peft_methods.registry import initial_adapter_state
-from fedpeft.runconfig.config import RunConfig, data_partitions
+from fedpeft.runconfig.config import RunConfig, data_partitions, planned_clients
 from fedpeft.runconfig.secagg_identity import read_trust_anchor
+from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.errors import SecAggError
 from fedpeft.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,17 @@ class Coordinator:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
+    def _check_secagg_plan(self, secagg: SecAggConfig, n: int) -> None:
+        """Fail before round 1, naming the knobs, when no SecAgg+ round of ``n`` clients can
+        meet the abort target (otherwise every round would abort)."""
+        try:
+            secagg.resolve(n, authenticated=self.trust is not None)
+        except SecAggError as exc:
+            raise ConfigError(
+                f"secure aggregation cannot plan rounds of {n} clients: {exc}. Raise "
+                "secagg-max-abort, lower secagg-dropout or secagg-corrupt-fraction, or run "
+                "more clients per round") from exc
+
     def run_federation(self) -> RunSummary:
         fed = self.run.federation
         model = self.model
@@ -183,6 +196,10 @@ class Coordinator:
             # the plan is checked here (a typed error naming the knob) before any round runs
             self.user = UserLevel(self.run, self.run_dir, num_partitions, spec,
                                   clip=resumed_clip)
+        elif self.run.secagg is not None and fed.clients_per_round > 0:
+            # a fixed round size: its plan is checked before any round (with every connected
+            # client instead, the size can change as nodes come and go: checked per round)
+            self._check_secagg_plan(self.run.secagg, planned_clients(self.run, num_partitions))
         if start == 0:
             metrics = evaluate(model, self.eval_data(num_partitions))
             row0 = {"round": 0, "eval": metrics, "time": time.time()}

@@ -181,3 +181,17 @@ def test_authenticated_rounds_in_a_simulation(tmp_path: Path) -> None:
     for data in adverts:
         head = msg.peek_header(data)
         assert msg.decode_advertise(data, head.session_id, head.client_id).certificate  # signed
+
+
+def test_an_unplannable_round_fails_before_round_one(tmp_path: Path) -> None:
+    """Rounds of six clients at 10 % dropout cannot meet a 1 % abort target with the security
+    floor: a typed error naming the knobs before any round, not an abort in every round (with
+    clients-per-round = 0 the size can change, so such a round is skipped with the reason,
+    test_infeasible_plan_skips_the_round_with_the_reason)."""
+    from fedpeft.core.errors import ConfigError
+
+    run = parse_run_config(_flat(tmp_path, secagg=True, **{"secagg-dropout": 0.1,
+                                                           "clients-per-round": 6}))
+    with pytest.raises(ConfigError, match="cannot plan rounds of 6 clients.*secagg-max-abort"):
+        Coordinator(run, InMemoryTransport(run, 6), tmp_path).run_federation()
+    assert not (tmp_path / "metrics.jsonl").exists()  # not even round 0 was evaluated
