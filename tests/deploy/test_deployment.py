@@ -124,3 +124,38 @@ def test_tls_auth_federation_completes(link: SuperLink, certs: CertLayout, tmp_p
     for node in nodes:
         assert node.supernode.poll() is not None
         assert node.worker is not None and node.worker.poll() is not None
+
+
+@pytest.mark.slow
+def test_authenticated_secagg_deployment_completes(tmp_path_factory: pytest.TempPathFactory,
+                                                   tmp_path: Path,
+                                                   tiny: Callable[..., dict[str, object]]) -> None:
+    """Three real SuperNodes with their SecAgg identities (node config) against a coordinator
+    pinning the CA (secagg-ca): the round runs authenticated, consistency check included."""
+    from fedpeft.deploy.certs import secagg_node_files
+
+    names = ["alice", "bob", "carol"]
+    certs = init_cert_dir(tmp_path_factory.mktemp("certs3"), nodes=3, names=names)
+    sl = start_superlink(certs.root, tmp_path_factory.mktemp("coordinator3"), port=0)
+    nodes: list[ClientNode] = []
+    try:
+        for i, name in enumerate(names):
+            nodes.append(start_client(superlink=sl.address, client_id=name, partition_id=i,
+                                      num_partitions=3, state_dir=tmp_path / name,
+                                      ca_cert=certs.ca_cert, node_key=certs.node_key(name),
+                                      secagg=secagg_node_files(certs, name)))
+        sl.wait_for_nodes(3, timeout=90)
+        config = full_run_config(tiny(**{"num-rounds": 1, "secagg": True, "weighting": "uniform",
+                                         "secagg-dropout": 0.02, "secagg-ca": str(certs.ca_cert)}),
+                                 tmp_path / "run")
+        result = submit_run(sl, config, stream=False, timeout=300)
+        assert result.ok, (result.status, (sl.run_dir / "flwr-run.log").read_text()[-3000:])
+        rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+        assert '"survivors": 3' in rows
+        for node in nodes:  # each node's session answered the consistency check once
+            markers = list((node.state_dir).rglob("*.consistency-*"))
+            assert len(markers) == 1, [p.name for p in node.state_dir.rglob("*")][:20]
+    finally:
+        for node in nodes:
+            node.stop()
+        sl.stop()
