@@ -21,7 +21,6 @@ Usage: python benchmarks/secagg_active_bench.py [--quick] [--out PATH]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import platform
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.deploy.certs import build_identities  # noqa: E402
+from fedpeft.runconfig.secagg_identity import utc_now  # noqa: E402
 from fedpeft.secagg import SecAggConfig, Stage, run_in_memory  # noqa: E402
 from fedpeft.secagg.config import consistency_quorum  # noqa: E402
 from fedpeft.secagg.identity import NodeIdentity, TrustAnchor  # noqa: E402
@@ -41,10 +41,6 @@ from fedpeft.secagg.quantize import decode_signed, quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"before": (0.0, False), "planner": (0.05, False), "active": (0.05, True)}
-
-
-def _clock() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def bench(n: int, length: int, variant: str, pki: tuple[TrustAnchor, dict[int, NodeIdentity]],
@@ -76,7 +72,7 @@ def bench(n: int, length: int, variant: str, pki: tuple[TrustAnchor, dict[int, N
         # one device verifies each certificate it sees once (simulated clients share one
         # anchor, so their times above do not show it): its neighbours' and a quorum's
         quorum = consistency_quorum(n, gamma)
-        fresh = TrustAnchor(trust.ca, _clock)
+        fresh = TrustAnchor(trust.ca, utc_now)
         ders = [nodes[c].certificate for c in ids[: min(n, run.server.degree + quorum)]]
         t0 = time.perf_counter()
         for der in ders:

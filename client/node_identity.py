@@ -16,6 +16,7 @@ unauthenticated round; without one it cannot join an authenticated round.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fedpeft.runconfig.secagg_identity import (
     read_trust_anchor,
     secagg_node_paths,
 )
-from fedpeft.secagg.identity import NodeIdentity
+from fedpeft.secagg.identity import NodeIdentity, TrustAnchor
 
 #: Node-config keys of a deployment node's identity (the SuperNode's ``--node-config``).
 NODE_KEY = "secagg-node-key"
@@ -77,7 +78,14 @@ def sim_node_identity(run: RunConfig, client_id: str) -> NodeIdentity | None:
         raise ConfigError(f"secagg-sim-identities={str(root)!r} has no identity for virtual "
                           f"client {client_id!r} ({key.name}, {cert.name}); add it with "
                           f"`fedpeft certs add-node {root} --name {client_id}`")
-    trust = read_trust_anchor(run.secagg_ca)
+    trust = _sim_trust(Path(run.secagg_ca).resolve())
     return read_node_identity(key, cert, trust,
                               key_knob=f"secagg-sim-identities key of {client_id}",
                               cert_knob=f"secagg-sim-identities certificate of {client_id}")
+
+
+@functools.lru_cache(maxsize=4)
+def _sim_trust(ca_path: Path) -> TrustAnchor:
+    """One trust anchor for all the virtual clients of a process: the CA is read once and
+    each certificate verified once for all of them (the anchor rechecks validity on use)."""
+    return read_trust_anchor(ca_path)

@@ -351,8 +351,9 @@ class SecAggClient:
         if len(peers) + 1 < s.threshold:
             raise AbortError(f"only {len(peers)} neighbours advertised keys; need threshold - 1 = "
                              f"{s.threshold - 1}")
-        trust = self.identity.trust if s.authenticated and self.identity is not None else None
-        signers = {self.identity.public_key} if trust is not None and self.identity else set()
+        mine = self.identity if s.authenticated else None
+        trust = None if mine is None else mine.trust
+        signers = set() if mine is None else {mine.public_key}
         for p in peers:  # security: verify every neighbour's certified key before sharing
             signer = verify_advertisement(p, self.session_id, trust)
             if signer is not None:

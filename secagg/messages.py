@@ -253,24 +253,33 @@ class PeerKeys:
     signature: bytes = b""  # its Ed25519 signature of the advertisement
 
 
-def _signed(certificate: bytes, signature: bytes) -> bytes:
-    """``? signed``: ``u8 0`` or ``u8 1 | u16 len | certificate | 64 B signature``."""
-    if not certificate and not signature:
-        return b"\x00"
+def _cert_and_signature(certificate: bytes, signature: bytes) -> bytes:
+    """``u16 len | certificate | 64 B signature``."""
     if not 0 < len(certificate) <= MAX_CERT_BYTES or len(signature) != SIGNATURE_BYTES:
         raise MalformedMessageError(f"certificate of {len(certificate)} B / signature of "
                                     f"{len(signature)} B cannot be encoded")
-    return b"\x01" + struct.pack(">H", len(certificate)) + certificate + signature
+    return struct.pack(">H", len(certificate)) + certificate + signature
 
 
-def _read_signed(r: _Reader, what: str) -> tuple[bytes, bytes]:
-    if not r.flag(f"{what} signed"):
-        return b"", b""
+def _read_cert_and_signature(r: _Reader, what: str) -> tuple[bytes, bytes]:
     length = r.u(">H", f"{what} certificate length")
     if not 0 < length <= MAX_CERT_BYTES:
         raise MalformedMessageError(f"{what} certificate length={length} must be in "
                                     f"1..{MAX_CERT_BYTES}")
     return r.take(length, f"{what} certificate"), r.take(SIGNATURE_BYTES, f"{what} signature")
+
+
+def _signed(certificate: bytes, signature: bytes) -> bytes:
+    """``? signed``: ``u8 0`` or ``u8 1 | u16 len | certificate | 64 B signature``."""
+    if not certificate and not signature:
+        return b"\x00"
+    return b"\x01" + _cert_and_signature(certificate, signature)
+
+
+def _read_signed(r: _Reader, what: str) -> tuple[bytes, bytes]:
+    if not r.flag(f"{what} signed"):
+        return b"", b""
+    return _read_cert_and_signature(r, what)
 
 
 def encode_keys(session_id: bytes, to: int, peers: list[PeerKeys]) -> bytes:
@@ -340,7 +349,8 @@ def encode_unmask_request(session_id: bytes, to: int, survivors: list[int], drop
     """
     s, d = sorted(survivors), sorted(dropped)
     att = sorted(attestations, key=lambda a: a.signer)
-    body = b"".join(struct.pack(">Q", a.signer) + _signed(a.certificate, a.signature)[1:] for a in att)
+    body = b"".join(struct.pack(">Q", a.signer) + _cert_and_signature(a.certificate, a.signature)
+                    for a in att)
     return (
         encode_header(Kind.UNMASK_REQUEST, session_id, to)
         + struct.pack(f">I{len(s)}Q", len(s), *s)
@@ -366,12 +376,7 @@ def decode_unmask_request(
     out = []
     for _ in range(count):
         signer = r.u(">Q", "attestation signer")
-        length = r.u(">H", "attestation certificate length")
-        if not 0 < length <= MAX_CERT_BYTES:
-            raise MalformedMessageError(f"attestation certificate length={length} must be in "
-                                        f"1..{MAX_CERT_BYTES}")
-        out.append(Attestation(signer, r.take(length, "attestation certificate"),
-                               r.take(SIGNATURE_BYTES, "attestation signature")))
+        out.append(Attestation(signer, *_read_cert_and_signature(r, "attestation")))
     r.end()
     _check_sorted_unique([a.signer for a in out], "attestation signers")
     return survivors, dropped, tuple(out)

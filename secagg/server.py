@@ -143,6 +143,7 @@ class SecAggServer:
         self._u3: frozenset[int] = frozenset()
         self._acc: npt.NDArray[np.uint32] | None = None
         self._requests: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._holder_at: dict[int, int] = {}  # Shamir x -> the asked client (unmask stage)
         self._signers: dict[int, bytes] = {}  # certified node key of each advertiser
 
     # ---- helpers ------------------------------------------------------------------------
@@ -358,6 +359,7 @@ class SecAggServer:
         for j in sorted(responders):
             surv, drop = self._forwarded[j] & u3, self._forwarded[j] - u3
             self._requests[j] = (surv, drop)
+            self._holder_at[self._x[j]] = j
             out[j] = msg.encode_unmask_request(self.session_id, j, sorted(surv), sorted(drop),
                                                attestations)
         self.stage = Stage.UNMASK
@@ -448,7 +450,7 @@ class SecAggServer:
         and names their senders: with ``drop_invalid`` they go to ``faults`` (their inputs
         stay in the sum; their later shares are ignored) and the round goes on, else it
         aborts naming them. Raises ``AbortError`` if no checked secret can be found."""
-        by_x = {self._x[c]: c for c in self._requests}
+        by_x = self._holder_at
         usable = {x: y for x, y in shares.items() if by_x.get(x) not in self.faults}
         try:
             secret = reconstruct(usable, self.threshold)

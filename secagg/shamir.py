@@ -29,13 +29,7 @@ def split(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, bytes]:
         raise ShamirError(f"threshold={threshold} must be in [1, len(xs)={len(xs)}]")
     # security: random coefficients from the OS CSPRNG; coefficient 0 is the secret.
     coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    out: dict[int, bytes] = {}
-    for x in xs:
-        acc = 0
-        for c in reversed(coeffs):  # Horner
-            acc = (acc * x + c) % PRIME
-        out[x] = acc.to_bytes(SHARE_BYTES, "big")
-    return out
+    return {x: _evaluate(coeffs, x).to_bytes(SHARE_BYTES, "big") for x in xs}
 
 
 def lagrange_at_zero(points: Mapping[int, int]) -> int:
@@ -122,6 +116,7 @@ def _poly_divide(num: list[int], den: list[int]) -> tuple[list[int], bool]:
 
 
 def _evaluate(coeffs: Sequence[int], x: int) -> int:
+    """The polynomial with ``coeffs`` (lowest first) at ``x`` over GF(p) (Horner)."""
     acc = 0
     for c in reversed(coeffs):
         acc = (acc * x + c) % PRIME

@@ -47,7 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.deploy.errors import CertificateError, CertificateExistsError
-from fedpeft.runconfig.secagg_identity import SECAGG_PREFIX, secagg_node_paths
+from fedpeft.runconfig.secagg_identity import SECAGG_PREFIX, secagg_node_paths, utc_now
 from fedpeft.secagg.identity import SECAGG_NODE_USAGE, NodeIdentity, TrustAnchor
 
 T = TypeVar("T")
@@ -251,7 +251,7 @@ def build_identities(ids: Sequence[T], *, valid_days: int = 365) -> tuple[TrustA
     """A fresh CA and an in-memory SecAgg identity ``node-<id>`` for each of ``ids`` (tests,
     benchmarks and simulations that need no files; the CA key is dropped)."""
     ca_key, ca_cert = build_ca()
-    trust = TrustAnchor(ca_cert, lambda: dt.datetime.now(dt.UTC))
+    trust = TrustAnchor(ca_cert, utc_now)
     out: dict[T, NodeIdentity] = {}
     for i in ids:
         key, cert = build_secagg_node_cert(ca_key, ca_cert, f"node-{i}", valid_days=valid_days)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpeft.runconfig.secagg_identity import utc_now
 from fedpeft.secagg import SecAggConfig, Stage, run_in_memory
 from fedpeft.secagg import messages as msg
 from fedpeft.secagg.client import SecAggClient
@@ -181,10 +182,6 @@ def test_range_check_never_rejects_honest_inputs_at_the_clip() -> None:
 
 # ---- authenticated rounds: certified node keys, signed advertisements -----------------------
 
-def _clock() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @pytest.fixture(scope="module")
 def pki() -> tuple[TrustAnchor, dict[int, NodeIdentity], Any]:
     """A federation CA and one enrolled identity per client id (as ``fedpeft certs`` makes)."""
@@ -235,7 +232,7 @@ def test_substituted_peer_keys_are_refused_before_anything_is_shared(pki) -> Non
     # re-signed by the coordinator with a key from its own CA: not the federation's
     rogue_key, rogue_ca = build_ca("rogue CA")
     key, cert = build_secagg_node_cert(rogue_key, rogue_ca, f"node-{IDS[1]}")
-    rogue = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), TrustAnchor(rogue_ca, _clock))
+    rogue = NodeIdentity(key, cert.public_bytes(serialization.Encoding.DER), TrustAnchor(rogue_ca, utc_now))
     with pytest.raises(AuthenticationError, match="not issued by the federation CA"):
         run_in_memory(CFG, _ups(), session_id=SID, identities=identities, trust=trust,
                       tamper=_substitute_keys(IDS[0], IDS[1], resign=rogue))
