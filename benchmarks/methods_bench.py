@@ -29,8 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.dp_bench import BATCH, MODELS, ROWS, SEQ, _rss_mb  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "methods.json"
-#: (model, method) pairs that exist (BitFit needs bias terms).
-PAIRS = [(m, a) for m in MODELS for a in ("lora", "ffa-lora", "prompt", "ia3", "bitfit")
+#: Rows that are one method with other run-config settings: label -> (method, overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bottleneck-parallel": ("bottleneck", {"bottleneck-placement": "parallel"})}
+#: (model, method or variant) pairs that exist (BitFit needs bias terms).
+PAIRS = [(m, a) for m in MODELS
+         for a in ("lora", "ffa-lora", "prompt", "ia3", "bitfit", "bottleneck",
+                   "bottleneck-parallel")
          if not (m == "smollm2-135m" and a == "bitfit")]
 
 
@@ -51,10 +56,11 @@ def run_one(model_name: str, method: str, layers: int, steps: int, warmup: int) 
     from fedpeft.training.config import TrainConfig
 
     task = MODELS[model_name]
-    entry = METHODS[method]
-    settings = entry.parse(DEFAULTS)
+    name, overrides = VARIANTS.get(method, (method, {}))
+    entry = METHODS[name]
+    settings = entry.parse({**DEFAULTS, **overrides})
     model = build(ModelConfig(model_name, task=task, num_hidden_layers=layers or None),  # type: ignore[arg-type]
-                  AdapterConfig(method, settings), seed=0)
+                  AdapterConfig(name, settings), seed=0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 2000, (ROWS, SEQ), generator=gen)
     labels = ids.clone() if task == "causal_lm" else torch.randint(0, 2, (ROWS,), generator=gen)
@@ -122,7 +128,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{meta['layers']} layers, batch {BATCH} x {SEQ} tokens, {meta['steps']} measured "
              f"steps, load average {meta['load_average_at_start']} at the start. Run-config "
              "default settings of each method (LoRA r 8 on q/v; prompt 16 tokens; (IA)3 and "
-             "BitFit at PEFT's / the paper's default modules; classification trains the head).",
+             "BitFit at PEFT's / the paper's default modules; bottleneck adapters of width 8, "
+             "serial after attention and feed-forward outputs, parallel beside the "
+             "feed-forward block; classification trains the head).",
              "",
              "| model | method | engine | coordinates (noised) | vs LoRA | upload float32 | "
              "upload SecAgg | step s | vs LoRA | peak RSS MB | vs LoRA |",

@@ -16,18 +16,15 @@ model after checking every name, shape and dtype.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedpeft.core.errors import ConfigError, ModelError, PayloadError
+from fedpeft.core.errors import ConfigError, ModelError
 from fedpeft.core.models import BaseModel, ModelConfig
 from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.base import (
@@ -38,12 +35,7 @@ from fedpeft.peft_methods.base import (
     head_name,
     register_method,
 )
-
-FORMAT = 1
-CONFIG_FILE = "fedpeft_adapter.json"
-TENSORS_FILE = "adapter_model.safetensors"
-#: A BitFit export holds at most this many tensors (a bound for the reader).
-MAX_TENSORS = 10_000
+from fedpeft.peft_methods.own_format import check_tensors, copy_into, read_export, write_export
 
 
 @dataclass(frozen=True)
@@ -116,17 +108,10 @@ class BitFitModel(InPlaceAdaptedModel):
 
     def export_peft(self, directory: str | Path) -> Path:
         """BitFit is not a PEFT method: write this project's format (module docstring)."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {n.removeprefix("model."): p.detach().clone().contiguous()
-                   for n, p in self.adapter_parameters().items()}
-        save_file(tensors, str(path / TENSORS_FILE))
-        config = {"format": FORMAT, "method": self.method, "base_model": self.base_info.source,
-                  "task": self.task, "modules": list(self.settings.modules or []),
-                  "tensors": {n: [list(t.shape), str(t.dtype).removeprefix("torch.")]
-                              for n, t in sorted(tensors.items())}}
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        return path
+        tensors = {n.removeprefix("model."): p for n, p in self.adapter_parameters().items()}
+        return write_export(directory, method=self.method, base_model=self.base_info.source,
+                            task=self.task, tensors=tensors,
+                            fields={"modules": list(self.settings.modules or [])})
 
 
 def load_bitfit(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -135,33 +120,10 @@ def load_bitfit(model: nn.Module, directory: str | Path) -> nn.Module:
     Raises :class:`PayloadError` when the export is not BitFit, is malformed, or names a tensor
     the model lacks or with another shape or dtype; nothing is changed then.
     """
-    path = Path(directory)
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-        tensors = load_file(str(path / TENSORS_FILE))
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise PayloadError(f"{path} is not a readable BitFit export ({CONFIG_FILE} + "
-                           f"{TENSORS_FILE}): {exc}") from exc
-    if not isinstance(config, dict) or config.get("method") != "bitfit" \
-            or config.get("format") != FORMAT:
-        raise PayloadError(f"{path / CONFIG_FILE} is not a BitFit export of format {FORMAT}")
-    if len(tensors) > MAX_TENSORS:
-        raise PayloadError(f"{path} holds {len(tensors)} tensors, more than {MAX_TENSORS}")
+    _config, tensors = read_export(directory, "bitfit", "BitFit")
     params = dict(model.named_parameters())
-    problems = []
-    for name, t in tensors.items():
-        p = params.get(name)
-        if p is None:
-            problems.append(f"{name}: no such parameter")
-        elif tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
-            problems.append(f"{name}: got {tuple(t.shape)} {t.dtype}, expected "
-                            f"{tuple(p.shape)} {p.dtype}")
-    if problems:
-        raise PayloadError(f"BitFit export {path} does not fit this model: "
-                           + "; ".join(problems[:5]))
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    check_tensors(tensors, params, f"BitFit export {directory}")
+    copy_into(tensors, params)
     return model
 
 

@@ -16,11 +16,12 @@ from fedpeft.core.errors import ConfigError, UnknownNameError
 from fedpeft.core.models import ModelConfig
 from fedpeft.peft_methods.base import METHODS, AdaptedModel, method_knobs
 from fedpeft.peft_methods.bitfit import BitFitSettings
+from fedpeft.peft_methods.bottleneck import BottleneckSettings
 from fedpeft.peft_methods.ia3 import IA3Settings
 from fedpeft.peft_methods.lora import LoraSettings
 from fedpeft.peft_methods.prompt import PromptSettings
 
-Settings = LoraSettings | PromptSettings | IA3Settings | BitFitSettings
+Settings = LoraSettings | PromptSettings | IA3Settings | BitFitSettings | BottleneckSettings
 __all__ = ["METHODS", "AdapterConfig", "Settings", "build", "clear_cache", "get_adapted",
            "initial_adapter_state", "method_knobs"]
 

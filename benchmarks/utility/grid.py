@@ -111,7 +111,11 @@ SST2_NODP: dict[str, Scalar] = {"dp-clip": 1.0, "method": "lora", "lr": 0.002,
 #: made before them: a resolved config holding exactly that value hashes as if the key did not
 #: exist, so adding a behaviour-preserving knob does not retire every stored cell.
 NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets": "",
-                                         "ia3-feedforward": "", "bitfit-modules": ""}
+                                         "ia3-feedforward": "", "bitfit-modules": "",
+                                         "bottleneck-placement": "serial",
+                                         "bottleneck-size": 8,
+                                         "bottleneck-activation": "relu",
+                                         "bottleneck-scaling": 1.0, "bottleneck-targets": ""}
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,8 @@ def method_cells(size: Size, seed: int) -> list[Cell]:
     base = {**_sst2_base(size), "dirichlet-alpha": 0.5}
     methods: list[tuple[str, dict[str, Scalar]]] = [
         ("(IA)3", {"method": "ia3"}), ("BitFit", {"method": "bitfit"}),
+        ("Bottleneck serial", {"method": "bottleneck"}),
+        ("Bottleneck parallel", {"method": "bottleneck", "bottleneck-placement": "parallel"}),
         ("LoRA (FFA-LoRA under DP)", {})]
     cells = []
     for name, extra in methods:

@@ -13,6 +13,7 @@ from fedpeft.core.models import ModelConfig
 from fedpeft.data.tokenize import Encoded
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.peft_methods.bitfit import BitFitSettings
+from fedpeft.peft_methods.bottleneck import BottleneckSettings
 from fedpeft.peft_methods.ia3 import IA3Settings
 from fedpeft.peft_methods.lora import LoraSettings
 from fedpeft.peft_methods.prompt import PromptSettings
@@ -29,10 +30,14 @@ ADAPTERS = {
     "ffa-lora": AdapterConfig("ffa-lora", LoraSettings(r=4)),
     "ia3": AdapterConfig("ia3", IA3Settings()),
     "bitfit": AdapterConfig("bitfit", BitFitSettings()),
+    "bottleneck": AdapterConfig("bottleneck", BottleneckSettings(size=4)),
+    "bottleneck-par": AdapterConfig("bottleneck", BottleneckSettings(placement="parallel",
+                                                                     size=4, scaling=2.0)),
 }
 PAIRS = [(m, a) for m in MODELS for a in ("lora", "prompt")]
 #: The further methods (issue 18): SmolLM2 has no bias terms, so BitFit runs on MiniLM only.
-METHOD_PAIRS = [("smollm", "ia3"), ("minilm", "ia3"), ("minilm", "bitfit")]
+METHOD_PAIRS = [("smollm", "ia3"), ("minilm", "ia3"), ("minilm", "bitfit"),
+                *[(m, a) for m in MODELS for a in ("bottleneck", "bottleneck-par")]]
 SEQ = 16
 
 _BUILT: dict[tuple[str, str], tuple[AdaptedModel, dict[str, torch.Tensor]]] = {}
@@ -53,6 +58,14 @@ def get_model(model: str, adapter: str) -> AdaptedModel:
                 gen = torch.Generator().manual_seed(3)
                 for name, p in m.adapter_parameters().items():
                     if ".lora_B." in name:
+                        p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        if adapter.startswith("bottleneck"):
+            # the up projection starts at zero (near-identity), which makes the gradient of
+            # the down projection zero; perturb it for the same reason
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(4)
+                for name, p in m.adapter_parameters().items():
+                    if ".adapter.up." in name:
                         p.copy_(0.05 * torch.randn(p.shape, generator=gen))
         _BUILT[key] = (m, m.adapter_state())
     m, state = _BUILT[key]

@@ -89,6 +89,7 @@ def assert_clean(model: nn.Module, hooks_before: list[tuple[int, int, int, int]]
     *[(m, a, mode) for mode in ("hooks", "functorch", "ew") for m, a in PAIRS],
     *[(m, a, mode) for mode in ("hooks", "functorch") for m, a in METHOD_PAIRS],
     ("minilm", "bitfit", "ew"),
+    *[(m, a, "ew") for m in ("minilm", "smollm") for a in ("bottleneck", "bottleneck-par")],
 ])
 def test_per_example_gradients_match_batch_of_one(model_name: str, adapter: str,
                                                   mode: str) -> None:
@@ -137,6 +138,8 @@ def _seed_with(n: int, q: float, ok: Callable[[list[int]], bool]) -> int:
     ("smollm", "lora", "hooks", 2),
     ("minilm", "ia3", "ghost", 2),
     ("minilm", "bitfit", "ghost", None),
+    ("minilm", "bottleneck", "ghost", 2),
+    ("smollm", "bottleneck-par", "ghost", None),
     ("minilm", "lora", "ghost", 2),
     ("smollm", "lora", "ghost", None),
 ])

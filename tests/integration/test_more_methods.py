@@ -1,5 +1,5 @@
-"""(IA)3 and BitFit (issue 18) through whole federations: record-level DP-SGD and user-level
-DP, both inside SecAgg+, on the real models cut to 2 layers."""
+"""(IA)3, BitFit and bottleneck adapters (issue 18) through whole federations: record-level
+DP-SGD and user-level DP, both inside SecAgg+, on the real models cut to 2 layers."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def _sentiment_file(path: Path, n: int = 240, seed: int = 0) -> Path:
 
 
 def _flat(tmp: Path, model: str, method: str, level: str) -> dict[str, object]:
-    flat = tiny_flat(**{"run-dir": str(tmp / "run"), "method": method, "secagg": True,
+    placement = {"bottleneck-placement": "parallel"} if method == "bottleneck-parallel" else {}
+    method = method.removesuffix("-parallel")
+    flat = tiny_flat(**{"run-dir": str(tmp / "run"), "method": method, "secagg": True, **placement,
                         "weighting": "uniform", "dp": True, "dp-level": level,
                         "num-rounds": 2, "local-steps": 2, "batch-size": 4, "min-clients": 3,
                         "secagg-dropout": 0.2, "secagg-max-abort": 0.5})
@@ -59,6 +61,8 @@ def _flat(tmp: Path, model: str, method: str, level: str) -> dict[str, object]:
     ("minilm", "bitfit", "record"),
     ("minilm", "ia3", "user"),
     ("minilm", "bitfit", "user"),
+    ("smollm", "bottleneck", "record"),
+    ("minilm", "bottleneck-parallel", "user"),
 ])
 def test_method_trains_privately_inside_secagg(model: str, method: str, level: str,
                                                tmp_path: Path) -> None:
@@ -81,5 +85,6 @@ def test_method_trains_privately_inside_secagg(model: str, method: str, level: s
     assert report["levels"] == level
     # the round's checkpoint is the method's own export
     adapter_dir = tmp_path / "run" / "checkpoints" / "round-0002" / "adapter"
-    expected = "fedpeft_adapter.json" if method == "bitfit" else "adapter_config.json"
+    own = method == "bitfit" or method.startswith("bottleneck")
+    expected = "fedpeft_adapter.json" if own else "adapter_config.json"
     assert (adapter_dir / expected).is_file()

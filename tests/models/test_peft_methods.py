@@ -13,12 +13,14 @@ from fedpeft.core.models import ModelConfig, load_fresh
 from fedpeft.peft_methods import (
     AdapterConfig,
     BitFitSettings,
+    BottleneckSettings,
     IA3Settings,
     LoraSettings,
     PromptSettings,
     build,
 )
 from fedpeft.peft_methods.bitfit import load_bitfit
+from fedpeft.peft_methods.bottleneck import AdapterWrapper, load_bottleneck
 
 MODELS = {
     "smollm2": ModelConfig("smollm2-135m", task="causal_lm", num_hidden_layers=2),
@@ -31,11 +33,16 @@ ADAPTERS = {
     "prompt": AdapterConfig("prompt", PromptSettings(num_virtual_tokens=4)),
     "ia3": AdapterConfig("ia3", IA3Settings()),
     "bitfit": AdapterConfig("bitfit", BitFitSettings()),
+    "bottleneck": AdapterConfig("bottleneck", BottleneckSettings(size=4)),
+    "bottleneck-par": AdapterConfig("bottleneck", BottleneckSettings(placement="parallel", size=4,
+                                                                     activation="gelu",
+                                                                     scaling=4.0)),
 }
 #: (model, method) pairs that exist: SmolLM2 (Llama) has no bias terms for BitFit.
 PAIRS = [(m, a) for m in MODELS for a in ADAPTERS if not (m == "smollm2" and a == "bitfit")]
 #: What each method's trainable tensor names contain (besides the classification head).
-TRAINABLE_MARK = {"lora": "lora_", "prompt": "prompt", "ia3": ".ia3_l", "bitfit": ".bias"}
+TRAINABLE_MARK = {"lora": "lora_", "prompt": "prompt", "ia3": ".ia3_l", "bitfit": ".bias",
+                  "bottleneck": ".adapter.", "bottleneck-par": ".adapter."}
 
 
 def _inputs(model: object) -> dict[str, torch.Tensor]:
@@ -57,6 +64,8 @@ def test_export_round_trip_same_logits(model_name: str, adapter_name: str, tmp_p
     fresh = load_fresh(MODELS[model_name], seed=7).model
     if adapter_name == "bitfit":  # not a PEFT method: the project's own format
         peft_model = load_bitfit(fresh, tmp_path)  # type: ignore[arg-type]
+    elif adapter_name.startswith("bottleneck"):
+        peft_model = load_bottleneck(fresh, tmp_path)  # type: ignore[arg-type]
     else:
         peft_model = PeftModel.from_pretrained(fresh, tmp_path)
     peft_model.eval()
@@ -179,3 +188,135 @@ def test_ia3_scales_outputs_and_feedforward_inputs() -> None:
         build(MODELS["minilm"], AdapterConfig("ia3", IA3Settings(target_modules=("q_proj",))))
     with pytest.raises(ConfigError, match="ia3-feedforward needs ia3-targets"):
         IA3Settings(feedforward_modules=("down_proj",))
+
+
+def _logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=x["input_ids"],
+                                  attention_mask=x["attention_mask"]).logits
+    return out
+
+
+@pytest.mark.parametrize(("model_name", "adapter_name", "where"), [
+    ("minilm", "bottleneck", {"attention.output": "residual-norm", "output": "residual-norm"}),
+    ("minilm", "bottleneck-par", {"output": "residual-norm"}),
+    ("smollm2", "bottleneck", {"self_attn.o_proj": "linear", "mlp.down_proj": "linear"}),
+    ("smollm2", "bottleneck-par", {"mlp": "block"}),
+])
+def test_bottleneck_starts_as_the_base_model_at_the_papers_places(
+        model_name: str, adapter_name: str, where: dict[str, str]) -> None:
+    m = build(MODELS[model_name], ADAPTERS[adapter_name], seed=2)
+    wrapped = {n: w for n, w in m.model.named_modules() if isinstance(w, AdapterWrapper)}
+    layers = 2
+    assert len(wrapped) == layers * len(where)
+    for name, w in wrapped.items():
+        suffix = name.split(".", 4)[-1] if model_name == "minilm" else name.split(".", 3)[-1]
+        assert where[suffix] == w.kind, name
+    x = _inputs(m)
+    base = load_fresh(MODELS[model_name], seed=2).model
+    # up starts at zero: the adapted model is the base model (Houlsby's near-identity init)
+    torch.testing.assert_close(_logits(m.model, x), _logits(base, x), rtol=0, atol=0)
+    with torch.no_grad():  # (not a constant: a LayerNorm after the adapter would remove it)
+        for w in wrapped.values():
+            w.adapter.up.bias.copy_(0.1 * torch.randn(w.adapter.up.bias.shape))
+    assert not torch.allclose(_logits(m.model, x), _logits(base, x), atol=1e-3)
+    # the widths: hidden -> size -> hidden, the scaling applied
+    w = next(iter(wrapped.values()))
+    hidden = m.model.config.hidden_size
+    assert w.adapter.down.weight.shape == (4, hidden) and w.adapter.up.weight.shape == (hidden, 4)
+    h = torch.randn(2, 3, hidden)
+    with torch.no_grad():
+        manual = w.adapter.up(w.adapter.act(w.adapter.down(h))) * w.adapter.scaling
+    torch.testing.assert_close(w.adapter(h), manual)
+
+
+def test_bottleneck_parallel_reads_the_sublayer_input_and_serial_its_output() -> None:
+    from fedpeft.peft_methods.bottleneck import Bottleneck
+
+    for placement in ("serial", "parallel"):
+        settings = BottleneckSettings(placement=placement, size=3)
+        lin = torch.nn.Linear(5, 5)
+        adapter = Bottleneck(5, settings, torch.float32)
+        with torch.no_grad():
+            adapter.up.weight.normal_()
+        wrapper = AdapterWrapper(lin, adapter, kind="linear", placement=placement)
+        x = torch.randn(2, 5)
+        with torch.no_grad():
+            y = lin(x)
+            want = y + adapter(y) if placement == "serial" else y + adapter(x)
+            torch.testing.assert_close(wrapper(x), want)
+
+
+def test_bottleneck_refusals_name_the_knob() -> None:
+    with pytest.raises(ConfigError, match="bottleneck-placement='both'"):
+        BottleneckSettings(placement="both")
+    with pytest.raises(ConfigError, match="bottleneck-size=0"):
+        BottleneckSettings(size=0)
+    with pytest.raises(ConfigError, match="bottleneck-activation='swish'"):
+        BottleneckSettings(activation="swish")
+    with pytest.raises(ConfigError, match="bottleneck-scaling=nan"):
+        BottleneckSettings(scaling=float("nan"))
+    with pytest.raises(ModelError, match="match no module.*bottleneck-targets"):
+        build(MODELS["minilm"], AdapterConfig("bottleneck",
+                                              BottleneckSettings(target_modules=("q_proj",))))
+    # BERT's pooler runs but is discarded under mean pooling: no gradient, refused
+    with pytest.raises(ModelError, match="do not reach the model's output"):
+        build(MODELS["minilm"], AdapterConfig("bottleneck",
+                                              BottleneckSettings(target_modules=("pooler.dense",))))
+    # a parallel adapter beside a linear layer of unequal widths has nowhere to add
+    with pytest.raises(ModelError, match="equal input and output widths"):
+        build(MODELS["smollm2"], AdapterConfig("bottleneck", BottleneckSettings(
+            placement="parallel", target_modules=("gate_proj",))))
+    # chosen targets: only those are wrapped
+    m = build(MODELS["smollm2"], AdapterConfig("bottleneck",
+                                               BottleneckSettings(target_modules=("o_proj",))))
+    assert [n for n, _k in m.targets] == [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
+
+
+def test_bottleneck_loader_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    m = build(MODELS["minilm"], ADAPTERS["bottleneck"])
+    m.export_peft(tmp_path / "ok")
+    config = json.loads((tmp_path / "ok" / "fedpeft_adapter.json").read_text())
+    assert config["settings"] == {"placement": "serial", "size": 4, "activation": "relu",
+                                  "scaling": 1.0}
+    tensors = load_file(str(tmp_path / "ok" / "adapter_model.safetensors"))
+
+    def export(name: str, cfg: dict[str, object], ts: dict[str, torch.Tensor]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "fedpeft_adapter.json").write_text(json.dumps(cfg))
+        save_file(ts, str(d / "adapter_model.safetensors"))
+        return d
+
+    other = load_fresh(MODELS["minilm"], seed=0).model
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    modules_before = [n for n, _ in other.named_modules()]
+    down = next(n for n in tensors if n.endswith("adapter.down.weight"))
+    cases = [
+        (export("shape", config, {**tensors, down: torch.zeros(5, 384)}),
+         rf"{down}: got \(5, 384\)"),
+        (export("missing", config, {k: v for k, v in tensors.items() if k != down}),
+         "lacks adapter tensors"),
+        (export("size", {**config, "settings": {**config["settings"], "size": 10**6}}, tensors),
+         "bad settings"),
+        (export("target", {**config, "targets": [["encoder.nope", "linear"]]}, tensors),
+         "not a module of the model"),
+        (export("kind", {**config, "targets": [[config["targets"][0][0], "linear"]]}, tensors),
+         "is a residual-norm module"),
+        (export("shape-of-target", {**config, "targets": [["x"]]}, tensors),
+         "not \\[module name"),
+        (tmp_path / "absent", "not a readable bottleneck adapter export"),
+        (export("other", {**config, "method": "bitfit"}, tensors),
+         "not a bottleneck adapter export"),
+    ]
+    for path, message in cases:
+        with pytest.raises(PayloadError, match=message):
+            load_bottleneck(other, path)
+        # nothing changed: no module put in, no tensor written
+        assert [n for n, _ in other.named_modules()] == modules_before
+        assert all(torch.equal(before[n], p) for n, p in other.named_parameters())

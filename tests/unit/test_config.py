@@ -145,3 +145,19 @@ def test_methods_batched_training_cannot_route_are_refused_before_a_round(method
     with pytest.raises(ConfigError, match=f"batch-clients=4: method '{method}'.*batch-clients = 1"):
         parse_run_config({"method": method, "batch-clients": 4})
     assert parse_run_config({"method": method}).cohort.clients == 1
+
+
+def test_bottleneck_knobs_parse_and_it_batches_across_clients() -> None:
+    from fedpeft.peft_methods.bottleneck import BottleneckSettings
+
+    run = parse_run_config({"method": "bottleneck", "bottleneck-placement": "parallel",
+                            "bottleneck-size": 16, "bottleneck-activation": "gelu",
+                            "bottleneck-scaling": 4.0, "bottleneck-targets": "mlp, output",
+                            "batch-clients": 4})
+    assert run.adapter.settings == BottleneckSettings(
+        placement="parallel", size=16, activation="gelu", scaling=4.0,
+        target_modules=("mlp", "output"))
+    assert run.cohort.clients == 4  # its tensors live in nn.Linear modules: routed per row
+    assert run.dp.grad_sample_mode == "ew"
+    with pytest.raises(ConfigError, match="bottleneck-placement='side'"):
+        parse_run_config({"method": "bottleneck", "bottleneck-placement": "side"})
