@@ -27,6 +27,7 @@ from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.registry import METHODS
 from fedpeft.runconfig.config import DEFAULTS, unused_server_knobs
 from fedpeft.runconfig.presets import get_preset
+from fedpeft.secagg.config import colluders
 
 #: The published anchors quoted beside our numbers (accuracy in %, SST-2 GLUE dev set).
 ANCHORS: tuple[dict[str, str], ...] = (
@@ -115,7 +116,8 @@ NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets"
                                          "bottleneck-placement": "serial",
                                          "bottleneck-size": 8,
                                          "bottleneck-activation": "relu",
-                                         "bottleneck-scaling": 1.0, "bottleneck-targets": ""}
+                                         "bottleneck-scaling": 1.0, "bottleneck-targets": "",
+                                         "secagg-ca": "", "secagg-sim-identities": ""}
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,11 @@ class Cell:
         for name, neutral in NEUTRAL_LATER_KEYS.items():
             if config.get(name) == neutral:
                 del config[name]
+        # SecAgg's corrupt fraction (added later) changes a round only through its colluder
+        # count floor(fraction x clients); with fewer clients than 1 / fraction that is 0, the
+        # planning of the runs made before the knob existed
+        if colluders(self.clients, float(config.get("secagg-corrupt-fraction", 0.0))) == 0:
+            config.pop("secagg-corrupt-fraction", None)
         if config.get("dp-grad-sample-mode") == "auto":  # the engine it resolves to
             config["dp-grad-sample-mode"] = METHODS[str(config["method"])].grad_sample_modes[0]
         unused = list(unused_server_knobs(str(config["aggregation"])))
