@@ -1,14 +1,14 @@
 """What each adapter method costs under record-level DP-SGD (issue 18, item 4's cost columns).
 
 For every registered method on both embedded models (full depth; BitFit on MiniLM-L6 only,
-SmolLM2 has no bias terms): trainable tensors and coordinates (every one of them is noised
-under DP-SGD and, under user-level DP, clipped and noised in the SecAgg field), the upload per
-round (float32 safetensors, and the user-level SecAgg words at ``secagg-bits`` bits a
-coordinate), the median DP-SGD step time (the method's ``auto`` engine, batch 32 x 32 tokens,
-Poisson q = 0.5, normalised to 32 examples) and the peak RSS of a process that built the model
-and trained, each against LoRA in the same run. Every (model, method) runs in its own
-subprocess (clean peak memory). Accuracy at a given epsilon is the utility sweep's job
-(docs/results.md), not this file's.
+SmolLM2 has no bias terms; prefix tuning on SmolLM2 only, a decoder method): trainable tensors
+and coordinates (every one of them is noised under DP-SGD and, under user-level DP, clipped and
+noised in the SecAgg field), the upload per round (float32 safetensors, and the user-level
+SecAgg words at ``secagg-bits`` bits a coordinate), the median DP-SGD step time (the method's
+``auto`` engine, batch 32 x 32 tokens, Poisson q = 0.5, normalised to 32 examples) and the peak
+RSS of a process that built the model and trained, each against LoRA in the same run. Every
+(model, method) runs in its own subprocess (clean peak memory). Accuracy at a given epsilon is
+the utility sweep's job (docs/results.md), not this file's.
 
 Usage: python -m benchmarks.methods_bench [--quick] [--out PATH]
 """
@@ -34,9 +34,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bottleneck-parallel": ("bottleneck", {"bottleneck-placement": "parallel"})}
 #: (model, method or variant) pairs that exist (BitFit needs bias terms).
 PAIRS = [(m, a) for m in MODELS
-         for a in ("lora", "ffa-lora", "prompt", "ia3", "bitfit", "bottleneck",
+         for a in ("lora", "ffa-lora", "prompt", "prefix", "ia3", "bitfit", "bottleneck",
                    "bottleneck-parallel")
-         if not (m == "smollm2-135m" and a == "bitfit")]
+         if not (m == "smollm2-135m" and a == "bitfit")
+         and not (m == "minilm-l6" and a == "prefix")]  # prefix tuning: decoders only
 
 
 def run_one(model_name: str, method: str, layers: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -127,8 +128,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"`python -m benchmarks.methods_bench{' --quick' if meta['quick'] else ''}`, "
              f"{meta['layers']} layers, batch {BATCH} x {SEQ} tokens, {meta['steps']} measured "
              f"steps, load average {meta['load_average_at_start']} at the start. Run-config "
-             "default settings of each method (LoRA r 8 on q/v; prompt 16 tokens; (IA)3 and "
-             "BitFit at PEFT's / the paper's default modules; bottleneck adapters of width 8, "
+             "default settings of each method (LoRA r 8 on q/v; prompt and prefix 16 tokens; "
+             "(IA)3 and BitFit at PEFT's / the paper's default modules; bottleneck adapters of width 8, "
              "serial after attention and feed-forward outputs, parallel beside the "
              "feed-forward block; classification trains the head).",
              "",

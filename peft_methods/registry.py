@@ -19,9 +19,11 @@ from fedpeft.peft_methods.bitfit import BitFitSettings
 from fedpeft.peft_methods.bottleneck import BottleneckSettings
 from fedpeft.peft_methods.ia3 import IA3Settings
 from fedpeft.peft_methods.lora import LoraSettings
+from fedpeft.peft_methods.prefix import PrefixSettings
 from fedpeft.peft_methods.prompt import PromptSettings
 
-Settings = LoraSettings | PromptSettings | IA3Settings | BitFitSettings | BottleneckSettings
+Settings = (LoraSettings | PromptSettings | IA3Settings | BitFitSettings | BottleneckSettings
+            | PrefixSettings)
 __all__ = ["METHODS", "AdapterConfig", "Settings", "build", "clear_cache", "get_adapted",
            "initial_adapter_state", "method_knobs"]
 

@@ -10,11 +10,19 @@ so the rules are in place whenever a model is wrapped for DP-SGD.
 
 summed over the positions ``t`` of one example. tests/dp/test_dp_sgd.py checks them against a
 batch of one to 1e-5 on both models.
+
+``nn.Embedding`` under ghost clipping: Opacus 1.6's norm sampler
+(``opacus/grad_sample/embedding_norm_sample.py``) calls ``view`` on the layer's input ids,
+which fails on ids expanded over the batch (stride 0), as PEFT's prefix encoder looks its
+tokens up; the rule here passes contiguous ids to Opacus' own function (same norms).
 """
 
 from __future__ import annotations
 
 import torch
+from opacus.grad_sample.embedding_norm_sample import (  # type: ignore[import-untyped]
+    compute_embedding_norm_sample,
+)
 from opacus.grad_sample.utils import (  # type: ignore[import-untyped]
     register_grad_sampler,
     register_norm_sampler,
@@ -58,5 +66,14 @@ def _ia3_norm_sample(layer: ScaledLinear, activations: list[torch.Tensor],
     return {layer.ia3_l: gs.flatten(1).norm(dim=1)}
 
 
+@register_norm_sampler(nn.Embedding)  # type: ignore[untyped-decorator]
+def _embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus' embedding norms, with contiguous input ids (module docstring)."""
+    out: dict[nn.Parameter, torch.Tensor] = compute_embedding_norm_sample(
+        layer, [a.contiguous() for a in activations], backprops)
+    return out
+
+
 #: The layer types whose rules this module registers (importing it registers them).
-RULES: tuple[type[nn.Module], ...] = (ScaledLinear,)
+RULES: tuple[type[nn.Module], ...] = (ScaledLinear, nn.Embedding)

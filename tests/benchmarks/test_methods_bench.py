@@ -22,6 +22,7 @@ def test_every_method_on_both_models_except_bitfit_on_smollm() -> None:
     assert {VARIANTS.get(a, (a, {}))[0] for _, a in PAIRS} == set(METHODS)
     assert {a for _, a in PAIRS} >= set(VARIANTS)
     assert ("smollm2-135m", "bitfit") not in PAIRS and ("minilm-l6", "bitfit") in PAIRS
+    assert ("minilm-l6", "prefix") not in PAIRS and ("smollm2-135m", "prefix") in PAIRS
 
 
 def test_ratios_are_against_lora_on_the_same_model_and_errors_are_shown() -> None:

@@ -16,6 +16,7 @@ from fedpeft.peft_methods.bitfit import BitFitSettings
 from fedpeft.peft_methods.bottleneck import BottleneckSettings
 from fedpeft.peft_methods.ia3 import IA3Settings
 from fedpeft.peft_methods.lora import LoraSettings
+from fedpeft.peft_methods.prefix import PrefixSettings
 from fedpeft.peft_methods.prompt import PromptSettings
 from fedpeft.peft_methods.registry import AdapterConfig, build
 from fedpeft.privacy.csprng import DPRandomness
@@ -33,11 +34,13 @@ ADAPTERS = {
     "bottleneck": AdapterConfig("bottleneck", BottleneckSettings(size=4)),
     "bottleneck-par": AdapterConfig("bottleneck", BottleneckSettings(placement="parallel",
                                                                      size=4, scaling=2.0)),
+    "prefix": AdapterConfig("prefix", PrefixSettings(num_virtual_tokens=4)),
 }
 PAIRS = [(m, a) for m in MODELS for a in ("lora", "prompt")]
 #: The further methods (issue 18): SmolLM2 has no bias terms, so BitFit runs on MiniLM only.
 METHOD_PAIRS = [("smollm", "ia3"), ("minilm", "ia3"), ("minilm", "bitfit"),
-                *[(m, a) for m in MODELS for a in ("bottleneck", "bottleneck-par")]]
+                *[(m, a) for m in MODELS for a in ("bottleneck", "bottleneck-par")],
+                ("smollm", "prefix")]  # a decoder method
 SEQ = 16
 
 _BUILT: dict[tuple[str, str], tuple[AdaptedModel, dict[str, torch.Tensor]]] = {}

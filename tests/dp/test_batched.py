@@ -34,7 +34,7 @@ from fedpeft.training.trainer import local_train
 from .conftest import get_model, make_data, seeded
 
 COMBOS = [*[(m, a) for m in ("minilm", "smollm") for a in ("lora", "ffa-lora", "prompt")],
-          ("minilm", "bottleneck"), ("smollm", "bottleneck-par")]
+          ("minilm", "bottleneck"), ("smollm", "bottleneck-par"), ("smollm", "prefix")]
 SIZES = (5, 9, 7)  # different sizes: different batches, Poisson rates, padding
 
 

@@ -90,6 +90,7 @@ def assert_clean(model: nn.Module, hooks_before: list[tuple[int, int, int, int]]
     *[(m, a, mode) for mode in ("hooks", "functorch") for m, a in METHOD_PAIRS],
     ("minilm", "bitfit", "ew"),
     *[(m, a, "ew") for m in ("minilm", "smollm") for a in ("bottleneck", "bottleneck-par")],
+    ("smollm", "prefix", "ew"),
 ])
 def test_per_example_gradients_match_batch_of_one(model_name: str, adapter: str,
                                                   mode: str) -> None:
@@ -140,6 +141,7 @@ def _seed_with(n: int, q: float, ok: Callable[[list[int]], bool]) -> int:
     ("minilm", "bitfit", "ghost", None),
     ("minilm", "bottleneck", "ghost", 2),
     ("smollm", "bottleneck-par", "ghost", None),
+    ("smollm", "prefix", "ghost", 2),
     ("minilm", "lora", "ghost", 2),
     ("smollm", "lora", "ghost", None),
 ])
@@ -171,6 +173,30 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step(
     for k, v in expected.items():
         torch.testing.assert_close(after[k], v, **TOL)
     assert any(not torch.equal(after[k], before[k]) for k in expected)
+
+
+@pytest.mark.parametrize(("model_name", "adapter"), [
+    ("smollm", "prefix"), ("smollm", "prompt"), ("minilm", "bottleneck"), ("minilm", "ia3")])
+def test_ghost_clipping_equals_hooks_when_every_example_is_clipped(model_name: str,
+                                                                   adapter: str) -> None:
+    """Ghost clipping computes per-example norms without the gradients; with a clip far below
+    the gradients' norms (every example clipped) and no noise, its step equals the hooks
+    engine's, so its norms are the true ones (the embedding rule of privacy/layer_rules.py,
+    the (IA)3 rule, Opacus' linear rule)."""
+    n, eb = 12, 4
+    seed = _seed_with(n, eb / n, lambda rows: len(rows) >= 2)
+    data = make_data(model_name, n)
+    states = {}
+    for mode in ("hooks", "ghost"):
+        model = get_model(model_name, adapter)
+        before = model.adapter_state()
+        dp_local_train(model, data, SGD1, dp(grad_sample_mode=mode, max_grad_norm=1e-3,
+                                             expected_batch_size=eb),
+                       noise_multiplier=0.0, randomness=seeded(seed))
+        states[mode] = model.adapter_state()
+        assert any(not torch.equal(states[mode][k], before[k]) for k in before)
+    for k, v in states["hooks"].items():
+        torch.testing.assert_close(states["ghost"][k], v, atol=1e-7, rtol=1e-4)
 
 
 def test_clipping_bounds_each_example() -> None:

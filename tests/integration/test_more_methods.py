@@ -1,4 +1,4 @@
-"""(IA)3, BitFit and bottleneck adapters (issue 18) through whole federations: record-level
+"""(IA)3, BitFit, bottleneck adapters and prefix tuning (issue 18) through whole federations: record-level
 DP-SGD and user-level DP, both inside SecAgg+, on the real models cut to 2 layers."""
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def _flat(tmp: Path, model: str, method: str, level: str) -> dict[str, object]:
     ("minilm", "bitfit", "user"),
     ("smollm", "bottleneck", "record"),
     ("minilm", "bottleneck-parallel", "user"),
+    ("smollm", "prefix", "user"),
 ])
 def test_method_trains_privately_inside_secagg(model: str, method: str, level: str,
                                                tmp_path: Path) -> None:

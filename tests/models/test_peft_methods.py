@@ -16,6 +16,7 @@ from fedpeft.peft_methods import (
     BottleneckSettings,
     IA3Settings,
     LoraSettings,
+    PrefixSettings,
     PromptSettings,
     build,
 )
@@ -37,12 +38,16 @@ ADAPTERS = {
     "bottleneck-par": AdapterConfig("bottleneck", BottleneckSettings(placement="parallel", size=4,
                                                                      activation="gelu",
                                                                      scaling=4.0)),
+    "prefix": AdapterConfig("prefix", PrefixSettings(num_virtual_tokens=4)),
 }
 #: (model, method) pairs that exist: SmolLM2 (Llama) has no bias terms for BitFit.
-PAIRS = [(m, a) for m in MODELS for a in ADAPTERS if not (m == "smollm2" and a == "bitfit")]
+#: Prefix tuning is a decoder method (the classification models take no key/value cache).
+PAIRS = [(m, a) for m in MODELS for a in ADAPTERS
+         if not (m == "smollm2" and a == "bitfit") and not (m != "smollm2" and a == "prefix")]
 #: What each method's trainable tensor names contain (besides the classification head).
 TRAINABLE_MARK = {"lora": "lora_", "prompt": "prompt", "ia3": ".ia3_l", "bitfit": ".bias",
-                  "bottleneck": ".adapter.", "bottleneck-par": ".adapter."}
+                  "bottleneck": ".adapter.", "bottleneck-par": ".adapter.",
+                  "prefix": "prompt_encoder."}
 
 
 def _inputs(model: object) -> dict[str, torch.Tensor]:
@@ -77,15 +82,16 @@ def test_export_round_trip_same_logits(model_name: str, adapter_name: str, tmp_p
 
 @pytest.mark.parametrize("adapter_name", list(ADAPTERS))
 def test_only_adapter_tensors_are_trainable(adapter_name: str) -> None:
-    m = build(MODELS["minilm"], ADAPTERS[adapter_name])
+    m = build(MODELS["smollm2" if adapter_name == "prefix" else "minilm"], ADAPTERS[adapter_name])
     names = list(m.adapter_parameters())
     mark = TRAINABLE_MARK[adapter_name]
     assert names and all((mark in n) or ("classifier" in n) for n in names)
     assert any(mark in n for n in names)
     assert m.num_trainable() < 0.05 * m.num_total()
-    frozen = [n for n, p in m.frozen_module().named_parameters() if "word_embeddings" in n]
-    assert frozen and not any(p.requires_grad for n, p in m.frozen_module().named_parameters()
-                              if "word_embeddings" in n)
+    embeddings = ("word_embeddings", "embed_tokens")
+    frozen = [p for n, p in m.frozen_module().named_parameters()
+              if any(e in n for e in embeddings)]
+    assert frozen and not any(p.requires_grad for p in frozen)
 
 
 def test_load_adapter_state_checks_spec() -> None:
@@ -320,3 +326,33 @@ def test_bottleneck_loader_refuses_what_does_not_fit(tmp_path: Path) -> None:
         # nothing changed: no module put in, no tensor written
         assert [n for n, _ in other.named_modules()] == modules_before
         assert all(torch.equal(before[n], p) for n, p in other.named_parameters())
+
+
+def test_prefix_starts_as_real_tokens_and_refuses_encoders() -> None:
+    """Known answer for the prefix layout: ``init="vocab"`` stores the frozen model's own keys
+    and values of random tokens, so the prefixed model's logits equal the base model's on
+    those tokens followed by the input."""
+    m = build(MODELS["smollm2"], AdapterConfig("prefix", PrefixSettings(num_virtual_tokens=5)),
+              seed=3)
+    assert m.init_token_ids is not None and m.init_token_ids.shape == (1, 5)
+    x = m.base_info.tokenizer(["hello world, how are you today"], return_tensors="pt")
+    m.eval()
+    with torch.no_grad():
+        ours = m(x["input_ids"], x["attention_mask"]).logits
+    base = load_fresh(MODELS["smollm2"], seed=3).model
+    ids = torch.cat([m.init_token_ids, x["input_ids"]], dim=1)
+    theirs = _logits(base, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, 5:]
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-5)
+    # random init is PEFT's: it changes the output, by more than the known answer allows
+    r = build(MODELS["smollm2"], AdapterConfig("prefix", PrefixSettings(num_virtual_tokens=5,
+                                                                        init="random")), seed=3)
+    r.eval()
+    with torch.no_grad():
+        assert not torch.allclose(r(x["input_ids"], x["attention_mask"]).logits, theirs,
+                                  atol=1e-2)
+    with pytest.raises(ModelError, match="prefix tuning needs a causal language model.*minilm"):
+        build(MODELS["minilm"], AdapterConfig("prefix", PrefixSettings()))
+    with pytest.raises(ConfigError, match="prefix-tokens=0"):
+        PrefixSettings(num_virtual_tokens=0)
+    with pytest.raises(ConfigError, match="prefix-init='text'"):
+        PrefixSettings(init="text")
