@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.utility.grid import PARTS, Cell, grid  # noqa: E402
+from benchmarks.utility.grid import PARTS, Cell, grid, rekey  # noqa: E402
 from benchmarks.utility.table import markdown  # noqa: E402
 from fedpeft.data.paths import data_available  # noqa: E402
 
@@ -87,6 +87,7 @@ def run_sweep(cells: list[Cell], results: Path, jobs: int, rerun: bool,
               work: Path) -> dict[str, Any]:
     doc = _load(results)
     doc.setdefault("cells", {})
+    rekey(doc["cells"], cells)
     unique: list[Cell] = []  # a run may appear in two tables: run it once, first place first
     for c in cells:
         if all(u.key != c.key for u in unique):
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         doc = _load(results)
         doc.setdefault("cells", {})
+        rekey(doc["cells"], cells)
     else:
         with tempfile.TemporaryDirectory(prefix="fedpeft-utility-") as work:
             doc = run_sweep(cells, results, args.jobs, args.rerun, Path(work))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedpeft.core.errors import ConfigError
 from fedpeft.core.protocol import Scalar
@@ -117,7 +118,17 @@ NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets"
                                          "bottleneck-size": 8,
                                          "bottleneck-activation": "relu",
                                          "bottleneck-scaling": 1.0, "bottleneck-targets": "",
-                                         "secagg-ca": "", "secagg-sim-identities": ""}
+                                         "secagg-ca": "", "secagg-sim-identities": "",
+                                         "prefix-tokens": 16, "prefix-init": "vocab",
+                                         # one client at a time, no canaries, record level
+                                         # only: the runs before these knobs existed
+                                         "batch-clients": 1, "batch-rows": 64,
+                                         "audit-canaries": 0, "audit-gradient-canaries": 0,
+                                         "audit-user-canaries": 0, "dp-level": "record"}
+#: Keys that existed (and were hashed) when later cells were stored (the methods cells of
+#: 2026-12-03): those cells are found under the key computed without these as neutral.
+_HASHED_IN_LATER_CELLS = ("batch-clients", "batch-rows", "audit-canaries",
+                          "audit-gradient-canaries", "audit-user-canaries", "dp-level")
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,17 @@ class Cell:
 
     @property
     def key(self) -> str:
+        return self._key(NEUTRAL_LATER_KEYS, drop_user_knobs=True)
+
+    @property
+    def legacy_keys(self) -> tuple[str, ...]:
+        """The keys this cell was stored under by earlier versions of :attr:`key` (results
+        files are re-keyed on load, :func:`rekey`)."""
+        earlier = {k: v for k, v in NEUTRAL_LATER_KEYS.items()
+                   if k not in _HASHED_IN_LATER_CELLS}
+        return (self._key(earlier, drop_user_knobs=False),)
+
+    def _key(self, neutral_keys: dict[str, Scalar], *, drop_user_knobs: bool) -> str:
         """Stable identity of what the cell computes (results are reused when it matches).
 
         Hashes the whole run config the cell resolves to (defaults, then the preset, then the
@@ -144,14 +166,6 @@ class Cell:
         their defaults.
         """
         config = {**DEFAULTS, **get_preset(self.preset).config, **self.overrides}
-        for name, neutral in NEUTRAL_LATER_KEYS.items():
-            if config.get(name) == neutral:
-                del config[name]
-        # SecAgg's corrupt fraction (added later) changes a round only through its colluder
-        # count floor(fraction x clients); with fewer clients than 1 / fraction that is 0, the
-        # planning of the runs made before the knob existed
-        if colluders(self.clients, float(config.get("secagg-corrupt-fraction", 0.0))) == 0:
-            config.pop("secagg-corrupt-fraction", None)
         if config.get("dp-grad-sample-mode") == "auto":  # the engine it resolves to
             config["dp-grad-sample-mode"] = METHODS[str(config["method"])].grad_sample_modes[0]
         unused = list(unused_server_knobs(str(config["aggregation"])))
@@ -159,9 +173,33 @@ class Cell:
             unused += [k for k in DEFAULTS if k.startswith("secagg-")]
         for name in unused:
             config[name] = DEFAULTS[name]  # a knob the run never reads does not change it
+        for name, neutral in neutral_keys.items():
+            if config.get(name) == neutral:
+                del config[name]
+        # SecAgg's corrupt fraction (added later) changes a round only through its colluder
+        # count floor(fraction x clients); with fewer clients than 1 / fraction that is 0, the
+        # planning of the runs made before the knob existed
+        if colluders(self.clients, float(config.get("secagg-corrupt-fraction", 0.0))) == 0:
+            config.pop("secagg-corrupt-fraction", None)
+        if drop_user_knobs and "dp-level" not in config:  # record level: never read
+            for name in [k for k in config if k.startswith("dp-user-")]:
+                del config[name]
         doc = {"preset": self.preset, "clients": self.clients, "seed": self.seed,
                "config": config}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rekey(cells_doc: dict[str, Any], cells: list[Cell]) -> int:
+    """Move stored results found under a cell's legacy key to its key; how many moved."""
+    moved = 0
+    for c in cells:
+        if c.key in cells_doc:
+            continue
+        old = next((k for k in c.legacy_keys if k in cells_doc), None)
+        if old is not None:
+            cells_doc[c.key] = {**cells_doc.pop(old), "key": c.key}
+            moved += 1
+    return moved
 
 
 def _dp(epsilon: float | None) -> dict[str, Scalar]:

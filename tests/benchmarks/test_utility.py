@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -270,3 +271,34 @@ def test_results_page_shows_the_stored_tables() -> None:
     start, end = "<!-- tables:start -->", "<!-- tables:end -->"
     quoted = page[page.index(start) + len(start):page.index(end)].strip()
     assert quoted == (ROOT / "benchmarks" / "results" / "utility-small.md").read_text().strip()
+
+
+def test_stored_results_are_found_after_later_knobs() -> None:
+    """A knob added after results were stored must not orphan them: every cell of the stored
+    small sweep and of the stored methods part is found (directly or by its legacy key), so
+    ``--table-only`` reproduces the tables docs/results.md quotes."""
+    from benchmarks.utility.grid import rekey
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    main = json.loads((root / "utility-small.json").read_text())["cells"]
+    cells = [c for c in grid("small") if c.group != "sst2-methods"]
+    rekey(main, cells)
+    assert [c.label for c in cells if c.key not in main] == []
+    stored = json.loads((root / "utility-methods.json").read_text())["cells"]
+    methods = [c for c in grid("small", only=("methods",))
+               if c.overrides.get("method") in ("ia3", "bitfit", None)]
+    moved = rekey(stored, methods)
+    assert moved >= 0 and [c.label for c in methods if c.key not in stored] == []
+    assert all(stored[c.key]["key"] == c.key for c in methods)
+
+
+def test_a_new_knob_at_its_neutral_value_keeps_the_key_and_any_other_value_changes_it() -> None:
+    c = next(c for c in grid("small") if c.group == "sst2-main" and c.epsilon)
+    base = c.key
+    assert dataclasses.replace(c, overrides={**c.overrides, "bottleneck-size": 8}).key == base
+    assert dataclasses.replace(c, overrides={**c.overrides, "batch-clients": 2}).key != base
+    # a corrupt fraction that tolerates no colluder at this size plans the same round
+    assert dataclasses.replace(c, overrides={**c.overrides,
+                                             "secagg-corrupt-fraction": 0.01}).key == base
+    assert dataclasses.replace(c, overrides={**c.overrides,
+                                             "secagg-corrupt-fraction": 0.5}).key != base
