@@ -124,7 +124,8 @@ NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets"
                                          # only: the runs before these knobs existed
                                          "batch-clients": 1, "batch-rows": 64,
                                          "audit-canaries": 0, "audit-gradient-canaries": 0,
-                                         "audit-user-canaries": 0, "dp-level": "record"}
+                                         "audit-user-canaries": 0, "dp-level": "record",
+                                         "eval-subset": "all"}
 #: Keys that existed (and were hashed) when later cells were stored (the methods cells of
 #: 2026-12-03): those cells are found under the key computed without these as neutral.
 _HASHED_IN_LATER_CELLS = ("batch-clients", "batch-rows", "audit-canaries",
@@ -364,7 +365,20 @@ def method_cells(size: Size, seed: int) -> list[Cell]:
     return cells
 
 
-PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "chat", "methods")
+def sentence_cells(size: Size, seed: int) -> list[Cell]:
+    """The main table's alpha 0.5 runs (epsilon 8 and without DP) evaluated on the full
+    sentences of the evaluation set only (``eval-subset = sentences``; issue 18, item 5)."""
+    base = {**_sst2_base(size), "dirichlet-alpha": 0.5, "eval-subset": "sentences"}
+    cells = []
+    for eps in (8.0, None):
+        knobs = SST2_DP if eps else SST2_NODP
+        label = "alpha 0.5, full sentences, " + (f"epsilon {eps:g}" if eps else "no DP")
+        cells.append(Cell("sst2-sentences", label, "sst2-lora", size.sst2_clients, seed,
+                          {**base, **knobs, **_dp(eps)}, eps))
+    return cells
+
+
+PARTS: tuple[str, ...] = ("sst2", "technique", "limits", "chat", "methods", "sentences")
 
 
 def grid(size_name: str, only: tuple[str, ...] = PARTS,
@@ -392,6 +406,8 @@ def grid(size_name: str, only: tuple[str, ...] = PARTS,
             row += chat_cells(size, seed)
         if "methods" in only and not size.main_only and seed == 0:
             row += method_cells(size, seed)
+        if "sentences" in only and not size.main_only and seed == 0:
+            row += sentence_cells(size, seed)
         if seed > 0 and size.spread_rows is not None:
             row = [c for c in row if c.label in size.spread_rows]
         cells += row

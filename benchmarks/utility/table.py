@@ -49,6 +49,8 @@ def _reference(grouped: Mapping[tuple[str, str], list[Mapping[str, Any]]], group
     ref: list[Mapping[str, Any]] | None = None
     if (group == "sst2-main" and "alpha" in label) or group in ("chat", "sst2-methods"):
         ref = grouped.get((group, label.split(",")[0] + ", no DP"))
+    elif group == "sst2-sentences":
+        ref = grouped.get((group, label.rsplit(",", 1)[0] + ", no DP"))
     elif group in FIRST_ROW_REFERENCE:
         first = next((k for k in grouped if k[0] == group), None)
         ref = grouped[first] if first is not None and first[1] != label else None
@@ -71,9 +73,13 @@ def markdown(rows: Iterable[Mapping[str, Any]]) -> str:
                       "the same method without DP)",
               "sst2-methods": "SST-2, alpha 0.5, each adapter method at epsilon 8 and without "
                               "DP, the main table's optimisers, SecAgg on (accuracy %; gap: to "
-                              "the same method without DP)"}
+                              "the same method without DP)",
+              "sst2-sentences": "SST-2, alpha 0.5, the main table's runs evaluated on the "
+                                "full sentences of sst2_dev.tsv only (eval-subset = sentences; "
+                                "accuracy %; gap: to the same evaluation without DP)"}
     lines: list[str] = []
-    for group in ("sst2-main", "sst2-technique", "sst2-limits", "chat", "sst2-methods"):
+    for group in ("sst2-main", "sst2-technique", "sst2-limits", "chat", "sst2-methods",
+                  "sst2-sentences"):
         keys = [k for k in grouped if k[0] == group]
         if not keys:
             continue

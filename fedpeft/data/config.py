@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from fedpeft.core.errors import ConfigError, UnknownNameError
 
 DATASETS = ("chitchat", "sst2", "agnews", "shakespeare", "file")
+#: Which rows of the evaluation set count: all, or full sentences only
+#: (:func:`fedpeft.data.federation.is_full_sentence`).
+EVAL_SUBSETS = ("all", "sentences")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,8 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     max_examples_per_client: int = 64
     eval_examples: int = 128
+    #: ``"sentences"``: evaluate on the full sentences of the evaluation set only
+    eval_subset: str = "all"
     #: audit canaries planted in clients' data (0: none; fedpeft.data.canaries)
     canaries: int = 0
 
@@ -37,6 +42,9 @@ class DataConfig:
             raise ConfigError(f"dirichlet-alpha={self.dirichlet_alpha} must be > 0")
         if self.max_examples_per_client < 1:
             raise ConfigError(f"max-examples-per-client={self.max_examples_per_client} must be >= 1")
+        if self.eval_subset not in EVAL_SUBSETS:
+            raise UnknownNameError(f"unknown eval-subset {self.eval_subset!r}; known: "
+                                   f"{EVAL_SUBSETS}")
         if self.eval_examples < 1:
             raise ConfigError(f"eval-examples={self.eval_examples} must be >= 1")
         if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or (

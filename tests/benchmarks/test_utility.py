@@ -281,7 +281,7 @@ def test_stored_results_are_found_after_later_knobs() -> None:
 
     root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     main = json.loads((root / "utility-small.json").read_text())["cells"]
-    cells = [c for c in grid("small") if c.group != "sst2-methods"]
+    cells = [c for c in grid("small") if c.group not in ("sst2-methods", "sst2-sentences")]
     rekey(main, cells)
     assert [c.label for c in cells if c.key not in main] == []
     stored = json.loads((root / "utility-methods.json").read_text())["cells"]
@@ -302,3 +302,20 @@ def test_a_new_knob_at_its_neutral_value_keeps_the_key_and_any_other_value_chang
                                              "secagg-corrupt-fraction": 0.01}).key == base
     assert dataclasses.replace(c, overrides={**c.overrides,
                                              "secagg-corrupt-fraction": 0.5}).key != base
+
+
+def test_sentence_cells_are_the_main_runs_evaluated_on_full_sentences() -> None:
+    from benchmarks.utility.table import _reference, group_rows
+
+    cells = grid("small")
+    main = {c.label: c for c in cells if c.group == "sst2-main" and c.seed == 0}
+    sentences = [c for c in cells if c.group == "sst2-sentences"]
+    assert len(sentences) == 2
+    for c in sentences:
+        twin = main["alpha 0.5, epsilon 8" if c.epsilon else "alpha 0.5, no DP"]
+        assert {k: v for k, v in c.overrides.items() if k != "eval-subset"} == twin.overrides
+        assert c.overrides["eval-subset"] == "sentences" and c.key != twin.key
+    rows = [{"group": c.group, "label": c.label, "final": 0.7 if c.epsilon else 0.8}
+            for c in sentences]
+    assert _reference(group_rows(rows), "sst2-sentences",
+                      "alpha 0.5, full sentences, epsilon 8") == pytest.approx(0.8)
