@@ -135,7 +135,8 @@ class UserLevel:
     def field_round(self, server_round: int, session_id: bytes) -> FieldRound:
         """The :class:`FieldRound` of one round: its gate accounts the release, its decode
         commits it and returns the survivors' mean update."""
-        plan, colluders = self.plan, self.run.user_dp.colluders
+        plan = self.plan
+        colluders = plan.config.colluders  # with SecAgg's tolerated colluders (user_round_plan)
         round_clip = self.clip
         self.last_clip_row = None
         pending: dict[str, str] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedpeft.peft_methods.registry import METHODS, AdapterConfig, method_knobs
 from fedpeft.privacy.dp_config import GRAD_SAMPLE_MODES, DPConfig
 from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, round_plan
 from fedpeft.secagg.config import SecAggConfig
+from fedpeft.secagg.config import colluders as secagg_colluders
 from fedpeft.secagg.errors import SecAggError
 from fedpeft.training.config import CohortConfig, TrainConfig
 
@@ -482,6 +483,11 @@ def user_round_plan(run: RunConfig, population: int, dimension: int) -> RoundPla
     set (:meth:`SecAggConfig.resolve_complete`): its threshold, the most noise shares every
     client can verify are in the sum, is the largest, so each client adds the least noise.
 
+    One threat model: the noise counts at least the colluders SecAgg's threshold tolerates,
+    ``floor(secagg-corrupt-fraction x clients)``; a lower ``dp-user-colluders`` is raised to
+    it (more noise, never less), so a coalition the masking is planned against cannot strip
+    more noise shares than the accounting assumes.
+
     Raises :class:`ConfigError` naming the knob when user-level DP is off or the plan cannot
     meet its target (before any round runs)."""
     if run.secagg is None or not run.user_dp.enabled:
@@ -491,8 +497,9 @@ def user_round_plan(run: RunConfig, population: int, dimension: int) -> RoundPla
         resolved = run.secagg.resolve_complete(n)
     except SecAggError as exc:
         raise ConfigError(f"user-level DP plans rounds of {n} clients: {exc}") from exc
+    user_dp = user_dp_against_colluders(run.user_dp, run.secagg, n)
     try:
-        return round_plan(run.user_dp, planned_clients=n,
+        return round_plan(user_dp, planned_clients=n,
                           threshold=int(resolved.threshold or 0), dimension=dimension,
                           bits=run.secagg.bits)
     except ConfigError as exc:
@@ -500,5 +507,16 @@ def user_round_plan(run: RunConfig, population: int, dimension: int) -> RoundPla
             f"user-level DP cannot meet dp-user-epsilon={run.user_dp.target_epsilon} over "
             f"dp-user-participations={run.user_dp.participations} with secagg-bits="
             f"{run.secagg.bits} and rounds of {n} clients (SecAgg threshold "
-            f"{resolved.threshold}, dp-user-colluders={run.user_dp.colluders}): {exc}. Raise "
-            "secagg-bits or clients-per-round, or lower dp-user-participations") from exc
+            f"{resolved.threshold}, {user_dp.colluders} colluders from dp-user-colluders="
+            f"{run.user_dp.colluders} and secagg-corrupt-fraction="
+            f"{run.secagg.corrupt_fraction}): {exc}. Raise secagg-bits or clients-per-round, "
+            "or lower dp-user-participations") from exc
+
+
+def user_dp_against_colluders(user_dp: UserDPConfig, secagg: SecAggConfig,
+                              n: int) -> UserDPConfig:
+    """``user_dp`` counting at least the colluders SecAgg tolerates in rounds of ``n``."""
+    tolerated = secagg_colluders(n, secagg.corrupt_fraction)
+    if user_dp.colluders >= tolerated:
+        return user_dp
+    return replace(user_dp, colluders=tolerated)  # security: never fewer than SecAgg's

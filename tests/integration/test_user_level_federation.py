@@ -291,3 +291,26 @@ def test_clients_refuse_a_round_clip_the_rule_cannot_reach(tmp_path: Path) -> No
     reasons = " ".join(str(f.get("reason", "")) for f in row["faults"])  # type: ignore[union-attr]
     assert "refused: the coordinator's clip 100" in reasons
     assert not read_ledger(tmp_path / USER_LEDGER).releases
+
+
+def test_the_noise_counts_the_colluders_secagg_is_planned_against() -> None:
+    """One threat model: with rounds of 60 clients and secagg-corrupt-fraction 0.05, SecAgg's
+    threshold tolerates 3 colluders, so the noise counts at least 3 whatever
+    dp-user-colluders says (a higher value is kept), and each client adds more noise than a
+    plan that ignored them."""
+    flat = {"clients-per-round": 60, "min-clients": 40, "secagg-dropout": 0.1}
+    counted = {}
+    for fraction, colluders in ((0.05, 0), (0.05, 5), (0.0, 0)):
+        run = parse_run_config(_flat(Path("unused"), **flat,
+                                     **{"secagg-corrupt-fraction": fraction,
+                                        "dp-user-colluders": colluders}))
+        plan = user_round_plan(run, 200, 4096)
+        counted[(fraction, colluders)] = plan
+        threshold = int(run.secagg.resolve_complete(60).threshold or 0)  # type: ignore[union-attr]
+        assert plan.min_contributors == threshold - 1 - plan.config.colluders
+    assert counted[(0.05, 0)].config.colluders == 3
+    assert counted[(0.05, 5)].config.colluders == 5
+    assert counted[(0.0, 0)].config.colluders == 0
+    # fewer noise shares counted: each client's share is larger
+    assert (counted[(0.05, 0)].ddg.local_variance * counted[(0.05, 0)].ddg.granularity ** 2
+            > counted[(0.0, 0)].ddg.local_variance * counted[(0.0, 0)].ddg.granularity ** 2)
