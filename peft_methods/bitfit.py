@@ -35,7 +35,13 @@ from fedpeft.peft_methods.base import (
     head_name,
     register_method,
 )
-from fedpeft.peft_methods.own_format import check_tensors, copy_into, read_export, write_export
+from fedpeft.peft_methods.own_format import (
+    check_tensors,
+    copy_into,
+    head_parameters,
+    read_export,
+    write_export,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,10 @@ def load_bitfit(model: nn.Module, directory: str | Path) -> nn.Module:
     the model lacks or with another shape or dtype; nothing is changed then.
     """
     _config, tensors = read_export(directory, "bitfit", "BitFit")
-    params = dict(model.named_parameters())
+    # only biases and the head: an export cannot overwrite the base model's weights
+    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters()
+                                       if n.endswith(".bias") or n == "bias"}
+    params.update(head_parameters(model))
     check_tensors(tensors, params, f"BitFit export {directory}")
     copy_into(tensors, params)
     return model

@@ -46,7 +46,13 @@ from fedpeft.peft_methods.base import (
     head_name,
     register_method,
 )
-from fedpeft.peft_methods.own_format import check_tensors, copy_into, read_export, write_export
+from fedpeft.peft_methods.own_format import (
+    check_tensors,
+    copy_into,
+    head_parameters,
+    read_export,
+    write_export,
+)
 
 PLACEMENTS = ("serial", "parallel")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -334,7 +340,8 @@ def load_bottleneck(model: nn.Module, directory: str | Path) -> nn.Module:
         wrappers = _wrappers(model, targets, settings)
     except ModelError as exc:
         raise PayloadError(f"{where} does not fit this model: {exc}") from exc
-    expected = {n: p for n, p in model.named_parameters()}
+    # only the adapters and the head: an export cannot overwrite the base model's weights
+    expected = head_parameters(model)
     adapter_params = {f"{name}.adapter.{pn}": p for name, w in wrappers.items()
                       for pn, p in w.adapter.named_parameters()}
     expected.update(adapter_params)
@@ -343,7 +350,7 @@ def load_bottleneck(model: nn.Module, directory: str | Path) -> nn.Module:
     if missing:
         raise PayloadError(f"{where} lacks adapter tensors {missing[:3]}")
     _put_in_place(model, wrappers)
-    copy_into(tensors, dict(model.named_parameters()))
+    copy_into(tensors, expected)
     return model
 
 

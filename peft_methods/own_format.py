@@ -17,8 +17,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from fedpeft.core.errors import PayloadError
+from fedpeft.core.wire import check_json_depth
+from fedpeft.peft_methods.base import CLASSIFIER_HEADS
 
 FORMAT = 1
 CONFIG_FILE = "fedpeft_adapter.json"
@@ -27,6 +30,10 @@ TENSORS_FILE = "adapter_model.safetensors"
 MAX_TENSORS = 10_000
 #: ``fedpeft_adapter.json`` is at most this many bytes (a bound for the reader).
 MAX_CONFIG_BYTES = 4 << 20
+#: ``fedpeft_adapter.json`` nests at most this deep (``tensors`` -> name -> [shape, dtype]).
+MAX_CONFIG_DEPTH = 4
+#: ``adapter_model.safetensors`` is at most this many bytes (adapters are small; a bound).
+MAX_TENSOR_FILE_BYTES = 1 << 30
 
 
 def write_export(directory: str | Path, *, method: str, base_model: str, task: str,
@@ -48,16 +55,21 @@ def read_export(directory: str | Path, method: str, label: str
                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and tensors of a ``method`` export (``label`` names it in errors)."""
     path = Path(directory)
+    unreadable = f"{path} is not a readable {label} export ({CONFIG_FILE} + {TENSORS_FILE})"
     try:
-        raw = (path / CONFIG_FILE).read_bytes()
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise PayloadError(f"{path / CONFIG_FILE} is {len(raw)} bytes, more than "
-                               f"{MAX_CONFIG_BYTES}")
-        config = json.loads(raw)
+        for name, bound in ((CONFIG_FILE, MAX_CONFIG_BYTES),
+                            (TENSORS_FILE, MAX_TENSOR_FILE_BYTES)):
+            size = (path / name).stat().st_size
+            if size > bound:
+                raise PayloadError(f"{path / name} is {size} bytes, more than {bound}")
+        text = (path / CONFIG_FILE).read_bytes().decode("utf-8")
+        check_json_depth(text, CONFIG_FILE, MAX_CONFIG_DEPTH)
+        config = json.loads(text)
         tensors = load_file(str(path / TENSORS_FILE))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
-        raise PayloadError(f"{path} is not a readable {label} export ({CONFIG_FILE} + "
-                           f"{TENSORS_FILE}): {exc}") from exc
+    except PayloadError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, SafetensorError) as exc:
+        raise PayloadError(f"{unreadable}: {exc}") from exc
     if not isinstance(config, dict) or config.get("method") != method \
             or config.get("format") != FORMAT:
         raise PayloadError(f"{path / CONFIG_FILE} is not a {label} export of format {FORMAT}")
@@ -80,6 +92,15 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], params: Mapping[str, torc
                             f"{tuple(p.shape)} {p.dtype}")
     if problems:
         raise PayloadError(f"{where} does not fit this model: " + "; ".join(problems[:5]))
+
+
+def head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The classification head's parameters by name in ``model`` (none for a causal LM)."""
+    name = next((h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)),
+                None)
+    if name is None:
+        return {}
+    return {f"{name}.{n}": p for n, p in getattr(model, name).named_parameters()}
 
 
 def copy_into(tensors: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> None:

@@ -90,16 +90,22 @@ def _as_bytes(payload: object) -> bytes:
                        "memoryview (safetensors bytes from encode)")
 
 
-def _check_depth(text: str) -> None:
-    """Reject JSON nested deeper than :data:`MAX_HEADER_DEPTH` (linear regex passes, no recursion)."""
+def check_json_depth(text: str, what: str = "safetensors header",
+                     limit: int = MAX_HEADER_DEPTH) -> None:
+    """Reject JSON nested deeper than ``limit`` before parsing it (linear regex passes, no
+    recursion: Python's ``json`` would recurse and raise ``RecursionError`` on deep input)."""
     flat = _STRING.sub('""', _ESCAPE.sub("", text))  # brackets inside strings do not nest
-    for _ in range(MAX_HEADER_DEPTH):
+    for _ in range(limit):
         flat, count = _INNERMOST.subn("0", flat)
         if not count:
             break
     if any(c in flat for c in "[]{}"):
-        raise PayloadError(f"safetensors header nests deeper than {MAX_HEADER_DEPTH} levels (or its "
-                           "brackets do not balance); the payload is not adapter tensors")
+        raise PayloadError(f"{what} nests deeper than {limit} levels (or its brackets do not "
+                           "balance); it is not what this reader expects")
+
+
+def _check_depth(text: str) -> None:
+    check_json_depth(text)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
