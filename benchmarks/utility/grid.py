@@ -85,7 +85,9 @@ SIZES: dict[str, Size] = {
                   chat_batch=8, chat_eval=128, seeds=3,
                   spread_rows=("alpha 0.5, epsilon 8", "alpha 0.5, no DP",
                                "alpha 100, epsilon 8", "alpha 100, no DP", "LoRA, epsilon 8",
-                               "LoRA, no DP", "soft prompt, epsilon 8", "soft prompt, no DP")),
+                               "LoRA, no DP", "soft prompt, epsilon 8", "soft prompt, no DP",
+                               "alpha 0.5, full sentences, epsilon 8",
+                               "alpha 0.5, full sentences, no DP")),
     "full": Size("full", sst2_clients=10, sst2_examples_per_client=6100, sst2_rounds=20,
                  sst2_local_steps=10, sst2_batch=256, sst2_eval=6735, chat_clients=20,
                  chat_examples_per_client=64, chat_rounds=5, chat_local_steps=8, chat_batch=8,
@@ -406,7 +408,7 @@ def grid(size_name: str, only: tuple[str, ...] = PARTS,
             row += chat_cells(size, seed)
         if "methods" in only and not size.main_only and seed == 0:
             row += method_cells(size, seed)
-        if "sentences" in only and not size.main_only and seed == 0:
+        if "sentences" in only and not size.main_only:
             row += sentence_cells(size, seed)
         if seed > 0 and size.spread_rows is not None:
             row = [c for c in row if c.label in size.spread_rows]

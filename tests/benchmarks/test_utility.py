@@ -307,11 +307,13 @@ def test_sentence_cells_are_the_main_runs_evaluated_on_full_sentences() -> None:
     from benchmarks.utility.table import _reference, group_rows
 
     cells = grid("small")
-    main = {c.label: c for c in cells if c.group == "sst2-main" and c.seed == 0}
-    sentences = [c for c in cells if c.group == "sst2-sentences"]
-    assert len(sentences) == 2
-    for c in sentences:
-        twin = main["alpha 0.5, epsilon 8" if c.epsilon else "alpha 0.5, no DP"]
+    main = {(c.label, c.seed): c for c in cells if c.group == "sst2-main"}
+    every = [c for c in cells if c.group == "sst2-sentences"]
+    assert sorted((c.seed, bool(c.epsilon)) for c in every) == [
+        (s, e) for s in range(3) for e in (False, True)]  # three seeds, like the main rows
+    sentences = [c for c in every if c.seed == 0]
+    for c in every:
+        twin = main[("alpha 0.5, epsilon 8" if c.epsilon else "alpha 0.5, no DP", c.seed)]
         assert {k: v for k, v in c.overrides.items() if k != "eval-subset"} == twin.overrides
         assert c.overrides["eval-subset"] == "sentences" and c.key != twin.key
     rows = [{"group": c.group, "label": c.label, "final": 0.7 if c.epsilon else 0.8}
