@@ -123,6 +123,32 @@ def train_head(model: nn.Module, task: str) -> str | None:
     return name
 
 
+class PeftAdaptedModel(AdaptedModel):
+    """A method whose model is a Hugging Face ``PeftModel`` (LoRA, prefix tuning): it is
+    called as it is, its frozen base is PEFT's base model and the export is PEFT's own.
+    Subclasses set ``self.peft_model``."""
+
+    peft_model: Any
+
+    def forward(  # noqa: D102 - same contract as a Hugging Face model's forward
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any:
+        return self.peft_model(**model_inputs(input_ids, attention_mask, labels, token_type_ids))
+
+    def frozen_module(self) -> nn.Module:
+        base: nn.Module = self.peft_model.get_base_model()
+        return base
+
+    def export_peft(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        self.peft_model.save_pretrained(str(path))
+        return path
+
+
 class InPlaceAdaptedModel(AdaptedModel):
     """A method whose tensors live inside the base model's own modules ((IA)3's scaled layers,
     BitFit's biases): the model is called as it is, and its head trains with classification.

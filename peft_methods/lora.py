@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -23,8 +21,8 @@ from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.base import (
     AdaptedModel,
     MethodEntry,
+    PeftAdaptedModel,
     build_on_fresh_base,
-    model_inputs,
     register_method,
 )
 
@@ -67,7 +65,7 @@ def _linear_suffixes(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear)})
 
 
-class LoraModel(AdaptedModel):
+class LoraModel(PeftAdaptedModel):
     """A base model with LoRA adapters injected by ``peft``."""
 
     method: ClassVar[str] = "lora"
@@ -98,23 +96,6 @@ class LoraModel(AdaptedModel):
             for name, p in self.peft_model.named_parameters():
                 if ".lora_A." in name:
                     p.requires_grad_(False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> Any:
-        return self.peft_model(**model_inputs(input_ids, attention_mask, labels, token_type_ids))
-
-    def frozen_module(self) -> nn.Module:
-        return self.peft_model.get_base_model()
-
-    def export_peft(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        self.peft_model.save_pretrained(str(path))
-        return path
 
 
 def build_lora(base_config: Any, settings: LoraSettings, seed: int = 0) -> AdaptedModel:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
@@ -34,8 +33,8 @@ from fedpeft.core.protocol import Scalar
 from fedpeft.peft_methods.base import (
     AdaptedModel,
     MethodEntry,
+    PeftAdaptedModel,
     build_on_fresh_base,
-    model_inputs,
     register_method,
 )
 
@@ -93,7 +92,7 @@ def _vocab_init(base: BaseModel, config: PrefixTuningConfig, ids: torch.Tensor) 
     return torch.stack(parts, dim=1).reshape(config.num_virtual_tokens, -1)
 
 
-class PrefixModel(AdaptedModel):
+class PrefixModel(PeftAdaptedModel):
     """A causal LM with trained prefix keys and values in every attention layer (PEFT)."""
 
     method: ClassVar[str] = "prefix"
@@ -126,23 +125,6 @@ class PrefixModel(AdaptedModel):
         if initial is not None:
             with torch.no_grad():
                 embedding.weight.copy_(initial.to(embedding.weight.dtype))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> Any:
-        return self.peft_model(**model_inputs(input_ids, attention_mask, labels, token_type_ids))
-
-    def frozen_module(self) -> nn.Module:
-        return self.peft_model.get_base_model()
-
-    def export_peft(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        self.peft_model.save_pretrained(str(path))
-        return path
 
 
 def config_for(base: BaseModel, config: PrefixTuningConfig) -> PrefixTuningConfig:
