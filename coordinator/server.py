@@ -44,7 +44,7 @@ from fedpeft.core.protocol import (
 from fedpeft.core.wire import decode
 from fedpeft.core.wire import encode as encode_tensors
 from fedpeft.data.federation import federated_split
-from fedpeft.data.tokenize import Encoded, encode
+from fedpeft.data.tokenize import Encoded, count_too_long, encode
 from fedpeft.peft_methods import get_adapted
 from fedpeft.peft_methods.base import AdaptedModel
 from fedpeft.peft_methods.registry import initial_adapter_state
@@ -111,8 +111,18 @@ class Coordinator:
         if self._eval is None:
             split = federated_split(self.run.data, data_partitions(self.run, num_partitions),
                                     self.run.seed)
-            self._eval = encode(split.eval, self.model.base_info.tokenizer,
-                                self.run.model.max_length)
+            tokenizer, max_length = self.model.base_info.tokenizer, self.run.model.max_length
+            self._eval = encode(split.eval, tokenizer, max_length)
+            if self.run.data.dataset == "file":  # a user's own file: say what is truncated
+                long_train = count_too_long(split.train, tokenizer, max_length)
+                long_eval = count_too_long(split.eval, tokenizer, max_length)
+                duplicates = len(split.train) - len(set(split.train.texts))
+                if long_train or long_eval or duplicates:
+                    print(f"fedpeft: data-path {self.run.data.path}: {long_train} of its "
+                          f"{len(split.train)} rows and {long_eval} of the {len(split.eval)} "
+                          f"evaluation rows are longer than max-length={max_length} tokens "
+                          f"(truncated); {duplicates} rows repeat an earlier text (kept)",
+                          file=sys.stderr)
         return self._eval
 
     def _meta(self) -> dict[str, Any]:

@@ -127,7 +127,15 @@ NEUTRAL_LATER_KEYS: dict[str, Scalar] = {"lr-final-fraction": 1.0, "ia3-targets"
                                          "batch-clients": 1, "batch-rows": 64,
                                          "audit-canaries": 0, "audit-gradient-canaries": 0,
                                          "audit-user-canaries": 0, "dp-level": "record",
-                                         "eval-subset": "all"}
+                                         "eval-subset": "all",
+                                         # a file's own layout (issue 21): the sweep reads
+                                         # the built-in data sets, which ignore them
+                                         "data-format": "auto", "data-text-column": "",
+                                         "data-label-column": "", "data-user-column": "",
+                                         "data-label-names": "", "data-header": "auto",
+                                         "data-min-user-examples": 1, "eval-format": "",
+                                         "eval-text-column": "", "eval-label-column": "",
+                                         "eval-header": ""}
 #: Keys that existed (and were hashed) when later cells were stored (the methods cells of
 #: 2026-12-03): those cells are found under the key computed without these as neutral.
 _HASHED_IN_LATER_CELLS = ("batch-clients", "batch-rows", "audit-canaries",
@@ -176,6 +184,8 @@ class Cell:
             unused += [k for k in DEFAULTS if k.startswith("secagg-")]
         for name in unused:
             config[name] = DEFAULTS[name]  # a knob the run never reads does not change it
+        if config.get("num-labels") == 0:  # "from the data" (issue 21) resolves to the 2
+            config["num-labels"] = 2  # the cells were keyed with: sst2 presets set 2, chat never reads it
         for name, neutral in neutral_keys.items():
             if config.get(name) == neutral:
                 del config[name]

@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Markdown report + plots of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+    from fedpeft.cli.data_inspect import add_data_parser
+
+    add_data_parser(sub)
     try:
         from fedpeft.privacy.accounting.cli import add_privacy_parser
     except ImportError:  # pragma: no cover - privacy CLI not installed

@@ -283,3 +283,21 @@ def clear_cache() -> None:
     """Forget loaded models (tests and benchmarks)."""
     with _LOCK:
         _CACHE.clear()
+
+
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of model ``name`` alone (no weights loaded), once per process."""
+    with _LOCK:
+        cached = _TOKENIZERS.get(name)
+        if cached is None:
+            source, _ = resolve_source(name)
+            try:
+                cached = AutoTokenizer.from_pretrained(source)
+            except OSError as exc:
+                raise ModelError(f"cannot load the tokenizer of {name!r} from {source!r}: "
+                                 f"{exc}") from exc
+            _TOKENIZERS[name] = cached
+        return cached

@@ -20,7 +20,7 @@ from fedpeft.data.examples import Corpus, TextExample
 from fedpeft.data.partition import PartitionConfig, partition
 from fedpeft.data.paths import resolve_path
 from fedpeft.data.shakespeare import load_tinyshakespeare
-from fedpeft.data.textfiles import load_text_classification
+from fedpeft.data.textfiles import RenderChat, load_file, load_text_classification
 
 # dataset -> (train file, eval file) for the shared benchmark data
 FILES: dict[str, tuple[str, str]] = {
@@ -41,6 +41,26 @@ class FederatedSplit:
     canaries: CanarySet | None = None
 
 
+#: Label counts of the built-in classification data sets (``num-labels = 0`` takes them).
+BUILTIN_LABELS: dict[str, int] = {"sst2": 2, "agnews": 4}
+
+
+def chat_renderer(model: str) -> RenderChat:
+    """Render a chat (``messages``) with ``model``'s chat template, as the model was tuned."""
+    from fedpeft.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"model {model!r} has no chat template, so chat-style JSON lines "
+                        "('messages') cannot be rendered for it; use a chat model or a text "
+                        "field (data-text-column)")
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False))
+
+    return render
+
+
 @functools.lru_cache(maxsize=8)
 def _load_train(data: DataConfig) -> Corpus:
     if data.dataset == "chitchat":
@@ -48,9 +68,45 @@ def _load_train(data: DataConfig) -> Corpus:
     if data.dataset == "shakespeare":
         return load_tinyshakespeare(data.path or None)
     if data.dataset == "file":
-        return load_text_classification(data.path)
+        return load_data_file(data.path, data)
     train_file, _ = FILES[data.dataset]
     return load_text_classification(resolve_path(data.path or None, train_file))
+
+
+def load_data_file(path: str, data: DataConfig, *, train: bool = True,
+                   layout: dict[str, object] | None = None) -> Corpus:
+    """A file read with ``data``'s knobs (the evaluation file's with ``train=False``); chats
+    rendered with ``data.chat_model``'s template; ``layout`` receives what was detected."""
+    causal = data.read_task == "causal_lm"
+    render = _LazyChat(data.chat_model) if causal and data.chat_model else None
+    return load_file(path, data.file_spec() if train else data.eval_spec(),
+                     "causal_lm" if causal else "classification", render_chat=render,
+                     layout=layout)
+
+
+class _LazyChat:
+    """The chat renderer, built (the tokenizer loaded) only if a file holds a chat."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._render: RenderChat | None = None
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        if self._render is None:
+            self._render = chat_renderer(self.model)
+        return self._render(messages)
+
+
+def label_count(data: DataConfig) -> int | None:
+    """How many labels the training data has (None: not a classification data set)."""
+    if data.read_task != "classification":
+        return None
+    if data.dataset in BUILTIN_LABELS:
+        return BUILTIN_LABELS[data.dataset]
+    if data.dataset == "file":
+        names = _load_train(data).label_names
+        return None if names is None else len(names)
+    return None
 
 
 #: A full sentence has at least this many words (and ends in ``.``, ``!`` or ``?``).
@@ -84,7 +140,7 @@ def _load_eval_file(data: DataConfig) -> Corpus | None:
         path = resolve_path(data.eval_path or None, FILES[data.dataset][1])
         return _eval_subset(load_text_classification(path), data)
     if data.eval_path:
-        return _eval_subset(load_text_classification(data.eval_path), data)
+        return _eval_subset(load_data_file(data.eval_path, data, train=False), data)
     return None
 
 
@@ -107,12 +163,23 @@ def federated_split(data: DataConfig, num_partitions: int, seed: int) -> Federat
     corpus = _load_train(data)
     rng = np.random.default_rng(seed)
     eval_file = _load_eval_file(data)
+    if eval_file is not None and eval_file.label_names != corpus.label_names:
+        raise DataError(f"the evaluation file's labels {list(eval_file.label_names or ())} are "
+                        f"not the training file's {list(corpus.label_names or ())}: set "
+                        "data-label-names so that both files map labels alike (or fix eval-path)")
     if data.partitioner == "natural":
-        users = partition(corpus, PartitionConfig(kind="natural", seed=seed))
+        if data.dataset == "file" and not data.user_column:
+            raise ConfigError(f"partitioner='natural' gives one client per user, but "
+                              f"data-path={data.path!r} has no user column: set "
+                              "data-user-column, or partitioner='iid' or 'dirichlet'")
+        users = partition(corpus, PartitionConfig(kind="natural", seed=seed,
+                                                  min_examples=data.min_user_examples))
         if len(users) < num_partitions + (0 if eval_file else 1):
-            raise DataError(f"dataset {data.dataset!r} has {len(users)} users, fewer than the "
-                            f"{num_partitions} clients asked for (plus held-out users for "
-                            "evaluation); use fewer clients or partitioner='iid'")
+            raise DataError(f"dataset {data.dataset!r} has {len(users)} users (with at least "
+                            f"data-min-user-examples={data.min_user_examples} examples), fewer "
+                            f"than the {num_partitions} clients asked for (plus held-out users "
+                            "for evaluation); use fewer clients, lower data-min-user-examples, "
+                            "or partitioner='iid'")
         parts = [list(u) for u in users[:num_partitions]]
         if eval_file is None:
             held = [i for u in users[num_partitions:] for i in u]

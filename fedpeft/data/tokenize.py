@@ -67,3 +67,9 @@ def encode(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, max_length: int) 
         labels = torch.tensor(corpus.labels, dtype=torch.long)
     tti = batch.get("token_type_ids")
     return Encoded(ids, mask, labels, tti)
+
+
+def count_too_long(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Rows of ``corpus`` with more than ``max_length`` tokens (``encode`` truncates them)."""
+    ids = tokenizer(list(corpus.texts), truncation=False)["input_ids"]
+    return sum(len(row) > max_length for row in ids)

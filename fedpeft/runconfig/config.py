@@ -14,10 +14,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedpeft.core.errors import ConfigError, UnknownNameError
+from fedpeft.core.errors import ConfigError, DataError, UnknownNameError
 from fedpeft.core.models import ModelConfig
 from fedpeft.core.protocol import Scalar
 from fedpeft.data.config import DataConfig
+from fedpeft.data.federation import label_count
 from fedpeft.peft_methods.registry import METHODS, AdapterConfig, method_knobs
 from fedpeft.privacy.dp_config import GRAD_SAMPLE_MODES, DPConfig
 from fedpeft.privacy.user_level import RoundPlan, UserDPConfig, round_plan
@@ -154,8 +155,7 @@ def _default(cls: type[Any], name: str) -> Scalar:
 #: Their defaults are read from the dataclass (tests/unit/test_config.py checks every one).
 KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "model": (ModelConfig, "name"), "task": (ModelConfig, "task"),
-    "max-length": (ModelConfig, "max_length"), "num-labels": (ModelConfig, "num_labels"),
-    "pooling": (ModelConfig, "pooling"),
+    "max-length": (ModelConfig, "max_length"), "pooling": (ModelConfig, "pooling"),
     "dataset": (DataConfig, "dataset"), "data-path": (DataConfig, "path"),
     "eval-path": (DataConfig, "eval_path"), "partitioner": (DataConfig, "partitioner"),
     "dirichlet-alpha": (DataConfig, "dirichlet_alpha"),
@@ -163,6 +163,15 @@ KNOB_FIELDS: dict[str, tuple[type[Any], str]] = {
     "eval-examples": (DataConfig, "eval_examples"),
     "eval-subset": (DataConfig, "eval_subset"),
     "audit-canaries": (DataConfig, "canaries"),
+    "data-format": (DataConfig, "format"), "data-text-column": (DataConfig, "text_column"),
+    "data-label-column": (DataConfig, "label_column"),
+    "data-user-column": (DataConfig, "user_column"),
+    "data-label-names": (DataConfig, "label_names"), "data-header": (DataConfig, "header"),
+    "data-min-user-examples": (DataConfig, "min_user_examples"),
+    "eval-format": (DataConfig, "eval_format"),
+    "eval-text-column": (DataConfig, "eval_text_column"),
+    "eval-label-column": (DataConfig, "eval_label_column"),
+    "eval-header": (DataConfig, "eval_header"),
     "num-rounds": (FederationConfig, "num_rounds"),
     "clients-per-round": (FederationConfig, "clients_per_round"),
     "min-clients": (FederationConfig, "min_clients"),
@@ -198,11 +207,18 @@ DEFAULTS: dict[str, Scalar] = {
     "preset": "chat-lora",
     **{k: _default(*KNOB_FIELDS[k]) for k in ("model", "task")},
     "num-hidden-layers": 0,  # 0 = the model's own depth (ModelConfig.num_hidden_layers=None)
-    **{k: _default(*KNOB_FIELDS[k]) for k in ("max-length", "num-labels", "pooling")},
+    "max-length": _default(*KNOB_FIELDS["max-length"]),
+    # 0 = from the data: 2 for sst2, 4 for agnews, the label count of a file (data-path);
+    # a value that disagrees with the data is an error before any round runs
+    "num-labels": 0,
+    "pooling": _default(*KNOB_FIELDS["pooling"]),
     "method": _default(AdapterConfig, "method"),
     **method_knobs(),
     **{k: _default(*KNOB_FIELDS[k]) for k in (
-        "dataset", "data-path", "eval-path", "partitioner", "dirichlet-alpha",
+        "dataset", "data-path", "eval-path", "data-format", "data-text-column",
+        "data-label-column", "data-user-column", "data-label-names", "data-header",
+        "data-min-user-examples", "eval-format", "eval-text-column", "eval-label-column",
+        "eval-header", "partitioner", "dirichlet-alpha",
         "max-examples-per-client", "eval-examples", "eval-subset", "audit-canaries", "num-rounds",
         "clients-per-round",
         "min-clients", "aggregation", "weighting", "server-lr", "server-momentum", "beta1",
@@ -411,6 +427,8 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = (),
             epsilon_max=budget if budget > 0 else (target if sigma == 0.0 else None),
             gradient_canaries=gradient_canaries,
         )
+    data = _data_config(v)
+    v["num-labels"] = _num_labels(int(v["num-labels"]), data)
     return RunConfig(
         preset=str(v["preset"]),
         secagg=secagg,
@@ -424,13 +442,7 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = (),
                           max_length=int(v["max-length"]),
                           pooling=str(v["pooling"])),  # type: ignore[arg-type]
         adapter=AdapterConfig(method=method, settings=settings),
-        data=DataConfig(dataset=str(v["dataset"]), path=str(v["data-path"]),
-                        eval_path=str(v["eval-path"]), partitioner=str(v["partitioner"]),
-                        dirichlet_alpha=float(v["dirichlet-alpha"]),
-                        max_examples_per_client=int(v["max-examples-per-client"]),
-                        eval_examples=int(v["eval-examples"]),
-                        eval_subset=str(v["eval-subset"]),
-                        canaries=int(v["audit-canaries"])),
+        data=data,
         train=TrainConfig(local_steps=int(v["local-steps"]), batch_size=int(v["batch-size"]),
                           lr=float(v["lr"]), head_lr=float(v["head-lr"]),
                           optimizer=str(v["optimizer"]),
@@ -451,6 +463,58 @@ def parse_run_config(flat: Mapping[str, Any], *, extra_ok: tuple[str, ...] = (),
         flat=tuple(sorted(v.items())),
     )
 
+
+
+def _data_config(v: Mapping[str, Scalar]) -> DataConfig:
+    task, dataset = str(v["task"]), str(v["dataset"])
+    return DataConfig(dataset=dataset, path=str(v["data-path"]),
+                      eval_path=str(v["eval-path"]), partitioner=str(v["partitioner"]),
+                      dirichlet_alpha=float(v["dirichlet-alpha"]),
+                      max_examples_per_client=int(v["max-examples-per-client"]),
+                      eval_examples=int(v["eval-examples"]),
+                      eval_subset=str(v["eval-subset"]),
+                      canaries=int(v["audit-canaries"]),
+                      format=str(v["data-format"]), text_column=str(v["data-text-column"]),
+                      label_column=str(v["data-label-column"]),
+                      user_column=str(v["data-user-column"]),
+                      label_names=str(v["data-label-names"]), header=str(v["data-header"]),
+                      min_user_examples=int(v["data-min-user-examples"]),
+                      eval_format=str(v["eval-format"]),
+                      eval_text_column=str(v["eval-text-column"]),
+                      eval_label_column=str(v["eval-label-column"]),
+                      eval_header=str(v["eval-header"]),
+                      file_task=task if dataset == "file" else "",
+                      chat_model=str(v["model"]) if task == "causal_lm" and dataset == "file"
+                      else "")
+
+
+def parse_data_config(flat: Mapping[str, Any]) -> DataConfig:
+    """Only the data concern of a flat run config (``fedpeft data inspect``): the data knobs
+    and ``task`` / ``model``, every other key at its default and not validated."""
+    unknown = sorted(k for k in flat if k not in DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown run config keys {unknown}; known keys: {sorted(DEFAULTS)}")
+    return _data_config({k: _typed(k, flat.get(k, d), d) for k, d in DEFAULTS.items()})
+
+
+def _num_labels(knob: int, data: DataConfig) -> int:
+    """``num-labels`` resolved against the data: 0 takes the data's label count; any other
+    value must equal it (a head narrower than the labels fails inside the loss; a wider one
+    trains classes no example has)."""
+    if knob < 0 or knob == 1:
+        raise ConfigError(f"num-labels={knob} must be 0 (from the data) or >= 2")
+    found = label_count(data)
+    if found is None:  # causal LM (the knob is not read) or no labels to compare with
+        return knob or 2
+    if knob and knob != found:
+        where = f"data-path={data.path!r}" if data.dataset == "file" else f"dataset={data.dataset!r}"
+        raise DataError(f"num-labels={knob}, but {where} has {found} labels: set num-labels="
+                        f"{found} (or 0, from the data), or point data-label-column at the "
+                        "label column (`fedpeft data inspect FILE` shows the columns)")
+    if found < 2:
+        raise DataError(f"data-path={data.path!r} has {found} label: a classifier needs at "
+                        "least 2; check data-label-column (`fedpeft data inspect FILE`)")
+    return found
 
 
 def data_partitions(run: RunConfig, population: int) -> int:

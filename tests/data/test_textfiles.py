@@ -107,9 +107,11 @@ def test_missing_file_and_bad_format(tmp_path: Path) -> None:
     with pytest.raises(MissingDataError, match="nothere.tsv"):
         load_text_classification(tmp_path / "nothere.tsv")
     p = _write(tmp_path, "data.txt", "a\t1\n")
-    with pytest.raises(ConfigError, match="suffix '.txt'"):
-        load_text_classification(p)
+    assert load_text_classification(p).labels == (1,)  # no known suffix: the content says TSV
     assert load_text_classification(p, format="tsv").labels == (1,)
+    words = _write(tmp_path, "words.txt", "just a line of text\nand another\n")
+    with pytest.raises(DataError, match="plain text.*data-format"):
+        load_text_classification(words)
     with pytest.raises(ConfigError, match="format='xml'"):
         load_text_classification(p, format="xml")
     with pytest.raises(ConfigError, match="tsv_quoting"):
@@ -154,7 +156,7 @@ def test_jsonl(tmp_path: Path) -> None:
     p2 = _write(tmp_path, "d2.json", json.dumps({"body": "z", "y": 3}) + "\n")
     assert load_text_classification(p2, text_column="body", label_column="y").labels == (3,)
     with pytest.raises(DataError,
-                       match=r"line 1 has no text_column None; available columns: \['body', 'y'\]"):
+                       match=r"line 1 has no data-text-column None; available columns: \['body', 'y'\]"):
         load_text_classification(p2)
     bad = _write(tmp_path, "bad.jsonl", '{"text": "a", "label": 1}\n{oops\n')
     with pytest.raises(DataError, match="bad.jsonl: line 2 is not valid JSON"):

@@ -112,7 +112,8 @@ def test_one_source_per_default() -> None:
     for cls in (ModelConfig, DataConfig, TrainConfig, FederationConfig):
         for name in cls.__dataclass_fields__:
             key = name.replace("_", "-")
-            if key in DEFAULTS and key != "num-hidden-layers":  # 0 encodes None
+            # 0 encodes None (the model's own depth) / "from the data" (the label count)
+            if key in DEFAULTS and key not in ("num-hidden-layers", "num-labels"):
                 assert KNOB_FIELDS[key] == (cls, name), key
     for entry in METHODS.values():
         settings = entry.parse(DEFAULTS)
