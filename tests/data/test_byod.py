@@ -183,6 +183,17 @@ def test_num_labels_from_the_data_and_a_mismatch_is_an_error(tmp_path: Path) -> 
         parse_run_config(_run_flat(three, **{"num-labels": 1}))
 
 
+def test_num_labels_of_the_built_in_data_sets_without_reading_them() -> None:
+    base = {"task": "classification", "model": "minilm-l6", "partitioner": "iid", "dp": False,
+            "secagg": False}
+    assert parse_run_config({**base, "dataset": "agnews"}).model.num_labels == 4
+    assert parse_run_config({**base, "dataset": "sst2"}).model.num_labels == 2
+    with pytest.raises(DataError, match="num-labels=4, but dataset='sst2' has 2 labels"):
+        parse_run_config({**base, "dataset": "sst2", "num-labels": 4})
+    # a causal LM never reads the knob: 0 stays the old default 2 (fingerprints unchanged)
+    assert parse_run_config({}).model.num_labels == 2
+
+
 def test_the_text_column_taken_as_labels_is_an_error_not_a_torch_traceback(
         tmp_path: Path) -> None:
     p = _spam(tmp_path)
