@@ -9,13 +9,17 @@ examples per user, duplicates, rows longer than ``max-length`` tokens, a few row
 from __future__ import annotations
 
 import argparse
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedpeft.core.models import load_tokenizer
+from fedpeft.core.protocol import Scalar
 from fedpeft.data.federation import load_data_file
 from fedpeft.data.textfiles import summarize
 from fedpeft.runconfig.config import DEFAULTS, parse_data_config
+from fedpeft.runconfig.overrides import parse_overrides
 
 #: The model whose tokenizer counts rows beyond ``max-length`` when ``--set model`` is absent.
 DEFAULT_MODEL = {"classification": "minilm-l6", "causal_lm": "smollm2-135m"}
@@ -36,18 +40,6 @@ def add_data_parser(sub: Any) -> None:
     ins.set_defaults(func=cmd_data_inspect)
 
 
-def _flags(pairs: list[str]) -> dict[str, str]:
-    from fedpeft.core.errors import ConfigError
-
-    out: dict[str, str] = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must be KEY=VALUE")
-        out[key.strip()] = value
-    return out
-
-
 def _column(layout: dict[str, object], key: str) -> str | None:
     index = layout.get(key)
     if not isinstance(index, int):
@@ -56,7 +48,7 @@ def _column(layout: dict[str, object], key: str) -> str | None:
     return str(names[index]) if isinstance(names, list) else str(index)
 
 
-def inspect_lines(path: str, task: str, sets: dict[str, str], rows: int = 5) -> list[str]:
+def inspect_lines(path: str, task: str, sets: Mapping[str, Scalar], rows: int = 5) -> list[str]:
     """The report ``fedpeft data inspect`` prints (one string a line)."""
     flat: dict[str, Any] = {**sets, "dataset": "file", "data-path": path, "task": task}
     data = parse_data_config(flat)
@@ -83,13 +75,13 @@ def inspect_lines(path: str, task: str, sets: dict[str, str], rows: int = 5) -> 
             pinned[knob] = col
     for knob in ("data-text-column", "data-label-column", "data-user-column"):
         if knob not in pinned and sets.get(knob):  # JSON keys: as given
-            pinned[knob] = sets[knob]
+            pinned[knob] = str(sets[knob])
     if summary.label_counts:
         counts = ", ".join(f"{k}: {v}" for k, v in summary.label_counts.items())
         out.append(f"labels ({len(summary.label_counts)}): {counts}")
         pinned["num-labels"] = str(len(summary.label_counts))
         if sets.get("data-label-names"):
-            pinned["data-label-names"] = sets["data-label-names"]
+            pinned["data-label-names"] = str(sets["data-label-names"])
     if summary.examples_per_user is not None:
         lo, median, mean, hi = summary.examples_per_user
         out.append(f"users: {summary.users}  examples per user: min {lo}, median {median}, "
@@ -109,18 +101,12 @@ def inspect_lines(path: str, task: str, sets: dict[str, str], rows: int = 5) -> 
         text = ex.text.replace("\n", "\\n")
         out.append(f"  {user}{label}{text[:100]}{'...' if len(text) > 100 else ''}")
     out.append("reproduce with:")
-    out.append("  " + " ".join(f"--set {k}={_quote(v)}" for k, v in pinned.items()))
+    out.append("  " + " ".join(f"--set {k}={shlex.quote(v)}" for k, v in pinned.items()))
     return out
-
-
-def _quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     path = str(Path(args.file).expanduser())
-    for line in inspect_lines(path, args.task, _flags(args.set), args.rows):
+    for line in inspect_lines(path, args.task, parse_overrides(args.set), args.rows):
         print(line)
     return 0

@@ -45,6 +45,7 @@ class FederatedSplit:
 BUILTIN_LABELS: dict[str, int] = {"sst2": 2, "agnews": 4}
 
 
+@functools.lru_cache(maxsize=4)
 def chat_renderer(model: str) -> RenderChat:
     """Render a chat (``messages``) with ``model``'s chat template, as the model was tuned."""
     from fedpeft.core.models import load_tokenizer
@@ -78,23 +79,14 @@ def load_data_file(path: str, data: DataConfig, *, train: bool = True,
     """A file read with ``data``'s knobs (the evaluation file's with ``train=False``); chats
     rendered with ``data.chat_model``'s template; ``layout`` receives what was detected."""
     causal = data.read_task == "causal_lm"
-    render = _LazyChat(data.chat_model) if causal and data.chat_model else None
+    model = data.chat_model
+    render: RenderChat | None = None
+    if causal and model:  # the tokenizer is loaded only if the file holds a chat
+        def render(messages: list[dict[str, str]]) -> str:
+            return chat_renderer(model)(messages)
     return load_file(path, data.file_spec() if train else data.eval_spec(),
                      "causal_lm" if causal else "classification", render_chat=render,
                      layout=layout)
-
-
-class _LazyChat:
-    """The chat renderer, built (the tokenizer loaded) only if a file holds a chat."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self._render: RenderChat | None = None
-
-    def __call__(self, messages: list[dict[str, str]]) -> str:
-        if self._render is None:
-            self._render = chat_renderer(self.model)
-        return self._render(messages)
 
 
 def label_count(data: DataConfig) -> int | None:
